@@ -1,0 +1,146 @@
+"""Stage configuration and presets (Sec. 4: 2.5B 64x64, 1.4B small 64x64, 750M 256 SR, 400M 1024 SR).
+
+Every constructor argument of the U-Net lives in ``UNetConfig``; checkpoints store it as JSON next to
+the safetensors weights, and loading refuses weights saved under another configuration.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    image_size: int = 64                     # side of the images this stage produces
+    in_channels: int = 3                     # image channels
+    base_channels: int = 128                 # width of the first level
+    channel_mults: tuple[int, ...] = (1, 2, 4)  # width multiplier per level; level i has side image_size / 2^i
+    num_res_blocks: tuple[int, ...] = (2, 2, 2)  # residual blocks per level (DStack and UStack alike)
+    attn_resolutions: tuple[int, ...] = (16, 8)  # sides at which self-attention + text cross-attention run
+    head_dim: int = 64                       # width of one attention head
+    text_dim: int = 384                      # width of the text encoder's token embeddings (d in c_p in R^{n x d})
+    cond_dim: int = 512                      # width of the time / pooled-text / noise-aug embedding
+    text_width: int = 512                    # width text tokens are projected to inside the U-Net
+    dropout: float = 0.0                     # dropout inside residual blocks
+    neighbour_attention: bool = True         # Re-Imagen's neighbour path (False: a plain Imagen stage)
+    neighbour_heads: int = 8                 # heads of the DStack-output neighbour attention (Sec. 3.2)
+    neighbour_null_tokens: int = 4           # learned keys/values that stand in for dropped neighbours
+    lowres_size: int | None = None           # set for super-resolution stages: side of the conditioning image
+    prediction: str = "eps"                  # eps | x0 | v: what the network outputs
+    schedule: str = "cosine"                 # cosine | linear noise schedule (log-SNR form)
+    norm_groups: int = 32                    # GroupNorm groups (capped by the channel count)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
+        object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
+        nrb = self.num_res_blocks
+        if isinstance(nrb, int):
+            nrb = (nrb,) * len(self.channel_mults)
+        object.__setattr__(self, "num_res_blocks", tuple(nrb))
+        if len(self.num_res_blocks) != len(self.channel_mults):
+            raise ValueError("num_res_blocks needs one entry per level of channel_mults")
+        if self.image_size % (2 ** (len(self.channel_mults) - 1)):
+            raise ValueError(f"image_size {self.image_size} is not divisible by 2^(levels-1)")
+        if self.lowres_size is not None and self.lowres_size >= self.image_size:
+            raise ValueError("lowres_size must be smaller than image_size for a super-resolution stage")
+        if self.prediction not in ("eps", "x0", "v"):
+            raise ValueError(f"prediction must be eps, x0 or v, got {self.prediction!r}")
+
+    @property
+    def is_super_resolution(self) -> bool:
+        return self.lowres_size is not None
+
+    @property
+    def feature_size(self) -> int:
+        """F, the side of the DStack's output feature map f(x_t, c_p, t) in R^{F x F x d}."""
+        return self.image_size // 2 ** (len(self.channel_mults) - 1)
+
+    @property
+    def feature_dim(self) -> int:
+        """d, the channel width of the DStack's output feature map."""
+        return self.base_channels * self.channel_mults[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown UNetConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets. Paper sizes are matched in parameter count (tests check within 15%), not in every detail:
+# the paper does not publish the architectures; widths follow Imagen's 64x64 and Efficient-U-Net
+# recipes (Saharia et al. 2022, Appendix F) with T5-XXL text (d = 4096).
+# ----------------------------------------------------------------------------------------------
+T5_XXL_DIM = 4096
+
+
+@dataclass(frozen=True)
+class Preset:
+    config: UNetConfig
+    paper_params: int | None = None  # parameter count reported in the paper, where there is one
+    note: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    # The paper's stages.
+    "paper-64": Preset(
+        UNetConfig(image_size=64, base_channels=512, channel_mults=(1, 2, 3, 4), num_res_blocks=(3, 3, 3, 3),
+                   attn_resolutions=(32, 16, 8), text_dim=T5_XXL_DIM, cond_dim=2048, text_width=2048,
+                   neighbour_heads=16),
+        paper_params=2_500_000_000, note="Re-Imagen 64x64 text-to-image, 2.5B"),
+    "paper-64-small": Preset(
+        UNetConfig(image_size=64, base_channels=384, channel_mults=(1, 2, 3, 4), num_res_blocks=(3, 3, 3, 3),
+                   attn_resolutions=(32, 16, 8), text_dim=T5_XXL_DIM, cond_dim=1536, text_width=1536,
+                   neighbour_heads=16),
+        paper_params=1_400_000_000, note="Re-Imagen-small 64x64 text-to-image, 1.4B"),
+    "paper-sr256": Preset(
+        UNetConfig(image_size=256, lowres_size=64, base_channels=128, channel_mults=(1, 2, 4, 8),
+                   num_res_blocks=(2, 4, 6, 6), attn_resolutions=(32,), text_dim=T5_XXL_DIM,
+                   cond_dim=1024, text_width=1024, neighbour_heads=16),
+        paper_params=750_000_000, note="64 -> 256 super-resolution, 750M"),
+    "paper-sr1024": Preset(
+        UNetConfig(image_size=1024, lowres_size=256, base_channels=128, channel_mults=(1, 2, 4, 4, 8),
+                   num_res_blocks=(2, 2, 4, 4, 3), attn_resolutions=(), text_dim=T5_XXL_DIM,
+                   cond_dim=1024, text_width=1024, neighbour_heads=16),
+        paper_params=400_000_000, note="256 -> 1024 super-resolution, 400M (no self-attention, as in Imagen)"),
+    # Small presets that train and sample on a CPU (demo, toy world, benchmarks).
+    "small-32": Preset(
+        UNetConfig(image_size=32, base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=(2, 2, 2),
+                   attn_resolutions=(8,), head_dim=32, text_dim=384, cond_dim=256, text_width=256,
+                   neighbour_heads=4), note="CPU-sized 32x32 base stage"),
+    "small-sr64": Preset(
+        UNetConfig(image_size=64, lowres_size=32, base_channels=32, channel_mults=(1, 2, 4), num_res_blocks=(1, 2, 2),
+                   attn_resolutions=(), head_dim=32, text_dim=384, cond_dim=256, text_width=256,
+                   neighbour_heads=4), note="CPU-sized 32 -> 64 super-resolution stage"),
+    # Tiny presets for tests.
+    "tiny-16": Preset(
+        UNetConfig(image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=(1, 1),
+                   attn_resolutions=(8,), head_dim=16, text_dim=32, cond_dim=32, text_width=32,
+                   neighbour_heads=2, neighbour_null_tokens=2, norm_groups=8), note="unit tests"),
+    "tiny-sr32": Preset(
+        UNetConfig(image_size=32, lowres_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=(1, 1),
+                   attn_resolutions=(), head_dim=16, text_dim=32, cond_dim=32, text_width=32,
+                   neighbour_heads=2, neighbour_null_tokens=2, norm_groups=8), note="unit tests"),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> UNetConfig:
+    """The configuration of a named preset, with optional field overrides (e.g. ``text_dim=384``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[name].config
+    return UNetConfig.from_dict({**cfg.to_dict(), **overrides}) if overrides else cfg
+
+
+__all__ = ["UNetConfig", "Preset", "PRESETS", "get_preset", "T5_XXL_DIM"]
