@@ -1,0 +1,232 @@
+"""The Re-Imagen cascade (Sec. 3.1-3.2, Sec. 4): a base text-to-image stage followed by super-resolution stages.
+
+The paper's cascade is 64x64 -> 256x256 -> 1024x1024; ours is any list of stages whose resolutions chain.
+Each stage carries its own sampler settings and guidance (the paper's EntityDrawBench runs use 256 / 128 /
+32 steps, interleaved guidance on the 64 stage). Prompts and neighbour texts are encoded once per call by
+the shared frozen text encoder; each stage then projects them once and encodes the neighbours once,
+at its own resolution (the neighbour cache), before its denoising loop.
+
+    cascade = Cascade([Stage(base, guidance=InterleavedGuidance(w_p=30, w_n=30, eta=0.5)),
+                       Stage(sr, guidance=JointGuidance(w=5.0), settings=SamplerSettings(steps=128))],
+                      text_encoder)
+    out = cascade.sample(["Two Chortai are running on the field."], Neighbours.from_pairs([[(img, txt)]]), seed=0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .guidance import GuidanceStrategy, JointGuidance
+from .sampling import SamplerSettings, make_generators, sample_stage
+from .text import TextEncoder, TextEncoding
+from .unet import ReImagenUNet
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Neighbours:
+    """The K retrieved (image, text) pairs c_n of every prompt.
+
+    images: (B, K, 3, H, W) in [-1, 1] at any resolution (each stage resizes them to its own);
+    texts:  B lists of K strings.
+    """
+
+    images: Tensor
+    texts: list[list[str]]
+
+    def __post_init__(self) -> None:
+        if self.images.dim() != 5:
+            raise ValueError(f"neighbour images must be (B, K, 3, H, W), got {tuple(self.images.shape)}")
+        b, k = self.images.shape[:2]
+        if len(self.texts) != b or any(len(row) != k for row in self.texts):
+            raise ValueError(f"neighbour texts must be {b} lists of {k} strings to match the images")
+        if k == 0:
+            raise ValueError("K = 0 neighbours: pass neighbours=None and text-only guidance to sample without retrieval")
+
+    @property
+    def k(self) -> int:
+        return self.images.shape[1]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def index(self, idx: Sequence[int]) -> "Neighbours":
+        return Neighbours(self.images[list(idx)], [self.texts[i] for i in idx])
+
+    def at_size(self, size: int) -> Tensor:
+        b, k = self.images.shape[:2]
+        flat = self.images.reshape(b * k, *self.images.shape[2:]).float()
+        if flat.shape[-1] != size or flat.shape[-2] != size:
+            flat = F.interpolate(flat, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return flat.reshape(b, k, flat.shape[1], size, size)
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[Sequence[tuple[object, str]]], size: int = 64) -> "Neighbours":
+        """Build from B lists of K (PIL image | HWC uint8 array | CHW tensor in [-1, 1], text) pairs."""
+        rows = []
+        for row in pairs:
+            rows.append(torch.stack([image_to_tensor(img, size) for img, _ in row]))
+        return cls(torch.stack(rows), [[txt for _, txt in row] for row in pairs])
+
+
+def image_to_tensor(img: object, size: int) -> Tensor:
+    """A PIL image, an HWC uint8 array or a CHW tensor in [-1, 1] as a (3, size, size) tensor in [-1, 1]
+    (center crop to square, then resize)."""
+    if isinstance(img, Tensor):
+        t = img.float()
+    else:
+        from PIL import Image
+
+        if isinstance(img, Image.Image):
+            img = np.asarray(img.convert("RGB"))
+        arr = np.asarray(img)
+        if arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"expected an RGB image, got an array of shape {arr.shape}")
+        t = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    h, w = t.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    t = t[:, top:top + side, left:left + side]
+    if side != size:
+        t = F.interpolate(t[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    return t
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@dataclass
+class Stage:
+    """One cascade stage: a network, its guidance and its sampler settings."""
+
+    model: ReImagenUNet
+    guidance: GuidanceStrategy = field(default_factory=lambda: JointGuidance(w=1.0))
+    settings: SamplerSettings = field(default_factory=SamplerSettings)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            c = self.model.cfg
+            self.name = f"{c.lowres_size}->{c.image_size}" if c.is_super_resolution else f"{c.image_size}x{c.image_size}"
+
+
+@dataclass
+class CascadeOutput:
+    images: Tensor  # (B, 3, H, W) in [0, 1], the last stage's output
+    stages: list[Tensor]  # every stage's output in [0, 1] when requested, else empty
+
+
+class Cascade:
+    """Stages chained by resolution, sharing one frozen text encoder."""
+
+    def __init__(self, stages: Sequence[Stage], text_encoder: TextEncoder):
+        if not stages:
+            raise ValueError("a cascade needs at least one stage")
+        if stages[0].model.cfg.is_super_resolution:
+            raise ValueError("the first stage must be a text-to-image stage, not super-resolution")
+        for prev, nxt in zip(stages, stages[1:]):
+            if nxt.model.cfg.lowres_size != prev.model.cfg.image_size:
+                raise ValueError(f"stage {nxt.name} expects {nxt.model.cfg.lowres_size}px input but stage "
+                                 f"{prev.name} produces {prev.model.cfg.image_size}px")
+        for st in stages:
+            if st.model.cfg.text_dim != text_encoder.dim:
+                raise ValueError(f"stage {st.name} was built for {st.model.cfg.text_dim}-d text embeddings, "
+                                 f"the text encoder gives {text_encoder.dim}-d")
+        self.stages = list(stages)
+        self.text_encoder = text_encoder
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.stages[0].model.parameters()).device
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        neighbours: Neighbours | None = None,
+        seed: int = 0,
+        prompt_ids: Sequence[str | int] | None = None,
+        sample_indices: Sequence[int] | None = None,
+        return_stages: bool = False,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> CascadeOutput:
+        """Sample one image per prompt. Image i is a function of (prompt_ids[i], sample_indices[i], seed):
+        repeat a prompt with sample indices 0..3 for the paper's 4 samples per prompt.
+
+        ``prompt_ids`` default to the prompt strings and ``sample_indices`` to 0. ``batch_size`` splits the
+        work into chunks (the result does not depend on it).
+        """
+        n = len(prompts)
+        prompt_ids = list(prompts) if prompt_ids is None else list(prompt_ids)
+        sample_indices = [0] * n if sample_indices is None else list(sample_indices)
+        if len(prompt_ids) != n or len(sample_indices) != n:
+            raise ValueError(f"batch length mismatch: {n} prompts, {len(prompt_ids)} prompt ids, "
+                             f"{len(sample_indices)} sample indices")
+        if neighbours is not None and len(neighbours) != n:
+            raise ValueError(f"batch length mismatch: {n} prompts, {len(neighbours)} neighbour rows")
+        # 1. Encode prompts and neighbour texts once (the encoder deduplicates repeated prompts).
+        text = self.text_encoder.encode(list(prompts))
+        nbr_text = (self.text_encoder.encode([t for row in neighbours.texts for t in row])
+                    if neighbours is not None else None)
+        bs = batch_size or n
+        finals: list[Tensor] = []
+        per_stage: list[list[Tensor]] = [[] for _ in self.stages]
+        for start in range(0, n, bs):
+            rows = list(range(start, min(n, start + bs)))
+            outs = self._sample_rows(rows, text, nbr_text, neighbours, seed, prompt_ids, sample_indices, progress)
+            finals.append(outs[-1])
+            for j, o in enumerate(outs):
+                per_stage[j].append(o)
+        to01 = lambda x: ((x + 1) / 2).clamp(0, 1)  # noqa: E731
+        stages = [to01(torch.cat(p)) for p in per_stage] if return_stages else []
+        return CascadeOutput(to01(torch.cat(finals)), stages)
+
+    def _sample_rows(self, rows: list[int], text: TextEncoding, nbr_text: TextEncoding | None,
+                     neighbours: Neighbours | None, seed: int, prompt_ids: list, sample_indices: list,
+                     progress: bool) -> list[Tensor]:
+        device = self.device
+        pids = [prompt_ids[i] for i in rows]
+        sidx = [sample_indices[i] for i in rows]
+        k = neighbours.k if neighbours is not None else 0
+        nbr_rows = [i * k + j for i in rows for j in range(k)]
+        outs: list[Tensor] = []
+        lowres = None
+        for si, st in enumerate(self.stages):
+            model = st.model
+            was_training = model.training
+            model.eval()
+            tc = model.project_text(text.embeddings[rows].to(device), text.mask[rows].to(device))
+            memory = None
+            if neighbours is not None and model.neighbour_attn is not None and st.guidance.needs_neighbours:
+                imgs = neighbours.index(rows).at_size(model.cfg.image_size).to(device)
+                ntc = model.project_text(nbr_text.embeddings[nbr_rows].to(device), nbr_text.mask[nbr_rows].to(device))
+                memory = model.encode_neighbours(imgs, ntc)  # the neighbour cache: once per sample
+            cb = None
+            if progress:
+                from rich.progress import Progress
+
+                prog = Progress(transient=True)
+                task = prog.add_task(f"stage {st.name}", total=st.settings.steps)
+                prog.start()
+                cb = lambda i, tot: prog.update(task, completed=i)  # noqa: E731
+            try:
+                x = sample_stage(model, tc, memory, st.guidance, st.settings,
+                                 make_generators(seed, pids, sidx, si, "noise", device),
+                                 make_generators(seed, pids, sidx, si, "guidance", device),
+                                 lowres=lowres, stage_name=st.name, callback=cb)
+            finally:
+                if progress:
+                    prog.stop()
+                model.train(was_training)
+            outs.append(x.cpu())
+            lowres = x
+        return outs

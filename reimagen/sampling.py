@@ -1,0 +1,158 @@
+"""Sampling one stage (Sec. 3.1 Eq. 4 with Sec. 3.2 guidance) and per-sample seeding.
+
+Every random number a sample consumes comes from its own generators, seeded by
+``sample_seed(seed, prompt_id, sample_index, stage)``: the initial noise, the DDPM noise of every step,
+the super-resolution augmentation noise and the interleaving draws R. An image is therefore a function
+of (prompt, sample index, seed) alone, whatever else is in the batch, so resumed, sharded and
+re-batched runs reproduce it.
+
+At each step the guidance strategy says which predictions each row needs; they run as one batched
+forward (rows stacked branch-major, as diffusers does with ``torch.cat([x] * 2)``). The text projection
+and the neighbour memory f(c_n, 0) are computed once before the loop and reused at every step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from .diffusion import (ddim_step, ddpm_step, dynamic_threshold, eps_to_x0, get_schedule, sampling_times, to_eps,
+                        x0_to_eps)
+from .guidance import GuidanceStrategy, branch_drop_masks
+from .unet import NeighbourMemory, ReImagenUNet, TextCond
+
+Tensor = torch.Tensor
+SamplerName = Literal["ddpm", "ddim"]
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised when a sampling step produces NaN or Inf, instead of writing black images."""
+
+
+def sample_seed(seed: int, prompt_id: str | int, sample_index: int, stage: int | str = 0, stream: str = "noise") -> int:
+    """A 63-bit seed that depends only on (seed, prompt id, sample index, stage, stream)."""
+    key = f"{seed}|{prompt_id}|{sample_index}|{stage}|{stream}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def make_generators(seed: int, prompt_ids: Sequence[str | int], sample_indices: Sequence[int], stage: int | str,
+                    stream: str, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    gens = []
+    for pid, idx in zip(prompt_ids, sample_indices):
+        g = torch.Generator(device=device)
+        g.manual_seed(sample_seed(seed, pid, idx, stage, stream))
+        gens.append(g)
+    return gens
+
+
+def randn_rows(gens: Sequence[torch.Generator], shape: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+    """One standard-normal tensor of ``shape`` per generator, stacked: row i depends only on gens[i]."""
+    return torch.stack([torch.randn(tuple(shape), generator=g, device=device) for g in gens])
+
+
+def rand_rows(gens: Sequence[torch.Generator], device: torch.device | str = "cpu") -> Tensor:
+    return torch.stack([torch.rand((), generator=g, device=device) for g in gens])
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How one stage samples. Paper defaults: DDPM, T = 1000 for FID; 256 / 128 / 32 steps on EntityDrawBench."""
+
+    steps: int = 256
+    sampler: SamplerName = "ddpm"
+    threshold: float = 0.995  # dynamic thresholding percentile p (>= 1: static clipping to [-1, 1])
+    aug_level: float = 0.0  # super-resolution stages: noise level of the low-res conditioning at sampling
+    ddim_eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be ddpm or ddim, got {self.sampler!r}")
+        if not (0.0 <= self.aug_level <= 1.0):
+            raise ValueError(f"aug_level must be in [0, 1], got {self.aug_level}")
+
+
+def sample_stage(
+    model: ReImagenUNet,
+    text: TextCond,
+    neighbours: NeighbourMemory | None,
+    guidance: GuidanceStrategy,
+    settings: SamplerSettings,
+    noise_gens: Sequence[torch.Generator],
+    guidance_gens: Sequence[torch.Generator],
+    lowres: Tensor | None = None,
+    stage_name: str = "stage",
+    callback: Callable[[int, int], None] | None = None,
+) -> Tensor:
+    """Sample B images in [-1, 1] from one stage.
+
+    ``text`` and ``neighbours`` are the once-per-sample projections (``model.project_text`` and
+    ``model.encode_neighbours``, the neighbour cache); ``lowres`` (B, C, s, s) in [-1, 1] is the previous
+    stage's output for super-resolution stages. ``callback(step, total)`` is called after every step.
+    """
+    cfg = model.cfg
+    device = text.tokens.device
+    b = text.tokens.shape[0]
+    if len(noise_gens) != b or len(guidance_gens) != b:
+        raise ValueError(f"need one noise and one guidance generator per sample ({b}), got "
+                         f"{len(noise_gens)} and {len(guidance_gens)}")
+    if guidance.needs_neighbours and (neighbours is None or model.neighbour_attn is None):
+        raise ValueError(f"{type(guidance).__name__} needs neighbours; give neighbours, or use "
+                         "JointGuidance(use_neighbours=False) to sample without retrieval")
+    log_snr = get_schedule(cfg.schedule)
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    x = randn_rows(noise_gens, shape, device)
+
+    # 1. Low-resolution conditioning (super-resolution stages), noise-augmented once to aug_level.
+    lowres_in = aug_t = None
+    if cfg.is_super_resolution:
+        if lowres is None:
+            raise ValueError(f"{stage_name} is a super-resolution stage and needs the low-resolution images")
+        if lowres.shape[0] != b:
+            raise ValueError(f"batch length mismatch: {b} prompts, {lowres.shape[0]} low-resolution images")
+        aug_t = torch.full((b,), settings.aug_level, device=device)
+        lowres_in = model.lowres_input(lowres, aug_t, randn_rows(noise_gens, shape, device))
+
+    # 2. Expand the once-computed conditioning to the branch-major batch of one step.
+    nb = guidance.num_branches
+    rep = torch.arange(b, device=device).repeat(nb)
+    text_rep = text.index(rep)
+    nbr_rep = neighbours.index(rep) if neighbours is not None else None
+    low_rep = lowres_in[rep] if lowres_in is not None else None
+    aug_rep = aug_t[rep] if aug_t is not None else None
+
+    # 3. The denoising loop.
+    times = sampling_times(settings.steps, device)
+    for i in range(settings.steps):
+        t, s = times[i].expand(b), times[i + 1].expand(b)
+        lt, ls = log_snr(t), log_snr(s)
+        codes = guidance.plan(rand_rows(guidance_gens, device))  # (nb, B)
+        drop_text, drop_nbr = branch_drop_masks(codes.reshape(-1))
+        if nbr_rep is None:
+            drop_nbr = torch.ones_like(drop_nbr)
+        x_in = x.repeat(nb, 1, 1, 1)
+        with torch.no_grad():
+            pred = model(x_in, t.repeat(nb), text_rep, nbr_rep, drop_text, drop_nbr, low_rep, aug_rep)
+        eps_branches = to_eps(pred, x_in, lt.repeat(nb), cfg.prediction).reshape(nb, b, *shape)
+        eps = guidance.combine(eps_branches, codes)
+        x0 = dynamic_threshold(eps_to_x0(x, eps, lt), settings.threshold)
+        if i == settings.steps - 1:
+            x = x0  # the last step lands on t = 0: the (thresholded) x0 estimate is the sample
+        elif settings.sampler == "ddpm":
+            x = ddpm_step(x, x0, lt, ls, randn_rows(noise_gens, shape, device))  # Eq. 4
+        else:
+            eps_thr = x0_to_eps(x, x0, lt)  # eps consistent with the thresholded x0
+            noise = randn_rows(noise_gens, shape, device) if settings.ddim_eta > 0 else None
+            x = ddim_step(x, x0, eps_thr, lt, ls, noise, settings.ddim_eta)
+        if not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x.flatten(1))).any(1).nonzero().flatten().tolist()
+            raise NonFiniteError(f"{stage_name}: non-finite values at step {i + 1}/{settings.steps} "
+                                 f"(t = {float(times[i]):.4f}) in samples {bad}; the model or the guidance "
+                                 "weights are unstable (try lower weights or a checkpoint with more training)")
+        if callback is not None:
+            callback(i + 1, settings.steps)
+    return x
