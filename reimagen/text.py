@@ -258,6 +258,13 @@ class T5TextEncoder(TextEncoder):
             model = tf.T5EncoderModel.from_pretrained(self.name_or_path, **{dtype_kw: self.dtype})
         except (OSError, ValueError) as err:
             raise self._load_error(err) from err
+        # transformers 5 does not fail when the tokenizer files are missing: T5Tokenizer then builds a
+        # placeholder vocabulary of special tokens plus "▁" that maps every word to <unk>. Refuse it.
+        regular = set(tokenizer.get_vocab().values()) - set(tokenizer.all_special_ids)
+        if len(regular) <= 1:
+            raise self._load_error(
+                OSError(f"no tokenizer files (spiece.model / tokenizer.json) found for {self.name_or_path!r}")
+            )
         model.to(self.device).eval().requires_grad_(False)
         self.tokenizer, self.model = tokenizer, model
         self._dim = int(model.config.d_model)

@@ -1,0 +1,209 @@
+"""``reimagen-eval``: the project's command line (Typer).
+
+Commands of the model part: ``demo`` (the main job on the embedded default), ``train`` (one stage from a
+KNN-ImageText triples table), ``sample`` (a cascade of trained stages), ``presets`` (the paper's and the
+small configurations, with parameter counts). The benchmark commands (``fid``, ``entitydraw``, ``rate``,
+``index``, ``retrieve``) join this app as their issues land.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Re-Imagen: retrieval-augmented text-to-image diffusion, benchmarks and evaluation.")
+console = Console(stderr=True)
+
+
+def _friendly(fn: Callable) -> Callable:
+    """Turn bad-input exceptions into a one-line red error and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
+            console.print(f"[bold red]error:[/] {err}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+class TextEncoderName(str, Enum):
+    tiny = "tiny"
+    minilm = "minilm"
+    t5 = "t5"
+
+
+class GuidanceName(str, Enum):
+    interleaved = "interleaved"
+    joint = "joint"
+    weighted = "weighted"
+
+
+class SamplerName(str, Enum):
+    ddpm = "ddpm"
+    ddim = "ddim"
+
+
+@app.command()
+@_friendly
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Folder for the checkpoint, loss log, sample grid and summary."),
+    steps: int = typer.Option(400, min=1, help="Training steps of the tiny stage."),
+    sample_steps: int = typer.Option(50, min=1, help="DDIM steps when sampling."),
+    seed: int = typer.Option(0, help="Seed of the world, the training and the samples."),
+) -> None:
+    """Train a tiny Re-Imagen stage on a procedural world and sample it with and without retrieval (CPU, minutes)."""
+    from .demo import run_demo
+
+    summary = run_demo(out, steps=steps, sample_steps=sample_steps, seed=seed)
+    table = Table(title="reimagen demo", show_header=False)
+    for k in ("train_steps", "train_seconds", "sample_seconds", "loss_first", "loss_last",
+              "colour_error_with_retrieval", "colour_error_without_retrieval", "grid"):
+        v = summary[k]
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
+@app.command()
+@_friendly
+def train(
+    triples: Path = typer.Option(..., exists=False, help="KNN-ImageText triples table (.parquet/.jsonl/.csv) with "
+                                 "columns id, text, image, neighbor_ids."),
+    out: Path = typer.Option(..., help="Run folder: checkpoints in OUT/last, loss log in OUT/log.jsonl. "
+                             "Rerunning with the same folder resumes."),
+    preset: str = typer.Option("small-32", help="Stage configuration (see `reimagen-eval presets`)."),
+    text_encoder: TextEncoderName = typer.Option(TextEncoderName.tiny, help="tiny: small trainable encoder; "
+                                                 "minilm: offline pretrained all-MiniLM-L6-v2; t5: a T5 checkpoint."),
+    t5: str = typer.Option("google/t5-v1_1-xxl", help="T5 checkpoint id or local folder (with --text-encoder t5)."),
+    steps: int = typer.Option(1000, min=1, help="Total optimiser steps."),
+    batch_size: int = typer.Option(16, min=1, help="Examples per step."),
+    lr: float = typer.Option(1e-4, help="Learning rate (the paper: 1e-4)."),
+    optimizer: str = typer.Option("adamw", help="adamw or adafactor (the paper's choice for the 64x64 stage)."),
+    ema_decay: float = typer.Option(0.999, help="EMA decay of the weights used for sampling."),
+    grad_clip: float = typer.Option(1.0, help="Max gradient norm (0 disables)."),
+    p_drop_text: float = typer.Option(0.1, help="Probability of dropping the text (Sec. 3.2: 0.1)."),
+    p_drop_neighbours: float = typer.Option(0.1, help="Probability of dropping the neighbours (Sec. 3.2: 0.1)."),
+    ckpt_every: int = typer.Option(500, min=1, help="Checkpoint every N steps."),
+    seed: int = typer.Option(0, help="Seed: every step's randomness is a function of (seed, step)."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
+) -> None:
+    """Train one cascade stage (base or super-resolution, from the preset) on KNN-ImageText triples."""
+    from .config import get_preset
+    from .data import TripleData
+    from .text import build_text_encoder
+    from .train import TrainConfig, Trainer
+    from .unet import ReImagenUNet
+
+    spec = {"name": text_encoder.value}
+    if text_encoder == TextEncoderName.t5:
+        spec["name_or_path"] = t5
+    enc = build_text_encoder(spec, device=device)
+    cfg = get_preset(preset, text_dim=enc.dim)
+    data = TripleData.from_table(triples, cfg.image_size)
+    if data.skipped:
+        console.print(f"[yellow]skipped[/] {sum(data.skipped.values())} rows: {data.skipped}")
+    tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer, ema_decay=ema_decay,
+                     grad_clip=grad_clip, p_drop_text=p_drop_text, p_drop_neighbours=p_drop_neighbours,
+                     ckpt_every=ckpt_every, seed=seed)
+    trainer = Trainer(ReImagenUNet(cfg), enc, data, tc, out_dir=out, device=device)
+    hist = trainer.fit()
+    if hist:
+        console.print(f"loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f}; checkpoint: {out / 'last'}")
+
+
+@app.command()
+@_friendly
+def sample(
+    checkpoint: list[Path] = typer.Option(..., help="Stage checkpoint folders, base stage first (repeat the option)."),
+    prompt: list[str] = typer.Option(..., help="Prompt(s) (repeat the option)."),
+    neighbour_image: list[Path] = typer.Option([], help="Neighbour image for every prompt (repeat for K > 1)."),
+    neighbour_text: list[str] = typer.Option([], help="Text of each neighbour image, in the same order."),
+    guidance: GuidanceName = typer.Option(GuidanceName.interleaved, help="Base-stage guidance (Eq. 5 / Eq. 6)."),
+    w_p: float = typer.Option(3.0, help="Text guidance weight w_p (interleaved/weighted) or w (joint)."),
+    w_n: float = typer.Option(3.0, help="Neighbour guidance weight w_n (interleaved/weighted)."),
+    eta: float = typer.Option(0.5, help="Interleave ratio: probability of the text-enhanced step (Eq. 6)."),
+    sr_guidance: float = typer.Option(5.0, help="Joint guidance weight of super-resolution stages."),
+    steps: int = typer.Option(64, min=1, help="Sampling steps of every stage."),
+    sampler: SamplerName = typer.Option(SamplerName.ddpm, help="ddpm (Eq. 4) or ddim."),
+    num_samples: int = typer.Option(1, min=1, help="Samples per prompt (sample indices 0..N-1)."),
+    seed: int = typer.Option(0, help="Image = f(prompt, sample index, seed)."),
+    out: Path = typer.Option(Path("runs/samples"), help="Output folder for PNGs."),
+    device: str = typer.Option("cpu", help="torch device."),
+) -> None:
+    """Sample images from a cascade of trained stages, with retrieved neighbours given as files."""
+    from PIL import Image
+
+    from .cascade import Cascade, Neighbours, Stage, to_uint8
+    from .guidance import JointGuidance, make_guidance
+    from .sampling import SamplerSettings
+    from .train import load_stage
+
+    if len(neighbour_image) != len(neighbour_text):
+        raise ValueError(f"{len(neighbour_image)} neighbour images but {len(neighbour_text)} neighbour texts")
+    loaded = [load_stage(p, device=device) for p in checkpoint]
+    enc = loaded[0][1]
+    settings = SamplerSettings(steps=steps, sampler=sampler.value)
+    has_nbrs = bool(neighbour_image)
+    base_g = make_guidance(guidance.value, w=w_p if guidance == GuidanceName.joint else None, w_p=w_p, w_n=w_n,
+                           eta=eta, use_neighbours=has_nbrs)
+    stages = [Stage(loaded[0][0], base_g, settings)]
+    stages += [Stage(m, JointGuidance(w=sr_guidance, use_neighbours=has_nbrs), settings) for m, _ in loaded[1:]]
+    cascade = Cascade(stages, enc)
+    pairs = []
+    for p in neighbour_image:
+        if not p.is_file():
+            raise FileNotFoundError(f"neighbour image {p} does not exist")
+        pairs.append(Image.open(p).convert("RGB"))
+    prompts = [p for p in prompt for _ in range(num_samples)]
+    idx = [i for _ in prompt for i in range(num_samples)]
+    nbrs = None
+    if has_nbrs:
+        size = max(m.cfg.image_size for m, _ in loaded)
+        nbrs = Neighbours.from_pairs([list(zip(pairs, neighbour_text))] * len(prompts), size=size)
+    result = cascade.sample(prompts, nbrs, seed=seed, sample_indices=idx, progress=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, arr in enumerate(to_uint8(result.images)):
+        name = out / f"p{i // num_samples:04d}_s{idx[i]}.png"
+        Image.fromarray(arr).save(name)
+    (out / "prompts.json").write_text(json.dumps(list(prompt), indent=2))
+    console.print(f"wrote {len(prompts)} images to {out}")
+
+
+@app.command()
+def presets(paper_only: bool = typer.Option(False, help="Only the paper's configurations.")) -> None:
+    """List stage presets with parameter counts (built on the meta device: no memory, no weights)."""
+    import torch
+
+    from .config import PRESETS
+    from .unet import ReImagenUNet, count_parameters
+
+    table = Table(title="stage presets")
+    for col in ("preset", "resolution", "params", "paper", "note"):
+        table.add_column(col)
+    for name, p in PRESETS.items():
+        if paper_only and p.paper_params is None:
+            continue
+        with torch.device("meta"):
+            n = count_parameters(ReImagenUNet(p.config))
+        c = p.config
+        res = f"{c.lowres_size}->{c.image_size}" if c.is_super_resolution else f"{c.image_size}"
+        table.add_row(name, res, f"{n / 1e6:,.1f}M", f"{p.paper_params / 1e6:,.0f}M" if p.paper_params else "-", p.note)
+    Console().print(table)
+
+
+def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry for python -m
+    app(argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
