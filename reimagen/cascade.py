@@ -34,11 +34,14 @@ class Neighbours:
     """The K retrieved (image, text) pairs c_n of every prompt.
 
     images: (B, K, 3, H, W) in [-1, 1] at any resolution (each stage resizes them to its own);
-    texts:  B lists of K strings.
+    texts:  B lists of K strings;
+    mask:   optional (B, K) bool, False marks padding where a query retrieved fewer than K pairs (its
+            image and text are ignored; a row with no neighbour at all uses the learned null neighbour).
     """
 
     images: Tensor
     texts: list[list[str]]
+    mask: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.dim() != 5:
@@ -48,6 +51,8 @@ class Neighbours:
             raise ValueError(f"neighbour texts must be {b} lists of {k} strings to match the images")
         if k == 0:
             raise ValueError("K = 0 neighbours: pass neighbours=None and text-only guidance to sample without retrieval")
+        if self.mask is not None and tuple(self.mask.shape) != (b, k):
+            raise ValueError(f"neighbour mask must be ({b}, {k}), got {tuple(self.mask.shape)}")
 
     @property
     def k(self) -> int:
@@ -57,7 +62,8 @@ class Neighbours:
         return self.images.shape[0]
 
     def index(self, idx: Sequence[int]) -> "Neighbours":
-        return Neighbours(self.images[list(idx)], [self.texts[i] for i in idx])
+        mask = None if self.mask is None else self.mask[list(idx)]
+        return Neighbours(self.images[list(idx)], [self.texts[i] for i in idx], mask)
 
     def at_size(self, size: int) -> Tensor:
         b, k = self.images.shape[:2]
@@ -207,9 +213,10 @@ class Cascade:
             tc = model.project_text(text.embeddings[rows].to(device), text.mask[rows].to(device))
             memory = None
             if neighbours is not None and model.neighbour_attn is not None and st.guidance.needs_neighbours:
-                imgs = neighbours.index(rows).at_size(model.cfg.image_size).to(device)
+                sub = neighbours.index(rows)
                 ntc = model.project_text(nbr_text.embeddings[nbr_rows].to(device), nbr_text.mask[nbr_rows].to(device))
-                memory = model.encode_neighbours(imgs, ntc)  # the neighbour cache: once per sample
+                valid = None if sub.mask is None else sub.mask.to(device)
+                memory = model.encode_neighbours(sub.at_size(model.cfg.image_size).to(device), ntc, valid)  # the cache
             cb = None
             if progress:
                 from rich.progress import Progress

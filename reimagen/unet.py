@@ -55,13 +55,14 @@ class NeighbourMemory:
 
     k: Tensor  # (B, heads, K*F*F, head_dim)
     v: Tensor  # (B, heads, K*F*F, head_dim)
+    valid: Tensor | None = None  # (B, K*F*F) bool: False for the tokens of missing neighbours
 
     @property
     def num_tokens(self) -> int:
         return self.k.shape[2]
 
     def index(self, idx: Tensor) -> "NeighbourMemory":
-        return NeighbourMemory(self.k[idx], self.v[idx])
+        return NeighbourMemory(self.k[idx], self.v[idx], None if self.valid is None else self.valid[idx])
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -164,13 +165,15 @@ class NeighbourAttention(nn.Module):
     def _split(self, t: Tensor) -> Tensor:
         return t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
-    def memory(self, feats: Tensor, num_neighbours: int) -> NeighbourMemory:
-        """Keys/values of the neighbour feature maps f(c_n, 0), feats of shape (B*K, d, F, F)."""
+    def memory(self, feats: Tensor, num_neighbours: int, valid: Tensor | None = None) -> NeighbourMemory:
+        """Keys/values of the neighbour feature maps f(c_n, 0), feats of shape (B*K, d, F, F);
+        ``valid`` (B, K) marks which neighbours exist (a query may retrieve fewer than K)."""
         bk, d, fh, fw = feats.shape
         tokens = self.norm_kv(feats).flatten(2).transpose(1, 2) + self.pos  # (B*K, FF, d)
         tokens = tokens.reshape(bk // num_neighbours, num_neighbours * fh * fw, d)
         k, v = self.to_kv(tokens).chunk(2, dim=-1)
-        return NeighbourMemory(self._split(k), self._split(v))
+        valid_tokens = None if valid is None else valid.bool().repeat_interleave(fh * fw, dim=1)
+        return NeighbourMemory(self._split(k), self._split(v), valid_tokens)
 
     def forward(self, h: Tensor, memory: NeighbourMemory | None, drop: Tensor) -> Tensor:
         b, d, fh, fw = h.shape
@@ -180,7 +183,10 @@ class NeighbourAttention(nn.Module):
             k, v, mask = nk, nv, None
         else:
             k, v = torch.cat([nk, memory.k], 2), torch.cat([nv, memory.v], 2)
-            keep = torch.cat([drop.new_ones(b, nk.shape[2]), (~drop)[:, None].expand(b, memory.num_tokens)], 1)
+            present = (~drop)[:, None].expand(b, memory.num_tokens)
+            if memory.valid is not None:
+                present = present & memory.valid
+            keep = torch.cat([drop.new_ones(b, nk.shape[2]), present], 1)
             mask = keep[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = self.to_out(out.transpose(1, 2).reshape(b, fh * fw, d))
@@ -373,12 +379,13 @@ class ReImagenUNet(nn.Module):
                              f"got {tuple(x.shape)}")
 
     # -- neighbours -------------------------------------------------------------------------
-    def encode_neighbours(self, images: Tensor, text: TextCond) -> NeighbourMemory:
+    def encode_neighbours(self, images: Tensor, text: TextCond, valid: Tensor | None = None) -> NeighbourMemory:
         """f(c_n, 0): the K neighbour (image, text) pairs through the shared DStack at t = 0.
 
         images: (B, K, C, S, S) at this stage's resolution; text: the neighbours' texts, B*K rows in the
-        same order. For super-resolution stages a neighbour's low-resolution input is its own
-        downsampled image, without augmentation noise.
+        same order; valid: optional (B, K) bool, False for padding where a query retrieved fewer than K
+        neighbours (a row with none attends to the learned null neighbour alone). For super-resolution
+        stages a neighbour's low-resolution input is its own downsampled image, without augmentation noise.
         """
         if self.neighbour_attn is None:
             raise ValueError("this stage was built without neighbour attention (neighbour_attention=False)")
@@ -400,7 +407,9 @@ class ReImagenUNet(nn.Module):
             x = torch.cat([flat, self.lowres_input(low, zeros, None)], 1)
         feats, _, _ = self.dstack(x, zeros, text, aug_t=zeros if self.cfg.is_super_resolution else None,
                                   keep_skips=False)
-        return self.neighbour_attn.memory(feats, k)
+        if valid is not None and tuple(valid.shape) != (b, k):
+            raise ValueError(f"neighbour validity mask must be ({b}, {k}), got {tuple(valid.shape)}")
+        return self.neighbour_attn.memory(feats, k, valid)
 
     # -- the network ------------------------------------------------------------------------
     def forward(
