@@ -6,7 +6,8 @@ part of the project builds these tables). Columns:
 
     id            str        unique id of the pair
     text          str        its caption
-    image         str        image path, absolute or relative to the table's folder
+    image         str        image reference: a path (absolute or relative to the table's folder), or
+                             tsv://FILE#OFFSET / tar://SHARD#MEMBER (see reimagen.retrieval.base)
     neighbor_ids  list[str]  ids of its K neighbours, best first (or one string "id1|id2")
 
 Parquet, JSONL and CSV are read. Images are loaded once, center-cropped and resized to the stage's size,
@@ -81,7 +82,8 @@ class TripleData:
     def from_table(cls, path: str | Path, image_size: int, progress: bool = True) -> "TripleData":
         """Read a triples table (see the module docstring)."""
         import pandas as pd
-        from PIL import Image, UnidentifiedImageError
+
+        from .retrieval.base import CorruptImageError, load_image
 
         path = Path(path)
         if not path.is_file():
@@ -108,14 +110,12 @@ class TripleData:
         images: dict[str, np.ndarray] = {}
         from rich.progress import track
 
-        for pid, rel in track(list(zip(ids, df["image"].astype(str))), description="loading images", disable=not progress):
-            p = Path(rel) if Path(rel).is_absolute() else path.parent / rel
+        for pid, ref in track(list(zip(ids, df["image"].astype(str))), description="loading images", disable=not progress):
             try:
-                with Image.open(p) as im:
-                    images[pid] = _square_resize(im.convert("RGB"), image_size)
+                images[pid] = _square_resize(load_image(ref, root=path.parent), image_size)
             except FileNotFoundError:
                 skipped["missing image"] = skipped.get("missing image", 0) + 1
-            except (UnidentifiedImageError, OSError, ValueError):
+            except (CorruptImageError, OSError):
                 skipped["unreadable image"] = skipped.get("unreadable image", 0) + 1
         id_set = set(ids)
         unknown = sum(1 for row in nbrs for n in row if n not in id_set)
