@@ -74,6 +74,8 @@ class SamplerSettings:
             raise ValueError(f"sampler must be ddpm or ddim, got {self.sampler!r}")
         if not (0.0 <= self.aug_level <= 1.0):
             raise ValueError(f"aug_level must be in [0, 1], got {self.aug_level}")
+        if not (0.0 <= self.ddim_eta <= 1.0):
+            raise ValueError(f"ddim_eta must be in [0, 1], got {self.ddim_eta}")
 
 
 def sample_stage(

@@ -213,8 +213,14 @@ class Trainer:
         return self.cfg.lr
 
     def train_step(self) -> float:
+        # In-network dropout draws from the global RNG: seed it per step, without disturbing the caller's state.
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(sample_seed(self.cfg.seed, "dropout", self.step))
+            return self._train_step()
+
+    def _train_step(self) -> float:
         g = self.batch_generator(self.step)
-        torch.manual_seed(sample_seed(self.cfg.seed, "dropout", self.step))  # in-network dropout
         rows = self.data.train_rows
         idx = rows[torch.randint(len(rows), (self.cfg.batch_size,), generator=g)]
         self.model.train()

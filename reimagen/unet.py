@@ -368,9 +368,10 @@ class ReImagenUNet(nn.Module):
                              f"got {tuple(lowres.shape[-2:])}")
         up = F.interpolate(lowres, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False,
                            antialias=False)
-        if noise is None:
-            noise = torch.zeros_like(up)
-        return q_sample(up, self._log_snr(aug_t), noise) if bool((aug_t > 0).any()) else up
+        if noise is None or not bool((aug_t > 0).any()):
+            return up
+        noisy = q_sample(up, self._log_snr(aug_t), noise)
+        return torch.where((aug_t > 0).view(-1, 1, 1, 1), noisy, up)  # level 0 means no augmentation, per row
 
     def _check_images(self, x: Tensor, what: str) -> None:
         s = self.cfg.image_size
@@ -432,7 +433,8 @@ class ReImagenUNet(nn.Module):
         """
         self._check_images(x_t, "x_t")
         b = x_t.shape[0]
-        for name, v in (("t", t), ("text", text.tokens), ("drop_text", drop_text), ("drop_neighbours", drop_neighbours)):
+        for name, v in (("t", t), ("text", text.tokens), ("drop_text", drop_text), ("drop_neighbours", drop_neighbours),
+                        ("lowres", lowres), ("aug_t", aug_t)):
             if v is not None and v.shape[0] != b:
                 raise ValueError(f"batch length mismatch: x_t has {b} rows, {name} has {v.shape[0]}")
         if neighbours is not None and neighbours.k.shape[0] != b:

@@ -1,0 +1,327 @@
+"""Properties of training (reimagen/train.py, reimagen/data.py, Sec. 3.2 "Model Training"): condition dropout
+rates, overfitting a few images, checkpoints, exact resume, validation, the triples table reader."""
+
+import inspect
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_model, make_triples, structured_images
+from reimagen.config import UNetConfig
+from reimagen.data import TripleData
+from reimagen.text import TinyTextEncoder
+from reimagen.train import TrainConfig, Trainer, load_stage, load_weights, save_checkpoint
+
+
+def _trainer(tmp_path=None, steps=4, batch_size=4, seed=0, model_seed=0, enc_seed=0, data=None, preset="tiny-16", **kw):
+    data = data if data is not None else make_triples(6, 32 if preset == "tiny-sr32" else 16, 2)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=1e-3, seed=seed, log_every=kw.pop("log_every", 2),
+                      ckpt_every=kw.pop("ckpt_every", 10**9), **kw)
+    return Trainer(make_model(preset, seed=model_seed), TinyTextEncoder(dim=32, seed=enc_seed), data, cfg,
+                   out_dir=tmp_path)
+
+
+def _state(trainer):
+    sd = {f"m.{k}": v.clone() for k, v in trainer.model.state_dict().items()}
+    sd.update({f"e.{k}": v.clone() for k, v in trainer.ema.state_dict().items()})
+    sd.update({f"t.{k}": v.clone() for k, v in trainer.text_encoder.state_dict().items()})
+    return sd
+
+
+# ----------------------------------------------------------------------------------------------
+# Condition dropout: 10% each, independently
+# ----------------------------------------------------------------------------------------------
+def _record_masks(trainer, monkeypatch):
+    """Replace the network by a cheap recorder of the drop masks it is given (the trainer's path is unchanged)."""
+    rec = {"text": [], "nbr": [], "nbr_images": []}
+    m = trainer.model
+
+    def fake_encode_neighbours(images, *a, **kw):
+        rec["nbr_images"].append(images.shape)
+        return None
+
+    sig = inspect.signature(m.forward)
+
+    def fake_forward(*a, **kw):
+        v = sig.bind(*a, **kw).arguments
+        rec["text"].append(v["drop_text"].clone())
+        rec["nbr"].append(v["drop_neighbours"].clone())
+        return v["x_t"] * 0.0 + m.null_text.sum() * 0.0  # differentiable, so backward/step run as usual
+
+    monkeypatch.setattr(m, "encode_neighbours", fake_encode_neighbours)
+    monkeypatch.setattr(m, "forward", fake_forward)
+    return rec
+
+
+def test_text_and_neighbour_dropout_rates_are_ten_percent_each_and_independent(monkeypatch, tiny_data):
+    steps, b = 120, 64
+    tr = _trainer(steps=steps, batch_size=b, data=tiny_data)
+    assert tr.cfg.p_drop_text == 0.1 and tr.cfg.p_drop_neighbours == 0.1  # the paper's defaults
+    rec = _record_masks(tr, monkeypatch)
+    for _ in range(steps):
+        tr.train_step()
+    dt, dn = torch.cat(rec["text"]).float(), torch.cat(rec["nbr"]).float()
+    n = steps * b
+    assert dt.numel() == n and len(rec["nbr_images"]) == steps and rec["nbr_images"][0][:2] == (b, 2)
+    tol = lambda p: 4 * math.sqrt(p * (1 - p) / n)  # noqa: E731  (4-sigma binomial bound)
+    assert abs(float(dt.mean()) - 0.1) < tol(0.1)
+    assert abs(float(dn.mean()) - 0.1) < tol(0.1)
+    assert abs(float((dt * dn).mean()) - 0.01) < tol(0.01)  # independent: P(both) = 0.1 * 0.1
+    # and the masks differ from step to step (fresh draws)
+    assert not all(torch.equal(rec["text"][0], r) for r in rec["text"][1:])
+
+
+def test_dropout_rates_follow_the_config(monkeypatch):
+    steps, b = 40, 64
+    tr = _trainer(steps=steps, batch_size=b, p_drop_text=0.5, p_drop_neighbours=0.0)
+    rec = _record_masks(tr, monkeypatch)
+    for _ in range(steps):
+        tr.train_step()
+    dt, dn = torch.cat(rec["text"]).float(), torch.cat(rec["nbr"]).float()
+    assert abs(float(dt.mean()) - 0.5) < 4 * math.sqrt(0.25 / (steps * b))
+    assert float(dn.sum()) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning: a tiny model overfits four images
+# ----------------------------------------------------------------------------------------------
+def test_tiny_model_overfits_four_images():
+    data = make_triples(4, 16, 2, seed=3)
+    cfg = TrainConfig(steps=200, batch_size=8, lr=3e-3, log_every=25, ckpt_every=10**9, ema_decay=0.99, seed=0)
+    tr = Trainer(make_model("tiny-16", seed=0), TinyTextEncoder(dim=32, seed=0), data, cfg)
+    hist = tr.fit(progress=False)
+    assert [h["step"] for h in hist] == list(range(25, 201, 25))
+    first, last = hist[0]["loss"], hist[-1]["loss"]
+    assert all(math.isfinite(h["loss"]) for h in hist)
+    # measured: ~0.5 -> ~0.05 (factor ~10); require at least 5x
+    assert last * 5 <= first, f"loss only went from {first:.4f} to {last:.4f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def test_checkpoint_round_trip_gives_identical_outputs_and_text_encodings(tmp_path):
+    tr = _trainer(steps=3, batch_size=4)
+    for _ in range(3):
+        tr.train_step()
+    model, enc = tr.model.eval(), tr.text_encoder.eval()
+    save_checkpoint(tmp_path / "ck", model, enc, ema=tr.ema, train_config=tr.cfg, step=tr.step)
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert meta["step"] == 3 and UNetConfig.from_dict(meta["unet"]) == model.cfg
+
+    texts = ["a red dog number 1", "a blue cat"]
+    e0 = enc.encode(texts)
+    loaded_model, loaded_enc = load_stage(tmp_path / "ck", ema=False)
+    e1 = loaded_enc.encode(texts)
+    assert torch.equal(e0.embeddings, e1.embeddings) and torch.equal(e0.mask, e1.mask)
+    # the trained encoder differs from a fresh one with the same seed: the weights really were restored
+    assert not torch.equal(TinyTextEncoder(dim=32, seed=0).eval().encode(texts).embeddings, e0.embeddings)
+
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([0.3, 0.8])
+    nimg = torch.rand(2, 2, 3, 16, 16, generator=g) * 2 - 1
+    ntexts = ["n1", "n2", "n3", "n4"]
+
+    def run(m, e):
+        with torch.no_grad():
+            te, ne = e.encode(texts), e.encode(ntexts)
+            mem = m.encode_neighbours(nimg, m.project_text(ne.embeddings, ne.mask))
+            return m(x, t, m.project_text(te.embeddings, te.mask), mem)
+
+    ref = run(model, enc)
+    assert ref.abs().max() > 0  # trained: no longer the zero-initialised output
+    assert torch.equal(run(loaded_model, loaded_enc), ref)
+    ema_model, _ = load_stage(tmp_path / "ck", ema=True)
+    assert torch.equal(run(ema_model, enc), run(tr.ema, enc))
+    for (k, a), b in zip(ema_model.state_dict().items(), tr.ema.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_load_weights_into_other_config_raises_naming_differing_fields(tmp_path):
+    model = make_model("tiny-16")
+    save_checkpoint(tmp_path / "ck", model, TinyTextEncoder(dim=32))
+    other = make_model("tiny-16", base_channels=8, attn_resolutions=())
+    with pytest.raises(ValueError) as err:
+        load_weights(other, tmp_path / "ck")
+    msg = str(err.value)
+    assert "base_channels" in msg and "attn_resolutions" in msg
+    assert "text_dim" not in msg  # only the fields that differ
+    with pytest.raises(FileNotFoundError):
+        load_weights(model, tmp_path / "nowhere")
+
+
+def test_exact_resume_gives_bitwise_equal_weights(tmp_path):
+    n = 3
+    straight = _trainer(tmp_path / "a", steps=2 * n)
+    straight.fit(progress=False)
+    assert straight.step == 2 * n
+
+    first = _trainer(tmp_path / "b", steps=n)
+    first.fit(progress=False)
+    assert (tmp_path / "b" / "last" / "trainer_state.pt").exists()
+    # a new process: different initial weights and text-encoder seed, all overwritten by the resume
+    second = _trainer(tmp_path / "b", steps=2 * n, model_seed=5, enc_seed=9)
+    second.fit(progress=False)
+    assert second.step == 2 * n
+    a, b = _state(straight), _state(second)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"resumed run differs in {different[:5]}"
+    # and training did move the weights (the comparison is not between two untouched models)
+    init = _state(_trainer(steps=1))
+    assert any(not torch.equal(init[k], a[k]) for k in a if k.startswith("m."))
+
+
+def test_ema_decay_extremes():
+    tr = _trainer(steps=1, ema_decay=0.0)
+    tr.train_step()
+    for a, b in zip(tr.ema.parameters(), tr.model.parameters()):
+        assert torch.equal(a, b)
+    tr = _trainer(steps=1, ema_decay=1.0)
+    init = [p.clone() for p in tr.model.parameters()]
+    tr.train_step()
+    assert all(torch.equal(a, b) for a, b in zip(tr.ema.parameters(), init))
+    assert any(not torch.equal(a, b) for a, b in zip(tr.model.parameters(), init))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("field", ["p_drop_text", "p_drop_neighbours", "max_aug_level"])
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_train_config_rejects_probabilities_outside_unit_interval(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_train_config_rejects_bad_optimizer_and_sizes():
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError):
+        TrainConfig(batch_size=0)
+
+
+def test_trainer_rejects_wrong_image_size_text_dim_and_missing_neighbours():
+    with pytest.raises(ValueError, match="32px"):
+        _trainer(data=make_triples(6, 32, 2))
+    with pytest.raises(ValueError, match="16"):
+        Trainer(make_model("tiny-16"), TinyTextEncoder(dim=16), make_triples(6, 16, 2), TrainConfig())
+    with pytest.raises(ValueError, match="K = 0"):
+        _trainer(data=make_triples(6, 16, 0))
+
+
+def test_sr_trainer_step_gives_finite_loss_with_downsampled_lowres(monkeypatch):
+    tr = _trainer(steps=1, batch_size=3, preset="tiny-sr32", max_aug_level=0.0)
+    seen = {}
+    orig = tr.model.forward
+
+    sig = inspect.signature(orig)
+
+    def spy(*a, **kw):
+        v = sig.bind(*a, **kw).arguments
+        seen["lowres"], seen["aug_t"] = v["lowres"], v["aug_t"]
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(tr.model, "forward", spy)
+    loss = tr.train_step()
+    assert math.isfinite(loss) and loss > 0
+    assert seen["lowres"].shape == (3, 3, 32, 32)
+    assert torch.equal(seen["aug_t"], torch.zeros(3))  # max_aug_level = 0: clean c_x
+    # the conditioning of each row is a training image downsampled to 16 px and upsampled back to 32 px
+    x0 = tr.data.images_at(torch.arange(len(tr.data)))
+    low = F.interpolate(x0, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+    expected = F.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)
+    for row in seen["lowres"]:
+        dist = (expected - row).abs().flatten(1).amax(1)
+        assert float(dist.min()) < 1e-5
+    tr2 = _trainer(steps=1, batch_size=3, preset="tiny-sr32", max_aug_level=1.0)
+    assert math.isfinite(tr2.train_step())
+
+
+# ----------------------------------------------------------------------------------------------
+# TripleData
+# ----------------------------------------------------------------------------------------------
+def _write_images(folder, n, size=24):
+    from PIL import Image
+
+    imgs = structured_images(n, size, seed=5)
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i}.png"
+        Image.fromarray(imgs[i]).save(p)
+        paths.append(p.name)
+    return paths
+
+
+def test_from_table_reads_parquet_and_skips_missing_and_corrupt_images(tmp_path):
+    from PIL import Image
+
+    paths = _write_images(tmp_path, 6)
+    (tmp_path / "img4.png").write_bytes(b"this is not a png")  # corrupt
+    paths[5] = "does_not_exist.png"  # missing
+    # solid-colour image 0 so its resized pixels are known exactly
+    Image.fromarray(np.full((24, 24, 3), (200, 10, 90), dtype=np.uint8)).save(tmp_path / "img0.png")
+    ids = [f"p{i}" for i in range(6)]
+    nbrs = [["p1", "p2"], ["p2", "p3"], ["p3", "p0"], ["p4", "p0"], ["p0", "p1"], ["p0", "p1"]]
+    df = pd.DataFrame({"id": ids, "text": [f"caption {i}" for i in range(6)], "image": paths, "neighbor_ids": nbrs})
+    df.to_parquet(tmp_path / "triples.parquet")
+    data = TripleData.from_table(tmp_path / "triples.parquet", image_size=16, progress=False)
+    assert data.skipped["missing image"] == 1 and data.skipped["unreadable image"] == 1
+    assert data.ids == ["p0", "p1", "p2", "p3"]
+    assert data.images.shape == (4, 3, 16, 16) and data.images.dtype == torch.uint8
+    assert data.texts == ["caption 0", "caption 1", "caption 2", "caption 3"]
+    # p3's neighbour p4 was skipped: p3 stays only as a neighbour, and is counted
+    assert data.train_rows.tolist() == [0, 1, 2]
+    assert data.skipped["neighbour image skipped"] == 1
+    assert data.neighbours[:3].tolist() == [[1, 2], [2, 3], [3, 0]]
+    assert (data.images[0].int() - torch.tensor([200, 10, 90])[:, None, None]).abs().max() <= 1
+
+
+def test_from_table_reads_pipe_separated_neighbour_ids_from_csv(tmp_path):
+    paths = _write_images(tmp_path, 3, size=16)
+    df = pd.DataFrame({"id": ["a", "b", "c"], "text": ["x", "y", "z"], "image": paths,
+                       "neighbor_ids": ["b|c", "c|a", "a|b"]})
+    df.to_csv(tmp_path / "t.csv", index=False)
+    data = TripleData.from_table(tmp_path / "t.csv", image_size=16, progress=False)
+    assert data.neighbours.tolist() == [[1, 2], [2, 0], [0, 1]] and data.k == 2
+    assert data.skipped == {}
+    np.testing.assert_array_equal(data.images.permute(0, 2, 3, 1).numpy(), structured_images(3, 16, seed=5))
+
+
+def test_from_table_rejects_unknown_neighbour_ids(tmp_path):
+    paths = _write_images(tmp_path, 2)
+    df = pd.DataFrame({"id": ["a", "b"], "text": ["x", "y"], "image": paths, "neighbor_ids": [["b"], ["zzz"]]})
+    df.to_parquet(tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match="not ids"):
+        TripleData.from_table(tmp_path / "t.parquet", image_size=16, progress=False)
+
+
+def test_from_table_rejects_missing_columns_and_duplicate_ids(tmp_path):
+    paths = _write_images(tmp_path, 2)
+    pd.DataFrame({"id": ["a", "b"], "text": ["x", "y"], "image": paths}).to_parquet(tmp_path / "t.parquet")
+    with pytest.raises(ValueError, match="neighbor_ids"):
+        TripleData.from_table(tmp_path / "t.parquet", image_size=16, progress=False)
+    pd.DataFrame({"id": ["a", "a"], "text": ["x", "y"], "image": paths,
+                  "neighbor_ids": [["a"], ["a"]]}).to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(ValueError, match="duplicate"):
+        TripleData.from_table(tmp_path / "d.parquet", image_size=16, progress=False)
+
+
+def test_from_arrays_and_resized():
+    imgs = structured_images(3, 16)
+    data = TripleData.from_arrays(imgs, ["a", "b", "c"], np.array([[1], [2], [0]]))
+    assert data.images.shape == (3, 3, 16, 16) and data.k == 1 and data.train_rows.tolist() == [0, 1, 2]
+    x = data.images_at(torch.tensor([0]))
+    assert x.min() >= -1 and x.max() <= 1
+    torch.testing.assert_close(x[0], torch.from_numpy(imgs[0]).permute(2, 0, 1).float() / 127.5 - 1)
+    big = data.resized(32)
+    assert big.image_size == 32 and big.texts == data.texts and torch.equal(big.neighbours, data.neighbours)
+    with pytest.raises(ValueError):
+        TripleData.from_arrays(imgs, ["a", "b"], np.array([[1], [2], [0]]))

@@ -1,0 +1,358 @@
+"""Properties of the Re-Imagen U-Net (reimagen/unet.py, Sec. 3.2, Fig. 3): shapes, validation, conditioning
+dropout, the shared DStack for neighbours, the neighbour cache and batch-row independence."""
+
+import inspect
+
+import pytest
+import torch
+
+from conftest import make_model, randomize
+from reimagen.unet import DStack
+
+ATOL = 1e-5
+
+
+def _text(model, enc, texts):
+    e = enc.encode(texts)
+    return model.project_text(e.embeddings, e.mask)
+
+
+def _inputs(model, enc, b=3, k=2, seed=0, texts=None, nbr_texts=None):
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.image_size
+    x = torch.randn(b, 3, s, s, generator=g)
+    t = torch.rand(b, generator=g) * 0.9 + 0.05
+    texts = texts or [f"prompt number {i} with a dog" for i in range(b)]
+    nbr_texts = nbr_texts or [f"neighbour {i} {j} of a red house" for i in range(b) for j in range(k)]
+    nimg = torch.rand(b, k, 3, s, s, generator=g) * 2 - 1
+    return x, t, _text(model, enc, texts), nimg, _text(model, enc, nbr_texts)
+
+
+@pytest.fixture
+def rmodel():
+    """tiny-16 with all parameters randomised, so every input path has a visible effect."""
+    return randomize(make_model("tiny-16", seed=0), std=0.05, seed=1)
+
+
+@pytest.fixture
+def rsr(tiny_sr_model):
+    return randomize(tiny_sr_model, std=0.05, seed=2)
+
+
+@pytest.fixture
+def enc(text_encoder):
+    return text_encoder
+
+
+def _sr_extra(model, b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(b, 3, model.cfg.lowres_size, model.cfg.lowres_size, generator=g) * 2 - 1
+    aug_t = torch.full((b,), 0.3)
+    noise = torch.randn(b, 3, model.cfg.image_size, model.cfg.image_size, generator=g)
+    return model.lowres_input(low, aug_t, noise), aug_t
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes and validation
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_output_shape_equals_input_shape_base_and_sr(rmodel, rsr, enc):
+    x, t, tc, nimg, ntc = _inputs(rmodel, enc, b=2)
+    out = rmodel(x, t, tc, rmodel.encode_neighbours(nimg, ntc))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    x, t, tc, nimg, ntc = _inputs(rsr, enc, b=2)
+    low, aug_t = _sr_extra(rsr, 2)
+    out = rsr(x, t, tc, rsr.encode_neighbours(nimg, ntc), lowres=low, aug_t=aug_t)
+    assert out.shape == x.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+@torch.no_grad()
+def test_fresh_model_outputs_zero_because_output_conv_is_zero_initialised(tiny_model, enc):
+    x, t, tc, nimg, ntc = _inputs(tiny_model, enc, b=2)
+    out = tiny_model(x, t, tc, tiny_model.encode_neighbours(nimg, ntc))
+    assert torch.count_nonzero(out) == 0
+
+
+@torch.no_grad()
+def test_wrong_image_size_rejected_mentioning_expected_size(rmodel, enc):
+    x, t, tc, nimg, ntc = _inputs(rmodel, enc, b=2)
+    mem = rmodel.encode_neighbours(nimg, ntc)
+    with pytest.raises(ValueError, match=r"16, 16"):
+        rmodel(torch.randn(2, 3, 32, 32), t, tc, mem)
+    with pytest.raises(ValueError, match=r"16, 16"):
+        rmodel.encode_neighbours(torch.randn(2, 2, 3, 8, 8), ntc)
+    with pytest.raises(ValueError):
+        rmodel(torch.randn(2, 1, 16, 16), t, tc, mem)  # wrong channel count
+
+
+@torch.no_grad()
+def test_mismatched_batch_lengths_rejected(rmodel, enc):
+    x, t, tc, nimg, ntc = _inputs(rmodel, enc, b=3)
+    mem = rmodel.encode_neighbours(nimg, ntc)
+    with pytest.raises(ValueError, match="batch length mismatch"):
+        rmodel(x, t[:2], tc, mem)
+    with pytest.raises(ValueError, match="batch length mismatch"):
+        rmodel(x, t, tc.index(torch.tensor([0, 1])), mem)
+    with pytest.raises(ValueError, match="batch length mismatch"):
+        rmodel(x, t, tc, mem.index(torch.tensor([0, 1])))
+    with pytest.raises(ValueError, match="batch length mismatch"):
+        rmodel(x, t, tc, mem, drop_text=torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="batch length mismatch"):
+        rmodel(x, t, tc, mem, drop_neighbours=torch.zeros(4, dtype=torch.bool))
+    # K texts per image: 3 x 2 images need 6 neighbour texts
+    with pytest.raises(ValueError, match="neighbour texts"):
+        rmodel.encode_neighbours(nimg, ntc.index(torch.arange(5)))
+
+
+@torch.no_grad()
+def test_zero_neighbours_rejected(rmodel, enc):
+    _, _, _, _, ntc = _inputs(rmodel, enc, b=2)
+    with pytest.raises(ValueError, match="K = 0"):
+        rmodel.encode_neighbours(torch.zeros(2, 0, 3, 16, 16), ntc.index(torch.arange(0)))
+
+
+@torch.no_grad()
+def test_neighbour_model_without_neighbours_needs_all_rows_dropped(rmodel, enc):
+    x, t, tc, _, _ = _inputs(rmodel, enc, b=3)
+    with pytest.raises(ValueError, match="neighbours"):
+        rmodel(x, t, tc, None)
+    with pytest.raises(ValueError, match="neighbours"):
+        rmodel(x, t, tc, None, drop_neighbours=torch.tensor([True, False, True]))
+    out = rmodel(x, t, tc, None, drop_neighbours=torch.ones(3, dtype=torch.bool))
+    assert out.shape == x.shape
+
+
+@torch.no_grad()
+def test_text_projection_rejects_wrong_text_dim(rmodel):
+    with pytest.raises(ValueError, match="32"):
+        rmodel.project_text(torch.randn(2, 4, 48), torch.ones(2, 4, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------------------------
+# Conditioning dropout
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_dropped_neighbours_make_output_independent_of_neighbour_content(rmodel, enc):
+    x, t, tc, nimg, ntc = _inputs(rmodel, enc, b=3, seed=0)
+    _, _, _, nimg2, ntc2 = _inputs(rmodel, enc, b=3, seed=5, nbr_texts=[f"other text {i}" for i in range(6)])
+    mem1, mem2 = rmodel.encode_neighbours(nimg, ntc), rmodel.encode_neighbours(nimg2, ntc2)
+    drop = torch.ones(3, dtype=torch.bool)
+    a = rmodel(x, t, tc, mem1, drop_neighbours=drop)
+    b = rmodel(x, t, tc, mem2, drop_neighbours=drop)
+    none = rmodel(x, t, tc, None, drop_neighbours=drop)
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    torch.testing.assert_close(a, none, atol=ATOL, rtol=0)  # dropped == sampled without retrieval
+    # ...but kept neighbours matter
+    c = rmodel(x, t, tc, mem1)
+    d = rmodel(x, t, tc, mem2)
+    assert (c - d).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    assert (c - a).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+
+
+@torch.no_grad()
+def test_dropped_text_makes_output_independent_of_the_text(rmodel, enc):
+    x, t, tc, nimg, ntc = _inputs(rmodel, enc, b=3)
+    mem = rmodel.encode_neighbours(nimg, ntc)
+    tc2 = _text(rmodel, enc, ["completely different words here and more of them", "x", "cat"])
+    drop = torch.ones(3, dtype=torch.bool)
+    a = rmodel(x, t, tc, mem, drop_text=drop)
+    b = rmodel(x, t, tc2, mem, drop_text=drop)
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+    c = rmodel(x, t, tc, mem)
+    d = rmodel(x, t, tc2, mem)
+    assert (c - d).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    assert (c - a).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+
+
+@torch.no_grad()
+def test_drop_masks_act_per_row(rmodel, enc):
+    """Dropping a condition for one row equals running that row alone with the condition dropped."""
+    x, t, tc, nimg, ntc = _inputs(rmodel, enc, b=4)
+    mem = rmodel.encode_neighbours(nimg, ntc)
+    dt = torch.tensor([True, False, True, False])
+    dn = torch.tensor([False, False, True, True])
+    mixed = rmodel(x, t, tc, mem, drop_text=dt, drop_neighbours=dn)
+    for i in range(4):
+        ones = torch.ones(4, dtype=torch.bool)
+        zeros = ~ones
+        ref = rmodel(x, t, tc, mem, drop_text=ones if dt[i] else zeros, drop_neighbours=ones if dn[i] else zeros)
+        torch.testing.assert_close(mixed[i], ref[i], atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Neighbours: the same DStack at t = 0, the cache, order invariance
+# ----------------------------------------------------------------------------------------------
+def test_neighbours_are_encoded_by_the_same_dstack_at_t_zero(rmodel, enc, monkeypatch):
+    assert sum(isinstance(m, DStack) for m in rmodel.modules()) == 1  # one DStack: no separate neighbour encoder
+    x, t, tc, nimg, ntc = _inputs(rmodel, enc, b=3, k=2)
+    calls = []
+    orig = rmodel.dstack.forward
+
+    def spy(x_in, t_in, text, *args, **kwargs):
+        calls.append((x_in.shape[0], t_in.clone(), x_in.clone()))
+        return orig(x_in, t_in, text, *args, **kwargs)
+
+    monkeypatch.setattr(rmodel.dstack, "forward", spy)
+    with torch.no_grad():
+        mem = rmodel.encode_neighbours(nimg, ntc)
+        assert len(calls) == 1
+        b, tt, xin = calls[0]
+        assert b == 6 and torch.equal(tt, torch.zeros(6))
+        assert torch.equal(xin, nimg.reshape(6, 3, 16, 16))
+        rmodel(x, t, tc, mem)
+    assert len(calls) == 2 and torch.equal(calls[1][1], t)  # the forward's own DStack call at t
+    # the memory is exactly the neighbour attention's projection of that DStack output
+    with torch.no_grad():
+        feats, _, _ = orig(nimg.reshape(6, 3, 16, 16), torch.zeros(6), ntc, keep_skips=False)
+        ref = rmodel.neighbour_attn.memory(feats, 2)
+    assert torch.equal(mem.k, ref.k) and torch.equal(mem.v, ref.v)
+    assert mem.k.shape[2] == 2 * rmodel.cfg.feature_size**2  # K * F * F tokens
+
+
+@torch.no_grad()
+def test_sr_neighbours_use_the_same_dstack_with_their_own_lowres_and_no_noise(rsr, enc, monkeypatch):
+    x, t, tc, nimg, ntc = _inputs(rsr, enc, b=2, k=2)
+    calls = []
+    orig = rsr.dstack.forward
+
+    sig = inspect.signature(orig)
+
+    def spy(*a, **kw):
+        v = sig.bind(*a, **kw)
+        v.apply_defaults()
+        v = v.arguments
+        calls.append((v["t"].clone(), None if v["aug_t"] is None else v["aug_t"].clone(), v["x"].clone()))
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(rsr.dstack, "forward", spy)
+    rsr.encode_neighbours(nimg, ntc)
+    assert len(calls) == 1
+    tt, aug, xin = calls[0]
+    assert torch.equal(tt, torch.zeros(4)) and torch.equal(aug, torch.zeros(4))
+    assert xin.shape == (4, 6, 32, 32)
+    assert torch.equal(xin[:, :3], nimg.reshape(4, 3, 32, 32))
+
+
+@torch.no_grad()
+def test_neighbour_cache_reused_across_forwards_equals_recomputing(rmodel, enc):
+    x, t, tc, nimg, ntc = _inputs(rmodel, enc, b=3)
+    cache = rmodel.encode_neighbours(nimg, ntc)
+    g = torch.Generator().manual_seed(9)
+    for step in range(3):
+        xs = torch.randn(3, 3, 16, 16, generator=g)
+        ts = torch.full((3,), 0.9 - 0.3 * step)
+        reused = rmodel(xs, ts, tc, cache)
+        fresh = rmodel(xs, ts, tc, rmodel.encode_neighbours(nimg, ntc))
+        assert torch.equal(reused, fresh)
+    # and the cache can be indexed/repeated for guidance branches (rows stacked branch-major)
+    rep = torch.arange(3).repeat(2)
+    out = rmodel(xs.repeat(2, 1, 1, 1), ts.repeat(2), tc.index(rep), cache.index(rep))
+    torch.testing.assert_close(out[:3], out[3:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out[:3], reused, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_output_invariant_to_neighbour_order(rmodel, enc):
+    """Attention over the K neighbours' keys/values treats them as a set."""
+    x, t, tc, nimg, ntc = _inputs(rmodel, enc, b=2, k=2)
+    perm = torch.tensor([1, 0, 3, 2])  # swap the two neighbours of each row (texts follow)
+    a = rmodel(x, t, tc, rmodel.encode_neighbours(nimg, ntc))
+    b = rmodel(x, t, tc, rmodel.encode_neighbours(nimg.flip(1), ntc.index(perm)))
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_output_row_independent_of_other_rows_in_the_batch(rmodel, enc):
+    x, t, tc, nimg, ntc = _inputs(rmodel, enc, b=4, seed=0)
+    x2, t2, _, nimg2, _ = _inputs(rmodel, enc, b=4, seed=7)
+    tc2 = _text(rmodel, enc, ["z", "another quite long prompt about birds flying high", "q", "prompt number 3 with a dog"])
+    # keep row 2 identical, change every other row (inputs, times, texts, neighbours)
+    keep = 2
+    x2[keep], t2[keep], nimg2[keep] = x[keep], t[keep], nimg[keep]
+    ntc_rows = [f"neighbour {i} {j} of a red house" if i == keep else f"other {i} {j}" for i in range(4) for j in range(2)]
+    ntc2 = _text(rmodel, enc, ntc_rows)
+    texts2 = ["z", "another quite long prompt about birds flying high", "prompt number 2 with a dog", "q"]
+    tc2 = _text(rmodel, enc, texts2)
+    a = rmodel(x, t, tc, rmodel.encode_neighbours(nimg, ntc))
+    b = rmodel(x2, t2, tc2, rmodel.encode_neighbours(nimg2, ntc2))
+    torch.testing.assert_close(a[keep], b[keep], atol=ATOL, rtol=0)
+    others = [i for i in range(4) if i != keep]
+    assert (a[others] - b[others]).abs().amax() > 1e-3
+    # and a batch of one gives the same row
+    one = rmodel(x[keep:keep + 1], t[keep:keep + 1], tc.index(torch.tensor([keep])),
+                 rmodel.encode_neighbours(nimg[keep:keep + 1], ntc.index(torch.tensor([2 * keep, 2 * keep + 1]))))
+    torch.testing.assert_close(one[0], a[keep], atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Super-resolution stage
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_sr_stage_requires_lowres_and_aug_t(rsr, enc):
+    x, t, tc, nimg, ntc = _inputs(rsr, enc, b=2)
+    mem = rsr.encode_neighbours(nimg, ntc)
+    low, aug_t = _sr_extra(rsr, 2)
+    with pytest.raises(ValueError, match="lowres"):
+        rsr(x, t, tc, mem)
+    with pytest.raises(ValueError, match="aug_t|noise-augmentation"):
+        rsr(x, t, tc, mem, lowres=low)
+    with pytest.raises(ValueError, match="lowres"):
+        rsr(x, t, tc, mem, aug_t=aug_t)
+
+
+@torch.no_grad()
+def test_sr_stage_rejects_wrong_lowres_size(rsr, enc):
+    x, t, tc, nimg, ntc = _inputs(rsr, enc, b=2)
+    mem = rsr.encode_neighbours(nimg, ntc)
+    aug_t = torch.zeros(2)
+    with pytest.raises(ValueError, match="16x16"):
+        rsr.lowres_input(torch.rand(2, 3, 8, 8), aug_t, None)
+    with pytest.raises(ValueError, match="lowres"):
+        rsr(x, t, tc, mem, lowres=torch.rand(2, 3, 16, 16), aug_t=aug_t)  # not upsampled
+
+
+@torch.no_grad()
+def test_sr_output_depends_on_the_lowres_image(rsr, enc):
+    x, t, tc, nimg, ntc = _inputs(rsr, enc, b=2)
+    mem = rsr.encode_neighbours(nimg, ntc)
+    low1, aug_t = _sr_extra(rsr, 2, seed=0)
+    low2, _ = _sr_extra(rsr, 2, seed=1)
+    a = rsr(x, t, tc, mem, lowres=low1, aug_t=aug_t)
+    b = rsr(x, t, tc, mem, lowres=low2, aug_t=aug_t)
+    assert (a - b).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+
+
+@torch.no_grad()
+def test_lowres_input_is_upsampled_and_noised_to_aug_level(rsr):
+    g = torch.Generator().manual_seed(3)
+    low = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    noise = torch.randn(2, 3, 32, 32, generator=g)
+    clean = rsr.lowres_input(low, torch.zeros(2), noise)
+    assert clean.shape == (2, 3, 32, 32)
+    # aug_t = 0 everywhere leaves the upsampled image clean (bilinear upsampling of c_x)
+    up = torch.nn.functional.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(clean, up)
+    noisy = rsr.lowres_input(low, torch.full((2,), 0.5), noise)
+    from reimagen.diffusion import q_sample
+    torch.testing.assert_close(noisy, q_sample(clean, rsr._log_snr(torch.full((2,), 0.5)), noise))
+
+
+@torch.no_grad()
+def test_lowres_input_row_independent_of_other_rows_aug_level(rsr):
+    g = torch.Generator().manual_seed(4)
+    low = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    noise = torch.randn(2, 3, 32, 32, generator=g)
+    both = rsr.lowres_input(low, torch.tensor([0.0, 0.5]), noise)
+    alone = rsr.lowres_input(low[:1], torch.tensor([0.0]), noise[:1])
+    torch.testing.assert_close(both[0], alone[0], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_sr_stage_rejects_aug_t_of_wrong_batch_length(rsr, enc):
+    x, t, tc, _, _ = _inputs(rsr, enc, b=2)
+    low, _ = _sr_extra(rsr, 2)
+    drop = torch.ones(2, dtype=torch.bool)
+    for bad in (torch.zeros(1), torch.zeros(3)):
+        with pytest.raises(ValueError, match="batch length mismatch"):
+            rsr(x, t, tc, None, drop_neighbours=drop, lowres=low, aug_t=bad)
