@@ -325,3 +325,17 @@ def test_from_arrays_and_resized():
     assert big.image_size == 32 and big.texts == data.texts and torch.equal(big.neighbours, data.neighbours)
     with pytest.raises(ValueError):
         TripleData.from_arrays(imgs, ["a", "b"], np.array([[1], [2], [0]]))
+
+
+def test_adafactor_trains_and_resumes_exactly(tmp_path):
+    """The paper's optimiser for the 64x64 stage: its state survives a checkpoint, so a resumed run is bitwise the straight one."""
+    straight = _trainer(steps=6, optimizer="adafactor")
+    straight.fit(progress=False)
+    first = _trainer(tmp_path, steps=3, optimizer="adafactor", ckpt_every=3)
+    first.fit(progress=False)
+    resumed = _trainer(tmp_path, steps=6, optimizer="adafactor")
+    resumed.fit(progress=False)
+    assert resumed.step == 6
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert isinstance(resumed.opt, torch.optim.Adafactor)
