@@ -202,6 +202,13 @@ def presets(paper_only: bool = typer.Option(False, help="Only the paper's config
     Console().print(table)
 
 
+from .retrieval.cli import index_app, retrieve, triples  # noqa: E402  (issue [retrieval])
+
+app.add_typer(index_app, name="index")
+app.command()(retrieve)
+app.command()(triples)
+
+
 def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry for python -m
     app(argv)
 

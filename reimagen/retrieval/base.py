@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import base64
+import functools
 import io
 import json
 import os
@@ -46,16 +47,30 @@ def load_image_bytes(ref: str, root: str | Path | None = None) -> bytes:
             raise CorruptImageError(f"{ref}: invalid base64 ({err})") from None
     if ref.startswith("tar://"):
         path, _, member = ref[len("tar://"):].rpartition("#")
-        with tarfile.open(_resolve(path, root)) as tf:
-            try:
-                fh = tf.extractfile(member)
-            except KeyError:
-                raise FileNotFoundError(f"{member} is not in {path}") from None
-            if fh is None:
-                raise FileNotFoundError(f"{member} in {path} is not a file")
-            return fh.read()
+        full = _resolve(path, root)
+        try:
+            st = os.stat(full)
+            offset, size = _tar_members(full, st.st_mtime_ns, st.st_size)[member]
+        except KeyError:
+            raise FileNotFoundError(f"{member} is not a file in {path}") from None
+        with open(full, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(size)
     with open(_resolve(ref, root), "rb") as fh:
         return fh.read()
+
+
+@functools.lru_cache(maxsize=64)
+def _tar_members(path: str, mtime_ns: int, size: int) -> dict[str, tuple[int, int]]:
+    """member name -> (data offset, size) of an uncompressed tar shard, scanned once per process (and again
+    if the file changes: mtime and size are part of the cache key), so that loading many images of one
+    shard does not rescan its headers every time."""
+    with tarfile.open(path) as tf:
+        out = {m.name: (m.offset_data, m.size) for m in tf.getmembers() if m.isfile()}
+    with open(path, "rb") as fh:  # compressed shards (.tar.gz) have no usable offsets
+        if fh.read(2) == b"\x1f\x8b":
+            raise ValueError(f"{path}: compressed tar shards are not supported for random access; use plain .tar")
+    return out
 
 
 def load_image(ref: str, root: str | Path | None = None):
@@ -260,6 +275,7 @@ class Retriever(abc.ABC):
 
 
 RETRIEVERS: dict[str, type[Retriever]] = {}
+_BUILTIN = {"bm25": "bm25", "bm25-rank": "bm25", "clip": "clip", "precomputed": "precomputed"}  # kind -> module
 
 
 def register_retriever(cls: type[Retriever]) -> type[Retriever]:
@@ -274,8 +290,10 @@ def load_retriever(folder: str | Path, mmap: bool = True) -> Retriever:
         raise FileNotFoundError(f"{folder} is not a saved index (no {MANIFEST}); build one with `reimagen-eval index build`")
     manifest = json.loads(mf.read_text())
     kind = manifest.get("kind")
-    if kind not in RETRIEVERS:
-        from . import bm25, clip, precomputed  # noqa: F401  (register the built-in retrievers)
+    if kind not in RETRIEVERS and kind in _BUILTIN:
+        import importlib
+
+        importlib.import_module(f"{__package__}.{_BUILTIN[kind]}")  # registers it; only this kind's deps are needed
     if kind not in RETRIEVERS:
         raise ValueError(f"{mf}: unknown retriever kind {kind!r}; known: {sorted(RETRIEVERS)}")
     return RETRIEVERS[kind]._load(folder, manifest, mmap=mmap)
