@@ -8,10 +8,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test install bench clean
 
+# pip's output goes to .venv/pip.log and is shown only if the install fails.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	@echo "installing into $(VENV) (pinned by constraints.txt; log: $(VENV)/pip.log)"
+	@$(PY) -m pip install -c constraints.txt torch==2.13.0 > $(VENV)/pip.log 2>&1 || (cat $(VENV)/pip.log; exit 1)
+	@$(PY) -m pip install -c constraints.txt -e ".[dev]" >> $(VENV)/pip.log 2>&1 || (cat $(VENV)/pip.log; exit 1)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/guided_step.py
+	$(PY) benchmarks/bm25.py
 
 clean:
 	rm -rf $(VENV) runs
