@@ -1,0 +1,232 @@
+"""Generating images at scale for the benchmarks (FID sweeps, EntityDrawBench): resumable, shardable, deterministic.
+
+A run folder holds one PNG per (prompt id, sample index), named ``<prompt_id>__<sample_index>.png``, and a
+``run.json`` manifest of every setting that affects the images. Images are written as they are made (to a
+temporary name, then renamed), so a killed run loses at most the batch in flight; a rerun skips what exists;
+a rerun with different settings is refused. Several processes (``torchrun`` / ``accelerate launch`` set
+RANK and WORLD_SIZE) split the work by row and, because every image is a function of (prompt id, sample
+index, seed) alone (see ``reimagen.sampling``), produce exactly the images one process would.
+
+Generators behind one interface (``ImageGenerator.generate``):
+    CascadeGenerator   a Re-Imagen cascade, with retrieved neighbours
+    DiffusersGenerator a text-only ``diffusers`` pipeline (baselines such as Stable Diffusion)
+    FolderGenerator    images made elsewhere, read from a folder named by prompt id
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .cascade import Cascade, Neighbours, to_uint8
+
+Tensor = torch.Tensor
+MANIFEST = "run.json"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def image_name(prompt_id: str, sample_index: int) -> str:
+    """File name of one generated image; prompt ids must be file-name safe (letters, digits, . _ -)."""
+    if not _SAFE_ID.match(prompt_id) or prompt_id in (".", ".."):
+        raise ValueError(f"prompt id {prompt_id!r} is not file-name safe (use letters, digits, '.', '_', '-')")
+    return f"{prompt_id}__{sample_index}.png"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make."""
+
+    prompt_id: str
+    prompt: str
+    sample_index: int
+
+
+def shard_from_env() -> tuple[int, int]:
+    """(rank, world size) from torchrun / accelerate environment variables, else (0, 1)."""
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK {rank} outside WORLD_SIZE {world}")
+    return rank, world
+
+
+class ImageGenerator(abc.ABC):
+    """Makes images for jobs; ``neighbours`` is given for generators that use retrieval."""
+
+    uses_neighbours: bool = False
+
+    @abc.abstractmethod
+    def generate(self, jobs: Sequence[Job], neighbours: Neighbours | None, seed: int) -> Tensor:
+        """(len(jobs), 3, H, W) in [0, 1]."""
+
+    def describe(self) -> dict[str, Any]:
+        """Settings recorded in the run manifest."""
+        return {"generator": type(self).__name__}
+
+
+class CascadeGenerator(ImageGenerator):
+    """A Re-Imagen cascade (``reimagen.Cascade``); image = f(prompt id, sample index, seed)."""
+
+    def __init__(self, cascade: Cascade, settings: dict[str, Any] | None = None):
+        self.cascade = cascade
+        self.settings = settings or {}
+        self.uses_neighbours = any(st.guidance.needs_neighbours for st in cascade.stages)
+
+    def generate(self, jobs: Sequence[Job], neighbours: Neighbours | None, seed: int) -> Tensor:
+        return self.cascade.sample([j.prompt for j in jobs], neighbours if self.uses_neighbours else None, seed=seed,
+                                   prompt_ids=[j.prompt_id for j in jobs],
+                                   sample_indices=[j.sample_index for j in jobs]).images
+
+    def describe(self) -> dict[str, Any]:
+        stages = [{"name": st.name, "guidance": repr(st.guidance), "settings": repr(st.settings),
+                   "config": st.model.cfg.to_dict()} for st in self.cascade.stages]
+        return {"generator": "cascade", "stages": stages, "text_encoder": self.cascade.text_encoder.spec(),
+                **self.settings}
+
+
+class DiffusersGenerator(ImageGenerator):
+    """A text-only ``diffusers`` pipeline as a baseline; the generator of each image is seeded from
+    (seed, prompt id, sample index), so it too is independent of batching."""
+
+    def __init__(self, pipeline_id: str, device: str = "cpu", num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, size: int | None = None, dtype: torch.dtype = torch.float32):
+        from ._compat import patch_torchvision_if_broken
+
+        patch_torchvision_if_broken()
+        try:
+            from diffusers import DiffusionPipeline
+
+            self.pipe = DiffusionPipeline.from_pretrained(pipeline_id, torch_dtype=dtype).to(device)
+        except (OSError, ValueError) as err:
+            raise RuntimeError(f"could not load the diffusers pipeline {pipeline_id!r} ({err}); on a machine with "
+                               f"internet run `huggingface-cli download {pipeline_id} --local-dir PATH` and pass PATH") from None
+        self.pipeline_id, self.device = pipeline_id, device
+        self.steps, self.guidance_scale, self.size = num_inference_steps, guidance_scale, size
+
+    def generate(self, jobs: Sequence[Job], neighbours: Neighbours | None, seed: int) -> Tensor:
+        from .sampling import sample_seed
+
+        gens = [torch.Generator(device=self.device).manual_seed(sample_seed(seed, j.prompt_id, j.sample_index))
+                for j in jobs]
+        kw = {"height": self.size, "width": self.size} if self.size else {}
+        out = self.pipe([j.prompt for j in jobs], generator=gens, num_inference_steps=self.steps,
+                        guidance_scale=self.guidance_scale, output_type="np", **kw).images
+        return torch.from_numpy(np.asarray(out)).permute(0, 3, 1, 2).float().clamp(0, 1)
+
+    def describe(self) -> dict[str, Any]:
+        return {"generator": "diffusers", "pipeline": self.pipeline_id, "steps": self.steps,
+                "guidance_scale": self.guidance_scale, "size": self.size}
+
+
+class FolderGenerator(ImageGenerator):
+    """Images made elsewhere: ``<folder>/<prompt_id>__<i>.png`` (or ``<prompt_id>.png`` for sample 0,
+    also .jpg). ``missing(jobs)`` lists what the folder lacks, so a caller can fail before any work."""
+
+    def __init__(self, folder: str | Path, size: int | None = None):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"image folder {self.folder} does not exist")
+        self.size = size
+
+    def path_of(self, job: Job) -> Path | None:
+        stems = [f"{job.prompt_id}__{job.sample_index}"] + ([job.prompt_id] if job.sample_index == 0 else [])
+        for stem in stems:
+            for ext in (".png", ".jpg", ".jpeg", ".webp"):
+                p = self.folder / f"{stem}{ext}"
+                if p.is_file():
+                    return p
+        return None
+
+    def missing(self, jobs: Sequence[Job]) -> list[Job]:
+        return [j for j in jobs if self.path_of(j) is None]
+
+    def generate(self, jobs: Sequence[Job], neighbours: Neighbours | None, seed: int) -> Tensor:
+        from PIL import Image
+
+        from .cascade import image_to_tensor
+
+        out = []
+        for j in jobs:
+            p = self.path_of(j)
+            if p is None:
+                raise FileNotFoundError(f"{self.folder} has no image for prompt {j.prompt_id} sample {j.sample_index}")
+            with Image.open(p) as im:
+                arr = np.array(im.convert("RGB"))
+            size = self.size or min(arr.shape[:2])
+            out.append((image_to_tensor(arr, size) + 1) / 2)
+        return torch.stack(out).clamp(0, 1)
+
+    def describe(self) -> dict[str, Any]:
+        return {"generator": "folder", "folder": str(self.folder.resolve())}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder
+# ----------------------------------------------------------------------------------------------
+def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    path = out / MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != manifest:
+            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            raise ValueError(f"{out} holds a run with other settings (differing: {', '.join(diff)}); "
+                             "use another output folder or delete it")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (MANIFEST + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+
+
+def generate_run(
+    generator: ImageGenerator,
+    jobs: Sequence[Job],
+    out: str | Path,
+    seed: int = 0,
+    neighbours_for: Callable[[Sequence[Job]], Neighbours | None] | None = None,
+    batch_size: int = 8,
+    settings: dict[str, Any] | None = None,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Make every job's image in ``out`` (skipping those that exist); returns counts {made, skipped, total}.
+
+    ``neighbours_for(jobs)`` returns the retrieved neighbours of a batch (or None without retrieval).
+    ``settings`` (JSON-serialisable) join the generator's description in ``run.json``. ``shard`` =
+    (rank, world size), default from the environment: this process makes jobs i with i % world == rank.
+    """
+    out = Path(out)
+    names = [image_name(j.prompt_id, j.sample_index) for j in jobs]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate (prompt id, sample index) among the jobs")
+    manifest = {"seed": seed, **generator.describe(), **(settings or {})}
+    _check_manifest(out, json.loads(json.dumps(manifest, default=str)))
+    rank, world = shard or shard_from_env()
+    mine = [i for i in range(len(jobs)) if i % world == rank]
+    todo = [i for i in mine if not (out / names[i]).exists()]
+    counts = {"made": 0, "skipped": len(mine) - len(todo), "total": len(mine)}
+    from PIL import Image
+    from rich.progress import Progress
+
+    with Progress(disable=not progress, transient=False) as prog:
+        task = prog.add_task(f"generating (shard {rank}/{world})", total=len(mine), completed=counts["skipped"])
+        for start in range(0, len(todo), batch_size):
+            rows = todo[start:start + batch_size]
+            batch = [jobs[i] for i in rows]
+            nbrs = neighbours_for(batch) if (neighbours_for is not None and generator.uses_neighbours) else None
+            images = to_uint8(generator.generate(batch, nbrs, seed))
+            for i, arr in zip(rows, images):
+                tmp = out / f".{names[i]}.tmp{os.getpid()}.png"
+                Image.fromarray(arr).save(tmp)
+                os.replace(tmp, out / names[i])
+            counts["made"] += len(rows)
+            prog.update(task, advance=len(rows))
+    return counts
