@@ -12,6 +12,7 @@ of step s (batch indices, t, noise, dropout) comes from a generator seeded by (s
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -151,8 +152,7 @@ class Trainer:
         self.model, self.text_encoder, self.data, self.cfg = model.to(device), text_encoder, data, cfg
         self.device = torch.device(device)
         self.out_dir = Path(out_dir) if out_dir else None
-        self.ema = ReImagenUNet(model.cfg).to(device)
-        self.ema.load_state_dict(model.state_dict())
+        self.ema = copy.deepcopy(self.model)  # no fresh initialisation: leaves the global RNG alone
         self.ema.requires_grad_(False).eval()
         self.trainable_text = bool(getattr(text_encoder, "trainable", False))
         params = list(model.parameters()) + (list(text_encoder.parameters()) if self.trainable_text else [])  # type: ignore[attr-defined]
