@@ -7,7 +7,8 @@ of (prompt, sample index, seed) alone, whatever else is in the batch, so resumed
 re-batched runs reproduce it.
 
 At each step the guidance strategy says which predictions each row needs; they run as one batched
-forward (rows stacked branch-major, as diffusers does with ``torch.cat([x] * 2)``). The text projection
+forward (rows stacked branch-major, as diffusers does with ``torch.cat([x] * 2)``), in which branches
+that see the same text share their DStack pass. The text projection
 and the neighbour memory f(c_n, 0) are computed once before the loop and reused at every step.
 """
 
@@ -139,7 +140,7 @@ def sample_stage(
             drop_nbr = torch.ones_like(drop_nbr)
         x_in = x.repeat(nb, 1, 1, 1)
         with torch.no_grad():
-            pred = model(x_in, t.repeat(nb), text_rep, nbr_rep, drop_text, drop_nbr, low_rep, aug_rep)
+            pred = model(x_in, t.repeat(nb), text_rep, nbr_rep, drop_text, drop_nbr, low_rep, aug_rep, source=rep)
         eps_branches = to_eps(pred, x_in, lt.repeat(nb), cfg.prediction).reshape(nb, b, *shape)
         eps = guidance.combine(eps_branches, codes)
         x0 = dynamic_threshold(eps_to_x0(x, eps, lt), settings.threshold)

@@ -423,6 +423,7 @@ class ReImagenUNet(nn.Module):
         drop_neighbours: Tensor | None = None,
         lowres: Tensor | None = None,
         aug_t: Tensor | None = None,
+        source: Tensor | None = None,
     ) -> Tensor:
         """The network output (eps by default) for noisy images x_t at times t (shape (B,)).
 
@@ -430,6 +431,11 @@ class ReImagenUNet(nn.Module):
         (the cache); ``drop_text`` / ``drop_neighbours`` are per-row booleans selecting the guidance branch.
         Super-resolution stages take ``lowres`` (B, C, s, s) already noise-augmented to level ``aug_t`` (use
         ``lowres_input``).
+
+        ``source`` (B,) marks guidance-branch rows that are copies of one sample (same x_t, t, text, lowres):
+        the DStack f(x_t, c_p, t) does not see the neighbours, so rows of one source that agree on
+        ``drop_text`` share one DStack pass (e.g. eps(x_t, c_p, c_n) and eps(x_t, c_p) of Eq. 6); only the
+        neighbour attention and the UStack run per row.
         """
         self._check_images(x_t, "x_t")
         b = x_t.shape[0]
@@ -454,7 +460,15 @@ class ReImagenUNet(nn.Module):
                 raise ValueError(f"lowres must be upsampled to {tuple(x_t.shape)} (use lowres_input), "
                                  f"got {tuple(lowres.shape)}")
             x = torch.cat([x_t, lowres], 1)
-        h, skips, emb = self.dstack(x, t, text, aug_t=aug_t)
+        if source is None:
+            h, skips, emb = self.dstack(x, t, text, aug_t=aug_t)
+        else:
+            key = source.long() * 2 + drop_text.long()
+            uniq, inverse = torch.unique(key, return_inverse=True)
+            first = torch.full_like(uniq, b).scatter_reduce(0, inverse, torch.arange(b, device=key.device), "amin")
+            h, skips, emb = self.dstack(x[first], t[first], text.index(first),
+                                        aug_t=None if aug_t is None else aug_t[first])
+            h, skips, emb = h[inverse], [sk[inverse] for sk in skips], emb[inverse]
         if self.neighbour_attn is not None:
             h = self.neighbour_attn(h, neighbours, drop_neighbours)
         return self.ustack(h, skips, emb, text)

@@ -356,3 +356,32 @@ def test_sr_stage_rejects_aug_t_of_wrong_batch_length(rsr, enc):
     for bad in (torch.zeros(1), torch.zeros(3)):
         with pytest.raises(ValueError, match="batch length mismatch"):
             rsr(x, t, tc, None, drop_neighbours=drop, lowres=low, aug_t=bad)
+
+
+@pytest.mark.parametrize("preset", ["tiny-16", "tiny-sr32"])
+@torch.no_grad()
+def test_shared_dstack_for_branches_of_one_sample_gives_identical_outputs(preset, enc):
+    """forward(source=...) runs one DStack per (sample, text dropped?) and must equal the unshared forward."""
+    from reimagen.guidance import branch_drop_masks
+
+    m = randomize(make_model(preset, seed=3))
+    b, s = 3, m.cfg.image_size
+    g = torch.Generator().manual_seed(0)
+    te, ne = enc.encode(["x", "y", "z"]), enc.encode(["a"] * 6)
+    tc, nc = m.project_text(te.embeddings, te.mask), m.project_text(ne.embeddings, ne.mask)
+    mem = m.encode_neighbours(torch.rand(b, 2, 3, s, s, generator=g), nc)
+    x, t = torch.randn(b, 3, s, s, generator=g), torch.rand(b, generator=g)
+    rep = torch.arange(b).repeat(2)
+    drop_text, drop_nbr = branch_drop_masks(torch.tensor([0, 0, 0, 2, 1, 3]))  # FULL x3, then TEXT_ONLY, NBR_ONLY, UNCOND
+    kw = {}
+    if m.cfg.is_super_resolution:
+        aug = torch.full((b,), 0.1)
+        kw = {"lowres": m.lowres_input(torch.rand(b, 3, 16, 16, generator=g), aug, torch.randn(b, 3, s, s, generator=g))[rep],
+              "aug_t": aug[rep]}
+    calls = []
+    hook = m.dstack.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    plain = m(x[rep], t[rep], tc.index(rep), mem.index(rep), drop_text, drop_nbr, **kw)
+    shared = m(x[rep], t[rep], tc.index(rep), mem.index(rep), drop_text, drop_nbr, source=rep, **kw)
+    hook.remove()
+    assert torch.equal(plain, shared)
+    assert calls == [6, 5]  # the TEXT_ONLY row of sample 0 reuses sample 0's FULL DStack pass
