@@ -208,6 +208,11 @@ app.add_typer(index_app, name="index")
 app.command()(retrieve)
 app.command()(triples)
 
+from entitydrawbench.cli import COMMANDS as _ENTITYDRAW_COMMANDS  # noqa: E402  (issue [entitydraw])
+
+for _cmd in _ENTITYDRAW_COMMANDS:
+    app.command()(_cmd)
+
 
 def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry for python -m
     app(argv)

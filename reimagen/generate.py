@@ -171,19 +171,27 @@ class FolderGenerator(ImageGenerator):
 # ----------------------------------------------------------------------------------------------
 # The run folder
 # ----------------------------------------------------------------------------------------------
+def check_run_manifest(out: str | Path, manifest: dict[str, Any]) -> bool:
+    """Refuse (ValueError naming the differing settings) a run folder made with other settings; True if
+    ``out`` already holds a run with exactly these settings. Writes nothing, so callers can check before
+    writing their own metadata."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        return False
+    old, new = json.loads(path.read_text()), json.loads(json.dumps(manifest, default=str))
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ValueError(f"{out} holds a run with other settings (differing: {', '.join(diff)}); "
+                         "use another output folder or delete it")
+    return True
+
+
 def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    path = out / MANIFEST
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != manifest:
-            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-            raise ValueError(f"{out} holds a run with other settings (differing: {', '.join(diff)}); "
-                             "use another output folder or delete it")
-    else:
+    if not check_run_manifest(out, manifest):
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / (MANIFEST + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, out / MANIFEST)
 
 
 def generate_run(
@@ -208,7 +216,7 @@ def generate_run(
     if len(set(names)) != len(names):
         raise ValueError("duplicate (prompt id, sample index) among the jobs")
     manifest = {"seed": seed, **generator.describe(), **(settings or {})}
-    _check_manifest(out, json.loads(json.dumps(manifest, default=str)))
+    _check_manifest(out, manifest)
     rank, world = shard or shard_from_env()
     mine = [i for i in range(len(jobs)) if i % world == rank]
     todo = [i for i in mine if not (out / names[i]).exists()]

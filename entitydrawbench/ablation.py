@@ -1,0 +1,134 @@
+"""Ablation sweeps (paper Sec. 4.3): the number of neighbours K (Figure 7) and the interleave ratio eta (Figure 8).
+
+``sweep`` runs EntityDrawBench once per value (each in its own resumable run folder ``OUT/<param>=<value>``),
+scores every run with the same CLIP model, and writes one table (``OUT/sweep_<param>.csv`` and ``.md``) and one
+plot (``OUT/sweep_<param>.png``) of CLIP-I and CLIP-T of the best-of-N images, overall and for frequent and
+infrequent entities. The paper plots human faithfulness; these are automatic proxies and are labelled so.
+Figure 8's trade-off (smaller eta: more entity faithfulness, less text alignment) shows as CLIP-I falling and
+CLIP-T rising with eta.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .run import RunConfig, run_entitydraw
+from .scoring import METRIC_TITLES, METRICS, proxy_label, score_run
+
+SWEEPABLE = {"k": int, "eta": float}
+FIGURE = {"k": "Figure 7 (number of neighbours K)", "eta": "Figure 8 (interleave ratio eta)"}
+
+
+def parse_values(param: str, spec: str | Sequence) -> list:
+    """'1,2,3,4' -> [1, 2, 3, 4], validated for the parameter."""
+    if param not in SWEEPABLE:
+        raise ValueError(f"cannot sweep {param!r}; choose {' or '.join(SWEEPABLE)}")
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    try:
+        values = [SWEEPABLE[param](v) for v in items if str(v) != ""]
+    except ValueError:
+        raise ValueError(f"sweep values for {param} must be numbers, got {spec!r}") from None
+    if not values:
+        raise ValueError("no sweep values")
+    for v in values:
+        replace(RunConfig(), **{param: v}).check()  # k >= 1, eta in [0, 1]
+    if len(set(values)) != len(values):
+        raise ValueError(f"duplicate sweep values {values}")
+    return values
+
+
+def sweep(param: str, values: Sequence, cfg: RunConfig, make_generator: Callable[[RunConfig], Any], out: str | Path,
+          references: str | Path | None, clip: dict[str, Any], entities=None, progress: bool = False,
+          log=None) -> list[dict]:
+    """Run, score and tabulate one run per value; returns the table rows."""
+    from .scoring import load_encoder
+
+    values = parse_values(param, values)
+    out = Path(out)
+    encoder = load_encoder(clip.get("model", "ViT-B-32"), clip.get("pretrained"), clip.get("device", "cpu"),
+                           clip.get("seed", 0))
+    table = []
+    for v in values:
+        c = replace(cfg, **{param: v})
+        run_dir = out / f"{param}={v}"
+        res = run_entitydraw(make_generator(c), run_dir, c, references=references, entities=entities,
+                             progress=progress, log=log)
+        summary = score_run(run_dir, encoder=encoder, select=clip.get("select", "mean"), label=f"{param}={v}")
+        row: dict[str, Any] = {param: v, "run": str(run_dir), "prompts": res.n_prompts}
+        for rec in summary["records"]:
+            if rec["selection"] != "best_of_n" or rec["group_by"] not in ("category", "split"):
+                continue
+            if rec["group_by"] == "category" and rec["group"] != "all":
+                continue
+            key = f"{rec['metric']}_{rec['group']}"
+            row[key], row[key + "_sem"] = rec["mean"], rec["sem"]
+        table.append(row)
+    note = proxy_label({**clip, "model": encoder.model_name, "pretrained": encoder.pretrained})
+    _write_table(table, param, out, note)
+    _plot(table, param, out / f"sweep_{param}.png", note)
+    return table
+
+
+def _write_table(table: list[dict], param: str, out: Path, note: str) -> None:
+    cols = [param, "prompts"] + [f"{m}_{g}{s}" for m in METRICS for g in ("all", "frequent", "infrequent")
+                                 for s in ("", "_sem")] + ["run"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(table)
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    md = [f"# Sweep over {param}: {FIGURE[param]}", "", f"**{note}**", "",
+          f"| {param} | prompts | " + " | ".join(f"{METRIC_TITLES[m]} {g}" for m in METRICS
+                                                 for g in ("all", "frequent", "infrequent")) + " |",
+          "|---" * 8 + "|"]
+    def cell(r, key):
+        mean, sem = r.get(key), r.get(key + "_sem")
+        return fmt(mean) if mean is None or sem is None else f"{fmt(mean)} ± {fmt(sem)}"
+
+    for r in table:
+        md.append(f"| {r[param]} | {r['prompts']} | " + " | ".join(
+            cell(r, f"{m}_{g}") for m in METRICS for g in ("all", "frequent", "infrequent")) + " |")
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".csv", buf.getvalue()), (".md", "\n".join(md) + "\n")):
+        p = out / f"sweep_{param}{suffix}"
+        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p)
+
+
+def _plot(table: list[dict], param: str, path: Path, note: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .scoring import _savefig, _wrap
+
+    xs = [r[param] for r in table]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric in zip(axes, ("clip_i", "clip_t")):
+        for group, style in (("all", "-o"), ("frequent", "--s"), ("infrequent", ":^")):
+            ys = [r.get(f"{metric}_{group}") for r in table]
+            es = [r.get(f"{metric}_{group}_sem") or 0.0 for r in table]
+            ys = [np.nan if y is None else y for y in ys]
+            ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=2, label=group)
+        ax.set_xlabel("K (neighbours)" if param == "k" else "eta (share of text-enhanced steps)")
+        ax.set_ylabel(METRIC_TITLES[metric])
+        ax.set_xticks(xs)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"EntityDrawBench sweep over {param}, {FIGURE[param]} - AUTOMATIC PROXY scores, not human "
+                 "ratings\n" + _wrap(note, 130), fontsize=9)
+    fig.subplots_adjust(top=0.78, wspace=0.3)
+    try:
+        return _savefig(fig, path)
+    finally:
+        plt.close(fig)
+
+
+__all__ = ["SWEEPABLE", "parse_values", "sweep"]

@@ -1,0 +1,397 @@
+"""EntityDrawBench commands of ``reimagen-eval`` (flat commands sharing the ``entitydraw`` prefix).
+
+    entitydraw          generate the benchmark's images with a model (Re-Imagen cascade, diffusers baseline or
+                        an image folder) into a resumable run folder
+    entitydraw-prompts  export the 250 + 20 prompts with their frequency split (JSONL / CSV)
+    entitydraw-fetch    fetch the reference images through the MediaWiki API (or import a folder of them)
+    entitydraw-score    CLIP-T / CLIP-I of a run, best-of-N pre-selection, Table 2 / Figure 5 shaped summary
+    entitydraw-summary  one summary (table + PNG) over several scored runs, one row per model
+    entitydraw-sweep    the K (Figure 7) or eta (Figure 8) ablation: run + score per value, one table, one plot
+
+The main app registers them (reimagen/cli.py)::
+
+    from entitydrawbench.cli import COMMANDS as _ENTITYDRAW_COMMANDS  # noqa: E402  (issue [entitydraw])
+    for _cmd in _ENTITYDRAW_COMMANDS:
+        app.command()(_cmd)
+
+Bad input (unknown category, eta outside [0, 1], k < 1, a missing reference under --strict, an image folder
+that lacks images, a run with other settings in the output folder) is one red line and exit code 2; nothing is
+written before the inputs are checked. Heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from reimagen.retrieval.cli import _friendly
+
+err = Console(stderr=True)
+out_console = Console()
+
+# Options shared by `entitydraw` and `entitydraw-sweep` (the same definitions, so the two agree).
+_MODEL = typer.Option([], "--model", help="Re-Imagen stage checkpoint folder, base stage first (repeat the option "
+                      "for super-resolution stages).")
+_DIFFUSERS = typer.Option(None, "--diffusers", help="Text-only baseline: a diffusers pipeline id or local folder.")
+_IMAGES_FROM = typer.Option(None, "--images-from", help="Images made elsewhere: a folder with <prompt_id>__<i>.png "
+                            "(see `entitydraw-prompts` for the ids). Refused if any image is missing.")
+_REFERENCES = typer.Option(None, "--references", help="Reference folder (from entitydraw-fetch, or images named "
+                           "<entity id>.jpg). Required for retrieval; recorded for baselines (CLIP-I).")
+_K = typer.Option(2, "--k", "-k", help="Neighbours per prompt (Table 2: K = 2).")
+_ETA = typer.Option(0.5, "--eta", help="Interleave ratio in [0, 1]: share of text-enhanced steps (Eq. 6).")
+_GUIDANCE = typer.Option("interleaved", "--guidance", help="Base-stage guidance: interleaved (the paper), weighted, "
+                         "joint.")
+_W_TEXT = typer.Option(30.0, "--w-text", help="Text guidance weight w_p (the paper: 30).")
+_W_NBR = typer.Option(30.0, "--w-neighbours", help="Neighbour guidance weight w_n (the paper: 30).")
+_STEPS = typer.Option(256, "--steps", help="Sampling steps of the base stage (the paper: 256).")
+_SR_GUIDANCE = typer.Option("5.0,3.0", "--sr-guidance", help="Joint guidance weight per super-resolution stage "
+                            "(the paper: 5.0 for 256 px, 3.0 for 1024 px).")
+_SR_STEPS = typer.Option("128,32", "--sr-steps", help="Sampling steps per super-resolution stage (the paper: 128, 32).")
+_SR_AUG = typer.Option(0.0, "--sr-aug-level", help="Noise-augmentation level of the low-res input at sampling.")
+_SAMPLER = typer.Option("ddpm", "--sampler", help="ddpm (the paper) or ddim.")
+_NO_RETRIEVAL = typer.Option(False, "--no-retrieval", help="Sample the Re-Imagen cascade text-only (no neighbours).")
+_KB = typer.Option(None, "--kb", help="Knowledge base (FORMAT:PATH or .parquet) to top up neighbours by BM25 when k "
+                   "exceeds an entity's reference pairs.")
+_KB_INDEX = typer.Option(None, "--kb-index", help="A saved BM25 index of --kb (reimagen-eval index build); else "
+                         "built in memory.")
+_TOPUP_QUERY = typer.Option("name", "--topup-query", help="BM25 query of the top-up: the entity name or the prompt.")
+_ALLOW_FEWER = typer.Option(False, "--allow-fewer-neighbours", help="Without --kb, leave slots beyond an entity's "
+                            "reference pairs empty (masked) instead of failing.")
+_SAMPLES = typer.Option(4, "--samples-per-prompt", help="Images per prompt (the paper: 4, rated best of 4).")
+_SEED = typer.Option(0, "--seed", help="Image = f(prompt id, sample index, seed).")
+_PROMPT_SEED = typer.Option(0, "--prompt-seed", help="Seed of each entity's template draw.")
+_CATEGORIES = typer.Option("all", "--categories", help="Comma-separated subset of dogs, foods, landmarks, birds, "
+                           "characters, broader (default all).")
+_PER_CATEGORY = typer.Option(None, "--per-category", help="Only the first N entities of each category (quick runs).")
+_STRICT = typer.Option(False, "--strict", help="Fail if an entity has no reference image (default: skip and list it).")
+_FREQ = typer.Option("wordfreq", "--frequency-source", help="wordfreq (offline default), wordfreq:LANG, or a caption "
+                     "corpus (.parquet / folder of them / .txt / .jsonl / .csv) to count mentions in.")
+_CAPTION_COLUMN = typer.Option(None, "--caption-column", help="Caption column of the corpus (default: caption, "
+                               "TEXT, text, ...).")
+_BATCH = typer.Option(8, "--batch-size", help="Images per generation batch.")
+_DEVICE = typer.Option("cpu", "--device", help="torch device, e.g. cuda.")
+_SIZE = typer.Option(None, "--size", help="Baselines: output size in px (diffusers height/width; folder resize).")
+_DIFF_STEPS = typer.Option(50, "--diffusers-steps", help="Baseline: inference steps of the diffusers pipeline.")
+_DIFF_GUIDANCE = typer.Option(7.5, "--diffusers-guidance", help="Baseline: guidance scale of the diffusers pipeline.")
+_CLIP_MODEL = typer.Option("ViT-B-32", "--clip-model", help="open-clip architecture (e.g. ViT-L-14), hf-hub:/"
+                           "local-dir: reference, or a JSON model config.")
+_CLIP_PRETRAINED = typer.Option(None, "--clip-pretrained", help="open-clip weights: a tag (e.g. laion2b_s34b_b79k, "
+                                "downloaded) or a local checkpoint file. Without it the weights are RANDOM and the "
+                                "scores meaningless (tests only).")
+_SELECT = typer.Option("mean", "--select", help="Best-of-N selection score: clip-t, clip-i or mean (of the two).")
+
+
+def _floats(spec: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(s) for s in spec.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {spec!r}") from None
+
+
+def _ints(spec: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in spec.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {spec!r}") from None
+
+
+def _config(**kw):
+    from .entities import parse_categories
+    from .run import RunConfig
+
+    if kw["sampler"] not in ("ddpm", "ddim"):
+        raise ValueError(f"unknown sampler {kw['sampler']!r}; choose ddpm or ddim")
+    cfg = RunConfig(
+        seed=kw["seed"], prompt_seed=kw["prompt_seed"], samples_per_prompt=kw["samples_per_prompt"],
+        categories=parse_categories(kw["categories"]), per_category=kw["per_category"], k=kw["k"], eta=kw["eta"],
+        guidance=kw["guidance"], w_text=kw["w_text"], w_neighbours=kw["w_neighbours"], steps=kw["steps"],
+        sr_guidance=_floats(kw["sr_guidance"], "--sr-guidance"), sr_steps=_ints(kw["sr_steps"], "--sr-steps"),
+        sr_aug_level=kw["sr_aug_level"], sampler=kw["sampler"], retrieval=not kw["no_retrieval"], kb=kw["kb"],
+        kb_index=str(kw["kb_index"]) if kw["kb_index"] else None, topup_query=kw["topup_query"],
+        allow_fewer_neighbours=kw["allow_fewer_neighbours"], strict=kw["strict"],
+        frequency_source=kw["frequency_source"], caption_column=kw["caption_column"], batch_size=kw["batch_size"],
+        device=kw["device"])
+    cfg.check()
+    if kw["references"] is not None and not Path(kw["references"]).is_dir():
+        raise FileNotFoundError(f"reference folder {kw['references']} does not exist")
+    sources = [bool(kw["model"]), kw["diffusers"] is not None, kw["images_from"] is not None]
+    if sum(sources) != 1:
+        raise ValueError("give exactly one model: --model CHECKPOINT (Re-Imagen), --diffusers PIPELINE (text-only "
+                         "baseline) or --images-from FOLDER (images made elsewhere)")
+    if kw["images_from"] is not None and not Path(kw["images_from"]).is_dir():
+        raise FileNotFoundError(f"image folder {kw['images_from']} does not exist")
+    return cfg
+
+
+def _generator_factory(kw):
+    """cfg -> generator for the chosen model source."""
+
+    def make(cfg):
+        if kw["model"]:
+            from .run import cascade_generator
+
+            return cascade_generator([str(p) for p in kw["model"]], cfg)
+        if kw["diffusers"] is not None:
+            from reimagen.generate import DiffusersGenerator
+
+            return DiffusersGenerator(kw["diffusers"], device=cfg.device, num_inference_steps=kw["diffusers_steps"],
+                                      guidance_scale=kw["diffusers_guidance"], size=kw["size"])
+        from reimagen.generate import FolderGenerator
+
+        return FolderGenerator(kw["images_from"], size=kw["size"])
+
+    return make
+
+
+def _log(msg: str) -> None:
+    err.print(escape(msg), highlight=False)
+
+
+def entitydraw(
+    model: list[Path] = _MODEL, diffusers: Optional[str] = _DIFFUSERS, images_from: Optional[Path] = _IMAGES_FROM,
+    references: Optional[Path] = _REFERENCES,
+    out: Path = typer.Option(Path("runs/entitydraw"), "--out", help="Run folder (rerun to resume; RANK/WORLD_SIZE "
+                             "shard it)."),
+    k: int = _K, eta: float = _ETA, guidance: str = _GUIDANCE, w_text: float = _W_TEXT,
+    w_neighbours: float = _W_NBR, steps: int = _STEPS, sr_guidance: str = _SR_GUIDANCE, sr_steps: str = _SR_STEPS,
+    sr_aug_level: float = _SR_AUG, sampler: str = _SAMPLER, no_retrieval: bool = _NO_RETRIEVAL,
+    kb: Optional[str] = _KB, kb_index: Optional[Path] = _KB_INDEX, topup_query: str = _TOPUP_QUERY,
+    allow_fewer_neighbours: bool = _ALLOW_FEWER, samples_per_prompt: int = _SAMPLES, seed: int = _SEED,
+    prompt_seed: int = _PROMPT_SEED, categories: str = _CATEGORIES, per_category: Optional[int] = _PER_CATEGORY,
+    strict: bool = _STRICT, frequency_source: str = _FREQ, caption_column: Optional[str] = _CAPTION_COLUMN,
+    batch_size: int = _BATCH, device: str = _DEVICE, size: Optional[int] = _SIZE,
+    diffusers_steps: int = _DIFF_STEPS, diffusers_guidance: float = _DIFF_GUIDANCE,
+) -> None:
+    """EntityDrawBench (Sec. 4.2): 4 images per prompt, paper settings, resumable run folder with metadata."""
+    _entitydraw(dict(locals()))
+
+
+@_friendly
+def _entitydraw(kw: dict) -> None:
+    from .run import run_entitydraw
+
+    cfg = _config(**kw)
+    gen = _generator_factory(kw)(cfg)
+    res = run_entitydraw(gen, kw["out"], cfg, references=kw["references"], progress=True, log=_log)
+    _print_skipped(res.skipped)
+    err.print(f"{escape(str(res.out))}: {res.n_prompts} prompts x {cfg.samples_per_prompt} samples; "
+              f"made {res.counts['made']}, skipped {res.counts['skipped']} existing "
+              f"(this shard: {res.counts['total']})",
+              highlight=False)
+
+
+def _print_skipped(skipped: dict[str, str], limit: int = 20) -> None:
+    if not skipped:
+        return
+    err.print(f"[yellow]skipped {len(skipped)} entities without a reference image:[/]", highlight=False)
+    for eid, why in list(skipped.items())[:limit]:
+        err.print(f"  {escape(eid)}: {escape(why)}", highlight=False)
+    if len(skipped) > limit:
+        err.print(f"  ... and {len(skipped) - limit} more (skipped.json in the run folder)", highlight=False)
+
+
+@_friendly
+def entitydraw_prompts(
+    out: Path = typer.Option(Path("entitydraw_prompts"), "--out", help="FILE.jsonl, FILE.csv, or a stem for both."),
+    seed: int = typer.Option(0, "--seed", help="Seed of each entity's template draw."),
+    categories: str = _CATEGORIES, per_category: Optional[int] = _PER_CATEGORY,
+    frequency_source: str = _FREQ, caption_column: Optional[str] = _CAPTION_COLUMN,
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Another entity manifest (.jsonl) instead of "
+                                            "the packaged one."),
+) -> None:
+    """Export the 250 + 20 prompts (JSONL / CSV) with ids and the frequent / infrequent split (Figure 5)."""
+    from .entities import load_entities, parse_categories, select
+    from .prompts import build_prompt_table, export_prompts
+
+    cats = parse_categories(categories)
+    everything = load_entities(manifest)
+    chosen = {e.id for e in select(everything, cats, per_category)}
+    # the frequency split is computed over the whole manifest, then the selection is taken
+    rows = [r for r in build_prompt_table(everything, seed=seed, frequency_source=frequency_source,
+                                          caption_column=caption_column) if r["prompt_id"] in chosen]
+    paths = export_prompts(rows, out)
+    n_freq = sum(r["frequent"] for r in rows)
+    err.print(f"{len(rows)} prompts ({n_freq} frequent, {len(rows) - n_freq} infrequent by "
+              f"{escape(rows[0]['frequency_source'])}) -> {escape(', '.join(map(str, paths)))}", highlight=False)
+
+
+@_friendly
+def entitydraw_fetch(
+    out: Path = typer.Option(Path("entitydraw_refs"), "--out", help="Reference folder to write (resumable)."),
+    from_folder: Optional[Path] = typer.Option(None, "--from-folder", help="Import your own images (named by entity "
+                                               "id or name) instead of fetching."),
+    categories: str = _CATEGORIES, per_category: Optional[int] = _PER_CATEGORY,
+    api: list[str] = typer.Option([], "--api", help="WIKI=URL: another API endpoint for a wiki of the manifest "
+                                  "(enwiki, commons, wookieepedia), e.g. a mirror."),
+    max_width: int = typer.Option(1024, "--max-width", help="Download the wiki's rendering at this width (0: the "
+                                  "original file, SHA-1 checked)."),
+    free_only: bool = typer.Option(False, "--free-only", help="Skip non-free or unlicensed images (listed)."),
+    retries: int = typer.Option(4, "--retries", help="Retries per request (429 / 5xx / network errors)."),
+    user_agent: Optional[str] = typer.Option(None, "--user-agent", help="HTTP User-Agent; Wikimedia asks for a "
+                                             "contact, e.g. 'mybench/1.0 (me@example.org)'."),
+    strict: bool = typer.Option(False, "--strict", help="Exit with code 2 if any reference is missing."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="Another entity manifest (.jsonl)."),
+) -> None:
+    """Fetch reference images (MediaWiki lead images) with URL, licence, checksums; list the missing ones."""
+    from .entities import WIKIS, load_entities, parse_categories, select
+    from .references import DEFAULT_USER_AGENT, fetch_references, import_reference_folder
+
+    ents = select(load_entities(manifest), parse_categories(categories), per_category)
+    apis = {}
+    for item in api:
+        wiki, sep, url = item.partition("=")
+        if not sep or not url.startswith(("http://", "https://")):
+            raise ValueError(f"--api expects WIKI=URL (http or https), got {item!r}")
+        if wiki not in WIKIS:
+            raise ValueError(f"unknown wiki {wiki!r} in --api; choose one of {', '.join(WIKIS)}")
+        apis[wiki] = url
+    if retries < 0 or max_width < 0:
+        raise ValueError("--retries and --max-width must be >= 0")
+    if from_folder is not None:
+        report = import_reference_folder(ents, from_folder, out)
+    else:
+        report = fetch_references(ents, out, api_urls=apis, max_width=max_width, free_only=free_only,
+                                  retries=retries, user_agent=user_agent or DEFAULT_USER_AGENT,
+                                  progress=lambda m: err.print(escape(m), highlight=False))
+    err.print(f"{escape(str(out))}: {report.summary()}", highlight=False)
+    if report.missing:
+        table = Table(title=f"{len(report.missing)} entities without a reference image")
+        table.add_column("entity")
+        table.add_column("reason", overflow="fold")
+        for eid, why in report.missing.items():
+            table.add_row(escape(eid), escape(why))
+        err.print(table)
+        if strict:
+            raise ValueError(f"{len(report.missing)} references missing (--strict)")
+
+
+@_friendly
+def entitydraw_score(
+    run: Path = typer.Argument(..., help="A run folder made by entitydraw."),
+    clip_model: str = _CLIP_MODEL, clip_pretrained: Optional[str] = _CLIP_PRETRAINED, select: str = _SELECT,
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per CLIP batch."),
+    device: str = _DEVICE,
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Score the images present even if the run is "
+                                       "unfinished."),
+    label: Optional[str] = typer.Option(None, "--label", help="Model name in the summary (default: the folder name)."),
+) -> None:
+    """CLIP-T / CLIP-I of a run, best-of-N selection, Table 2 / Figure 5 summary: automatic proxies, not human."""
+    from .scoring import score_run
+
+    summary = score_run(run, clip_model=clip_model, pretrained=clip_pretrained, device=device, select=select,
+                        batch_size=batch_size, allow_partial=allow_partial, label=label)
+    _print_summary(summary)
+    err.print(f"scores in {escape(str(run / 'images.jsonl'))}; summary in {escape(str(run / 'summary'))}.csv/.md/.png",
+              highlight=False)
+
+
+def _print_summary(summary: dict) -> None:
+    from .entities import CATEGORIES, CATEGORY_TITLES
+    from .scoring import METRIC_TITLES
+
+    recs = [r for r in summary["records"] if r["selection"] == "best_of_n"]
+    cats = [c for c in CATEGORIES if any(r["group_by"] == "category" and r["group"] == c and r["n"] for r in recs)]
+    table = Table(title="EntityDrawBench - automatic proxy scores (best of N), NOT human ratings")
+    for col in ["model", "metric", *[CATEGORY_TITLES[c] for c in cats], "All", "Frequent", "Infrequent"]:
+        table.add_column(col)
+    def cell(model, metric, group_by, group):
+        r = next((x for x in recs if x["model"] == model and x["metric"] == metric and x["group_by"] == group_by
+                  and x["group"] == group), None)
+        if not r or r["mean"] is None:
+            return "-"
+        return f"{r['mean']:.3f}±{r['sem']:.3f}" if r["sem"] is not None else f"{r['mean']:.3f}"
+
+    for m in summary["models"]:
+        for metric in ("clip_i", "clip_t"):
+            groups = [("category", c) for c in cats] + [("category", "all"), ("split", "frequent"),
+                                                        ("split", "infrequent")]
+            table.add_row(escape(m), METRIC_TITLES[metric], *[cell(m, metric, g, v) for g, v in groups])
+    out_console.print(table)
+    err.print(f"[yellow]{escape(summary['note'])}[/]", highlight=False)
+
+
+@_friendly
+def entitydraw_summary(
+    runs: list[str] = typer.Argument(..., help="Scored run folders, as PATH or LABEL=PATH (one row per model)."),
+    out: Path = typer.Option(Path("entitydraw_summary"), "--out", help="Output stem: OUT.csv, OUT.md, OUT.png."),
+) -> None:
+    """Compare several scored runs in one Table 2 / Figure 5 shaped table and PNG (one row per model)."""
+    from .scoring import summarize_runs
+
+    labelled: dict[str, Path] = {}
+    for item in runs:
+        label, sep, path = item.partition("=")
+        if not sep:
+            label, path = Path(item).name, item
+        if label in labelled:
+            raise ValueError(f"two runs are labelled {label!r}; name them LABEL=PATH")
+        labelled[label] = Path(path)
+    summary = summarize_runs(labelled, out)
+    _print_summary(summary)
+    err.print(f"summary in {escape(str(out))}.csv/.md/.png", highlight=False)
+
+
+def entitydraw_sweep(
+    param: str = typer.Option(..., "--param", help="k (Figure 7) or eta (Figure 8)."),
+    values: str = typer.Option(..., "--values", help="Comma-separated values, e.g. 1,2,3,4 or 0,0.25,0.5,0.75,1."),
+    out: Path = typer.Option(Path("runs/entitydraw_sweep"), "--out", help="Folder: one run per value, "
+                             "sweep_<param>.csv/.md/.png."),
+    model: list[Path] = _MODEL, diffusers: Optional[str] = _DIFFUSERS, images_from: Optional[Path] = _IMAGES_FROM,
+    references: Optional[Path] = _REFERENCES,
+    k: int = _K, eta: float = _ETA, guidance: str = _GUIDANCE, w_text: float = _W_TEXT,
+    w_neighbours: float = _W_NBR, steps: int = _STEPS, sr_guidance: str = _SR_GUIDANCE, sr_steps: str = _SR_STEPS,
+    sr_aug_level: float = _SR_AUG, sampler: str = _SAMPLER, no_retrieval: bool = _NO_RETRIEVAL,
+    kb: Optional[str] = _KB, kb_index: Optional[Path] = _KB_INDEX, topup_query: str = _TOPUP_QUERY,
+    allow_fewer_neighbours: bool = _ALLOW_FEWER, samples_per_prompt: int = _SAMPLES, seed: int = _SEED,
+    prompt_seed: int = _PROMPT_SEED, categories: str = _CATEGORIES, per_category: Optional[int] = _PER_CATEGORY,
+    strict: bool = _STRICT, frequency_source: str = _FREQ, caption_column: Optional[str] = _CAPTION_COLUMN,
+    batch_size: int = _BATCH, device: str = _DEVICE, size: Optional[int] = _SIZE,
+    diffusers_steps: int = _DIFF_STEPS, diffusers_guidance: float = _DIFF_GUIDANCE,
+    clip_model: str = _CLIP_MODEL, clip_pretrained: Optional[str] = _CLIP_PRETRAINED, select: str = _SELECT,
+) -> None:
+    """Ablation over K (Figure 7) or eta (Figure 8): run + CLIP-score per value; one table, one plot."""
+    _entitydraw_sweep(dict(locals()))
+
+
+@_friendly
+def _entitydraw_sweep(kw: dict) -> None:
+    from .ablation import parse_values, sweep
+    from .scoring import SELECT_MODES
+
+    values = parse_values(kw["param"], kw["values"])
+    if kw["select"] not in SELECT_MODES:
+        raise ValueError(f"unknown selection score {kw['select']!r}; choose {', '.join(SELECT_MODES)}")
+    cfg = _config(**kw)
+    if kw["images_from"] is not None or kw["diffusers"] is not None or not cfg.retrieval:
+        raise ValueError("k and eta only matter for a Re-Imagen model with retrieval: pass --model and drop "
+                         "--no-retrieval")
+    clip = {"model": kw["clip_model"], "pretrained": kw["clip_pretrained"], "select": kw["select"],
+            "device": kw["device"]}
+    table = sweep(kw["param"], values, cfg, _generator_factory(kw), kw["out"], kw["references"], clip, log=_log)
+    t = Table(title=f"sweep over {kw['param']} - automatic proxy scores (best of N), NOT human ratings")
+    for col in (kw["param"], "prompts", "CLIP-I all", "CLIP-T all", "CLIP-I frequent", "CLIP-I infrequent"):
+        t.add_column(col)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in table:
+        t.add_row(str(r[kw["param"]]), str(r["prompts"]), fmt(r.get("clip_i_all")), fmt(r.get("clip_t_all")),
+                  fmt(r.get("clip_i_frequent")), fmt(r.get("clip_i_infrequent")))
+    out_console.print(t)
+    err.print(f"table and plot: {escape(str(kw['out']))}/sweep_{escape(kw['param'])}.csv/.md/.png", highlight=False)
+
+
+COMMANDS = (entitydraw, entitydraw_prompts, entitydraw_fetch, entitydraw_score, entitydraw_summary, entitydraw_sweep)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the EntityDrawBench commands to a Typer app."""
+    for cmd in COMMANDS:
+        app.command()(cmd)
+
+
+__all__ = ["entitydraw", "entitydraw_prompts", "entitydraw_fetch", "entitydraw_score", "entitydraw_summary",
+           "entitydraw_sweep", "COMMANDS", "register"]

@@ -1,0 +1,298 @@
+"""Automatic proxies for EntityDrawBench: CLIP-T, CLIP-I, best-of-N pre-selection, Table 2 / Figure 5 summaries.
+
+The paper rates the best of 4 images per prompt by **human** judgement (faithfulness to the entity and the text;
+photorealism). These scores are automatic stand-ins, reported as such everywhere they appear:
+
+    CLIP-T  cosine similarity of the CLIP embeddings of the image and its prompt (text alignment)
+    CLIP-I  cosine similarity of the CLIP embeddings of the image and the entity's reference image (entity
+            appearance; as DreamBooth's CLIP-I)
+
+Best-of-N picks, per prompt, the sample with the highest ``select`` score (clip-t, clip-i, or mean: the mean of
+the two); ties go to the lowest sample index. Summaries (``summarize``) give, over the selected images, the
+mean and standard error per category (Table 2's columns plus All) and per frequency split (Figure 5), written
+as CSV, Markdown and a PNG bar chart. With ``pretrained=None`` the CLIP model has random weights: the numbers
+are then meaningless (the machinery is tested that way) and every output says so.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .entities import CATEGORIES, CATEGORY_TITLES, write_json, write_jsonl
+from .run import IMAGES_FILE, read_run
+
+SELECT_MODES = ("clip-t", "clip-i", "mean")
+METRICS = ("clip_t", "clip_i")
+METRIC_TITLES = {"clip_t": "CLIP-T (image-prompt)", "clip_i": "CLIP-I (image-reference)"}
+SCORES_FILE = "scores.json"
+PROXY_NOTE = ("Automatic proxies (CLIP cosine similarities), not the paper's human faithfulness / photorealism "
+              "ratings.")
+
+
+def proxy_label(clip: dict[str, Any]) -> str:
+    weights = clip.get("pretrained") or "RANDOM WEIGHTS - meaningless, for tests only"
+    return f"{PROXY_NOTE} CLIP: {clip.get('model')} ({weights}); best of N by {clip.get('select')}."
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring a run
+# ----------------------------------------------------------------------------------------------
+def load_encoder(model: str = "ViT-B-32", pretrained: str | None = None, device: str = "cpu", seed: int = 0):
+    from reimagen.retrieval.clip import ClipEncoder
+
+    return ClipEncoder(model, pretrained=pretrained, device=device, seed=seed)
+
+
+def _embed_images(encoder, paths: Sequence[str], batch_size: int) -> np.ndarray:
+    import torch
+    from PIL import Image
+
+    out = []
+    for start in range(0, len(paths), batch_size):
+        batch = []
+        for p in paths[start:start + batch_size]:
+            with Image.open(p) as im:
+                batch.append(encoder.preprocess(im.convert("RGB")))
+        out.append(encoder.encode_image_tensors(torch.stack(batch)))
+    return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+def select_best(rows: list[dict], select: str = "mean") -> None:
+    """Mark, in place, the best sample of every prompt (``selected``), with the score it was chosen by."""
+    if select not in SELECT_MODES:
+        raise ValueError(f"unknown selection score {select!r}; choose {', '.join(SELECT_MODES)}")
+    by_prompt: dict[str, list[dict]] = {}
+    for r in rows:
+        r["selected"] = False
+        r["select_score"] = None
+        if r.get("clip_t") is None:
+            continue
+        vals = {"clip-t": [r["clip_t"]], "clip-i": [r.get("clip_i")], "mean": [r["clip_t"], r.get("clip_i")]}[select]
+        vals = [v for v in vals if v is not None] or [r["clip_t"]]  # no reference: fall back to CLIP-T
+        r["select_score"] = round(float(np.mean(vals)), 6)
+        by_prompt.setdefault(r["prompt_id"], []).append(r)
+    for group in by_prompt.values():
+        best = max(group, key=lambda r: (r["select_score"], -r["sample_index"]))
+        best["selected"] = True
+
+
+def score_run(run: str | Path, encoder=None, clip_model: str = "ViT-B-32", pretrained: str | None = None,
+              device: str = "cpu", select: str = "mean", batch_size: int = 32, allow_partial: bool = False,
+              label: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """Score every image of a run folder, mark the best of N per prompt, and write the summaries into it.
+    Returns the summary (see ``summarize``)."""
+    if select not in SELECT_MODES:
+        raise ValueError(f"unknown selection score {select!r}; choose {', '.join(SELECT_MODES)}")
+    run = Path(run)
+    _, rows = read_run(run)
+    present = [r for r in rows if (run / r["image"]).is_file()]
+    if len(present) < len(rows):
+        lack = [r["image"] for r in rows if not (run / r["image"]).is_file()]
+        if not allow_partial:
+            raise ValueError(f"{run} lacks {len(lack)} of {len(rows)} images (e.g. {', '.join(lack[:3])}): finish "
+                             "the run (rerun entitydraw with the same options) or pass --allow-partial")
+    bad_refs = sorted({r["reference_image"] for r in present if r.get("reference_image")
+                       and not Path(r["reference_image"]).is_file()})
+    if bad_refs:
+        raise FileNotFoundError(f"{len(bad_refs)} reference images recorded in {run / IMAGES_FILE} are gone "
+                                f"(e.g. {bad_refs[0]})")
+    if encoder is None:
+        encoder = load_encoder(clip_model, pretrained, device, seed)
+    img = _embed_images(encoder, [str(run / r["image"]) for r in present], batch_size)
+    prompts = sorted({r["prompt"] for r in present})
+    txt = dict(zip(prompts, encoder.encode_texts(prompts))) if prompts else {}
+    refs = sorted({r["reference_image"] for r in present if r.get("reference_image")})
+    ref = dict(zip(refs, _embed_images(encoder, refs, batch_size))) if refs else {}
+    for r in rows:
+        r["clip_t"] = r["clip_i"] = None
+    for r, e in zip(present, img):
+        r["clip_t"] = round(float(e @ txt[r["prompt"]]), 6)
+        r["clip_i"] = round(float(e @ ref[r["reference_image"]]), 6) if r.get("reference_image") else None
+    select_best(rows, select)
+    write_jsonl(run / IMAGES_FILE, rows)
+    clip = {"model": getattr(encoder, "model_name", clip_model),
+            "pretrained": getattr(encoder, "pretrained", pretrained), "select": select,
+            "seed": getattr(encoder, "seed", seed)}
+    summary = summarize({label or run.name: rows}, clip)
+    write_json(run / SCORES_FILE, {"clip": clip, "note": proxy_label(clip), "n_images": len(rows),
+                                   "n_scored": len(present), "summary": summary["records"]})
+    write_summary(summary, run / "summary")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries (Table 2 and Figure 5 shapes)
+# ----------------------------------------------------------------------------------------------
+def _mean_sem(values: list[float]) -> tuple[float | None, float | None, int]:
+    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not v:
+        return None, None, 0
+    mean = float(np.mean(v))
+    sem = float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None  # undefined for one value
+    return mean, sem, len(v)
+
+
+def summarize(runs: dict[str, list[dict]], clip: dict[str, Any]) -> dict[str, Any]:
+    """Per model (run label): mean, standard error and count of each metric over the best-of-N images, by
+    category (+ All) and by frequency split (overall and per category); also over all samples."""
+    records = []
+    for label, rows in runs.items():
+        scored = [r for r in rows if r.get("clip_t") is not None]
+        for selection, subset in (("best_of_n", [r for r in scored if r.get("selected")]), ("all_samples", scored)):
+            groups: list[tuple[str, str, list[dict]]] = []
+            cats = [c for c in CATEGORIES if any(r["category"] == c for r in subset)]
+            groups += [("category", c, [r for r in subset if r["category"] == c]) for c in cats]
+            groups.append(("category", "all", subset))
+            for split, flag in (("frequent", True), ("infrequent", False)):
+                groups.append(("split", split, [r for r in subset if bool(r.get("frequent")) == flag]))
+                groups += [("split:" + c, split,
+                            [r for r in subset if r["category"] == c and bool(r.get("frequent")) == flag])
+                           for c in cats]
+            for group_by, group, members in groups:
+                for metric in METRICS:
+                    mean, sem, n = _mean_sem([r.get(metric) for r in members])
+                    records.append({"model": label, "selection": selection, "metric": metric, "group_by": group_by,
+                                    "group": group, "mean": mean, "sem": sem, "n": n})
+    return {"clip": clip, "note": proxy_label(clip), "records": records, "models": list(runs)}
+
+
+def _cell(rec: dict | None) -> str:
+    if not rec or rec["mean"] is None:
+        return "-"
+    return f"{rec['mean']:.3f} ± {rec['sem']:.3f}" if rec["sem"] is not None else f"{rec['mean']:.3f} (n=1)"
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    recs = summary["records"]
+
+    def find(model, metric, group_by, group, selection="best_of_n"):
+        return next((r for r in recs if r["model"] == model and r["metric"] == metric and r["group_by"] == group_by
+                     and r["group"] == group and r["selection"] == selection), None)
+
+    cats = [c for c in CATEGORIES if any(r["group_by"] == "category" and r["group"] == c and r["n"] for r in recs)]
+    lines = ["# EntityDrawBench: automatic proxy scores", "", f"**{summary['note']}**", "",
+             "Mean ± standard error over the best-of-N image of each prompt.", ""]
+    for metric in METRICS:
+        lines += [f"## {METRIC_TITLES[metric]} by category (shaped like Table 2)", "",
+                  "| Model | " + " | ".join(CATEGORY_TITLES[c] for c in cats) + " | All |",
+                  "|---" * (len(cats) + 2) + "|"]
+        for m in summary["models"]:
+            lines.append(f"| {m} | " + " | ".join(_cell(find(m, metric, "category", c)) for c in cats)
+                         + f" | {_cell(find(m, metric, 'category', 'all'))} |")
+        lines.append("")
+    lines += ["## By entity frequency (shaped like Figure 5)", "",
+              "| Model | Metric | Frequent | Infrequent |", "|---|---|---|---|"]
+    for m in summary["models"]:
+        for metric in METRICS:
+            lines.append(f"| {m} | {METRIC_TITLES[metric]} | {_cell(find(m, metric, 'split', 'frequent'))} | "
+                         f"{_cell(find(m, metric, 'split', 'infrequent'))} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_summary(summary: dict[str, Any], stem: str | Path) -> list[Path]:
+    """``<stem>.csv`` (long format), ``<stem>.md`` (tables) and ``<stem>.png`` (bar chart), each atomically."""
+    import csv
+    import io
+    import os
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["model", "selection", "metric", "group_by", "group", "mean", "sem", "n",
+                                        "kind"], lineterminator="\n")
+    w.writeheader()
+    w.writerows({**r, "kind": "automatic proxy (CLIP), not human rating"} for r in summary["records"])
+    for suffix, text in ((".csv", buf.getvalue()), (".md", summary_markdown(summary))):
+        p = stem.with_suffix(suffix)
+        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p)
+        paths.append(p)
+    paths.append(plot_summary(summary, stem.with_suffix(".png")))
+    return paths
+
+
+def _savefig(fig, path: Path) -> Path:
+    import os
+
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_summary(summary: dict[str, Any], path: str | Path) -> Path:
+    """2 x 2 bar chart: rows CLIP-I / CLIP-T; left per category (Table 2), right frequent vs infrequent (Figure 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in summary["records"] if r["selection"] == "best_of_n"]
+    models = summary["models"]
+    cats = [c for c in CATEGORIES if any(r["group_by"] == "category" and r["group"] == c and r["n"] for r in recs)]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 7.5), gridspec_kw={"width_ratios": [3, 1.3]})
+    width = 0.8 / max(1, len(models))
+    for row, metric in enumerate(("clip_i", "clip_t")):
+        for col, (group_by, groups, titles) in enumerate(
+                (("category", cats + ["all"], [CATEGORY_TITLES[c] for c in cats] + ["All"]),
+                 ("split", ["frequent", "infrequent"], ["Frequent", "Infrequent"]))):
+            ax = axes[row][col]
+            for mi, m in enumerate(models):
+                vals, errs = [], []
+                for g in groups:
+                    rec = next((r for r in recs if r["model"] == m and r["metric"] == metric
+                                and r["group_by"] == group_by and r["group"] == g), None)
+                    vals.append(rec["mean"] if rec and rec["mean"] is not None else np.nan)
+                    errs.append(rec["sem"] if rec and rec["sem"] is not None else 0.0)
+                x = np.arange(len(groups)) + (mi - (len(models) - 1) / 2) * width
+                ax.bar(x, vals, width, yerr=errs, capsize=2, label=m)
+            ax.set_xticks(np.arange(len(groups)))
+            ax.set_xticklabels(titles, fontsize=9)
+            ax.set_ylabel(METRIC_TITLES[metric], fontsize=9)
+            ax.set_title(("by category (Table 2 shape)" if col == 0 else "by entity frequency (Figure 5 shape)"),
+                         fontsize=10)
+            if row == 0 and col == 0 and len(models) > 1:
+                ax.legend(fontsize=8)
+    fig.suptitle("EntityDrawBench - AUTOMATIC PROXY scores (not human ratings)\n" + _wrap(summary["note"]),
+                 fontsize=10)
+    try:
+        return _savefig(fig, Path(path))
+    finally:
+        plt.close(fig)
+
+
+def _wrap(text: str, width: int = 150) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+def summarize_runs(runs: dict[str, str | Path], out: str | Path) -> dict[str, Any]:
+    """One Table-2 / Figure-5 summary over several scored runs (one row per model), written to ``out``.*"""
+    loaded, clips = {}, []
+    for label, path in runs.items():
+        path = Path(path)
+        _, rows = read_run(path)
+        if not (path / SCORES_FILE).is_file() or all(r.get("clip_t") is None for r in rows):
+            raise ValueError(f"{path} is not scored yet: run `reimagen-eval entitydraw-score {path}` first")
+        import json
+
+        clips.append(json.loads((path / SCORES_FILE).read_text())["clip"])
+        loaded[label] = rows
+    if any(c != clips[0] for c in clips[1:]):
+        raise ValueError("the runs were scored with different CLIP models or selection scores; score them alike "
+                         f"to compare ({clips})")
+    summary = summarize(loaded, clips[0])
+    write_summary(summary, out)
+    return summary
+
+
+__all__ = ["SELECT_MODES", "METRICS", "PROXY_NOTE", "load_encoder", "select_best", "score_run", "summarize",
+           "summary_markdown", "write_summary", "plot_summary", "summarize_runs"]
