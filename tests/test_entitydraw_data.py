@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import time
 import unicodedata
 
 import pytest
@@ -171,19 +170,6 @@ def test_caption_counts_match_a_naive_whole_word_count(entities):
         naive = sum(any(k in _fold(c or "") for k in keys) for c in captions)
         assert counts[e.id] == naive, e.name
     assert counts[next(e.id for e in ents if e.name == "Pug")] > 0
-
-
-def test_caption_counting_is_fast_enough_for_millions(entities):
-    rng = random.Random(1)
-    words = "a photo of the dog cat on grass with red blue big small at night in city beach".split()
-    names = [e.name for e in entities]
-    caps = [" ".join(rng.choices(words, k=10) + ([rng.choice(names)] if i % 5 == 0 else []))
-            for i in range(100_000)]
-    t0 = time.perf_counter()
-    counts, total = count_mentions([caps[i:i + 50_000] for i in range(0, len(caps), 50_000)], entities)
-    elapsed = time.perf_counter() - t0
-    assert total == 100_000 and sum(counts.values()) >= 20_000
-    assert elapsed < 30, f"{elapsed:.1f} s for 100K captions"  # ~1 s here: millions take seconds to a minute
 
 
 def test_prompts_export_jsonl_and_csv_with_a_caption_corpus(app, tmp_path):
