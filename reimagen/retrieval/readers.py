@@ -142,13 +142,18 @@ def _coco_missing(path: Path, split: str) -> FileNotFoundError:
         f"splits=('{split}',))\"` does both.")
 
 
-def _load_coco_captions(path: Path) -> tuple[dict[int, str], list[tuple[int, int, str]]]:
-    """(image id -> file_name, [(image_id, annotation id, caption)]) with the schema checked."""
+def _load_json(path: Path) -> Any:
+    """A JSON file's content; invalid JSON is a ValueError naming the file."""
     try:
         with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+            return json.load(fh)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def _load_coco_captions(path: Path) -> tuple[dict[int, str], list[tuple[int, int, str]]]:
+    """(image id -> file_name, [(image_id, annotation id, caption)]) with the schema checked."""
+    data = _load_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a COCO captions object with keys 'images' and 'annotations', "
                          f"got a JSON {type(data).__name__}")
@@ -387,11 +392,7 @@ def _webqa_image_texts(path: Path) -> tuple[dict[str, str], int]:
     JSON's key order."""
     if not path.is_file():
         raise _webqa_missing(path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    data = _load_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected an object mapping guids to records, got a JSON {type(data).__name__}")
     texts: dict[str, str] = {}
