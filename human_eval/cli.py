@@ -1,0 +1,157 @@
+"""``reimagen-eval rate ...``: human evaluation of EntityDrawBench runs (paper Table 2, Figure 5).
+
+The main app registers the sub-app::
+
+    from human_eval.cli import rate_app
+    app.add_typer(rate_app, name="rate")
+
+Commands: ``raters`` (a rater list with fresh tokens), ``tasks`` (a blind study folder from run folders),
+``serve`` (the Streamlit app on 127.0.0.1), ``labelstudio-export`` / ``labelstudio-import``, ``report``.
+Bad input gives one red line and exit code 2. ``python -m human_eval.cli`` runs the sub-app alone.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from reimagen.retrieval.cli import _friendly as _friendly_base
+
+rate_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                       help="Human evaluation: blind rating tasks, Streamlit app, Label Studio, Table 2 / Figure 5.")
+console = Console(stderr=True)
+APP_FILE = Path(__file__).with_name("app.py")
+
+RUNS_ARG = typer.Argument(..., help="EntityDrawBench run folders (RUN_DIR or NAME=RUN_DIR; the name defaults to the "
+                          "folder name and is never shown to raters).")
+STUDY_OPT = typer.Option(..., "--study", help="Study folder (tasks, image map, ratings.sqlite).")
+MODE_OPT = typer.Option("best", "--mode", help="best: rate the pre-selected best of 4 (needs entitydraw-score); "
+                        "best-of-4: the rater picks the best of the 4, then rates it (the paper's protocol).")
+URL_OPT = typer.Option(None, "--url", help="Label Studio URL (default: $LABEL_STUDIO_URL).")
+KEY_OPT = typer.Option(None, "--api-key", help="Label Studio API key (default: $LABEL_STUDIO_API_KEY; prefer the "
+                       "variable: options are visible in the process list).", show_default=False)
+
+
+def _friendly(fn):
+    """_friendly of the retrieval CLI, plus PermissionError (refused tokens)."""
+    import functools
+
+    inner = _friendly_base(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return inner(*args, **kwargs)
+        except PermissionError as err:
+            console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True, highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@rate_app.command("raters")
+@_friendly
+def raters_cmd(names: List[str] = typer.Argument(..., help="Rater ids."),
+               out: Path = typer.Option(..., "--out", help="Rater list to write (refuses to overwrite).")):
+    """Write a rater list (RATER_ID TOKEN per line, file mode 600) with fresh random tokens."""
+    from .tasks import make_raters
+
+    make_raters(names, out)
+    console.print(f"wrote {len(names)} raters to {escape(str(out))}; give each rater their own line's token",
+                  highlight=False)
+
+
+@rate_app.command("tasks")
+@_friendly
+def tasks_cmd(runs: List[str] = RUNS_ARG, study: Path = STUDY_OPT, mode: str = MODE_OPT):
+    """Build (or refresh) a blind study folder from one or more run folders."""
+    from .tasks import build_study
+
+    s = build_study(runs, study, mode)
+    console.print(f"study {escape(str(study))}: {len(s.tasks)} tasks from {len(s.runs)} run(s), mode {s.mode}",
+                  highlight=False)
+
+
+def serve_command(port: int) -> list[str]:
+    """`streamlit run human_eval/app.py` on 127.0.0.1 (the study and rater list travel in the environment)."""
+    return [sys.executable, "-m", "streamlit", "run", str(APP_FILE), "--server.headless", "true",
+            "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none"]
+
+
+@rate_app.command("serve")
+@_friendly
+def serve_cmd(runs: List[str] = RUNS_ARG, study: Path = STUDY_OPT, mode: str = MODE_OPT,
+              raters: Path = typer.Option(..., "--raters", help="Rater list (RATER_ID TOKEN per line)."),
+              port: int = typer.Option(8501, "--port", help="Port on 127.0.0.1.")):
+    """Build/refresh the study and run the Streamlit rating app on 127.0.0.1 (Ctrl+C stops it)."""
+    from .tasks import build_study, read_raters
+
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be in 1..65535, got {port}")
+    read_raters(raters)  # refuse a bad list before starting
+    s = build_study(runs, study, mode)
+    env = {**os.environ, "REIMAGEN_RATING_STUDY": str(Path(study).resolve()),
+           "REIMAGEN_RATING_RATERS": str(Path(raters).resolve())}
+    console.print(f"rating app for {len(s.tasks)} tasks on http://127.0.0.1:{port}", highlight=False)
+    proc = subprocess.Popen(serve_command(port), env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        code = proc.wait()
+    if code not in (0, -15):
+        raise RuntimeError(f"streamlit exited with code {code}")
+
+
+@rate_app.command("labelstudio-export")
+@_friendly
+def ls_export_cmd(study: Path = STUDY_OPT, url: Optional[str] = URL_OPT, api_key: Optional[str] = KEY_OPT,
+                  title: Optional[str] = typer.Option(None, "--title", help="Project title (default: from the study)."),
+                  images: str = typer.Option("upload", "--images", help="upload (data URIs) or local-files."),
+                  document_root: Optional[Path] = typer.Option(None, "--document-root", help="local-files: the "
+                                                               "server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT.")):
+    """Create/reuse a Label Studio project and import the study's tasks (running it twice adds nothing)."""
+    from .labelstudio import export_study
+    from .tasks import Study
+
+    res = export_study(Study.load(study), url, api_key, title, images, document_root)
+    console.print(f"project {res['project_id']} ({'created' if res['created'] else 'reused'}): "
+                  f"{res['imported']} tasks imported, {res['skipped']} already there", highlight=False)
+
+
+@rate_app.command("labelstudio-import")
+@_friendly
+def ls_import_cmd(study: Path = STUDY_OPT, url: Optional[str] = URL_OPT, api_key: Optional[str] = KEY_OPT,
+                  project_id: Optional[int] = typer.Option(None, "--project-id", help="Default: the exported one.")):
+    """Pull Label Studio annotations into the study's ratings table."""
+    from .labelstudio import import_annotations
+    from .tasks import Study
+
+    res = import_annotations(Study.load(study), url, api_key, project_id)
+    for p in res["problems"]:
+        console.print(f"[yellow]skipped:[/] {escape(p)}", highlight=False)
+    console.print(f"project {res['project_id']}: {res['ratings']} ratings from {res['tasks']} tasks", highlight=False)
+
+
+@rate_app.command("report")
+@_friendly
+def report_cmd(study: Path = STUDY_OPT, out: Path = typer.Option(..., "--out", help="Report folder.")):
+    """Table 2 (CSV + Markdown), Figure 5 (PNG), agreement, majority votes, CLIP correlation."""
+    from .report import write_report
+    from .tasks import Study
+
+    res = write_report(Study.load(study), out)
+    print(res["markdown"])
+    console.print(f"wrote {', '.join(p.name for p in res['files'])} to {escape(str(out))}", highlight=False)
+
+
+if __name__ == "__main__":
+    rate_app()

@@ -1,0 +1,266 @@
+"""Reports from the ratings: Table 2, Figure 5, inter-rater agreement, majority votes, CLIP correlation.
+
+Per task (one model, one prompt) the score of a criterion is the raters' **majority vote** (a tie counts 0.5);
+with one rater it is that rater's answer. A cell of Table 2 is the mean over tasks with its standard error
+``s / sqrt(n)`` (s: sample standard deviation, ddof = 1), as on the paper's slides ("0.68 +- 0.04").
+
+    Table 2    faithfulness per category and All, photorealism All; one row per model
+    Figure 5   faithfulness of frequent vs infrequent entities (the run's frequency split, top 50% = frequent)
+    agreement  Fleiss' kappa (tasks with the same number m >= 2 of raters) and Krippendorff's alpha (nominal,
+               any number of raters per task) per criterion
+    CLIP       Pearson (point-biserial) and Spearman correlation of each rating with clip_t / clip_i of the
+               rated image, where ``entitydraw-score`` wrote them
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from .store import read_rows
+from .tasks import Study, atomic_write_text
+
+CRITERIA = ("faithfulness", "photorealism")
+CATEGORY_ORDER = ("dogs", "foods", "landmarks", "birds", "characters", "broader")
+TITLES = {"dogs": "Dogs", "foods": "Foods", "landmarks": "Landmarks", "birds": "Birds", "characters": "Characters",
+          "broader": "Broader"}
+
+
+def mean_se(values: Sequence[float]) -> tuple[float | None, float | None, int]:
+    """Mean and standard error s/sqrt(n) (None when undefined)."""
+    n = len(values)
+    if n == 0:
+        return None, None, 0
+    m = sum(values) / n
+    if n < 2:
+        return m, None, n
+    s2 = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, math.sqrt(s2 / n), n
+
+
+def majority(votes: Sequence[int]) -> float:
+    """1 if most raters said 1, 0 if most said 0, 0.5 on a tie."""
+    ones = sum(votes)
+    return 1.0 if 2 * ones > len(votes) else 0.0 if 2 * ones < len(votes) else 0.5
+
+
+def fleiss_kappa(counts: Sequence[Sequence[int]]) -> float | None:
+    """Fleiss' kappa of an items x categories table of counts (every row sums to the same number m >= 2)."""
+    rows = [list(map(int, r)) for r in counts if sum(r) > 0]
+    if not rows:
+        return None
+    m = sum(rows[0])
+    if m < 2 or any(sum(r) != m for r in rows):
+        raise ValueError("Fleiss' kappa needs the same number (>= 2) of ratings for every item")
+    n, k = len(rows), len(rows[0])
+    p_j = [sum(r[j] for r in rows) / (n * m) for j in range(k)]
+    p_i = [(sum(c * c for c in r) - m) / (m * (m - 1)) for r in rows]
+    p_bar, p_e = sum(p_i) / n, sum(p * p for p in p_j)
+    if p_e == 1:
+        return None  # everybody used one category: kappa undefined
+    return (p_bar - p_e) / (1 - p_e)
+
+
+def krippendorff_alpha_nominal(units: Sequence[Sequence[Any]]) -> float | None:
+    """Krippendorff's alpha for nominal data; ``units`` lists each unit's values (missing ratings left out).
+    Units with fewer than 2 values are not pairable and are ignored."""
+    units = [list(u) for u in units if len(u) >= 2]
+    if not units:
+        return None
+    coinc: dict[tuple, float] = defaultdict(float)
+    for u in units:
+        m = len(u)
+        cnt = Counter(u)
+        for a in cnt:
+            for b in cnt:
+                coinc[(a, b)] += cnt[a] * (cnt[b] - (a == b)) / (m - 1)
+    n_c: dict[Any, float] = defaultdict(float)
+    for (a, _), v in coinc.items():
+        n_c[a] += v
+    n = sum(n_c.values())
+    d_o = sum(v for (a, b), v in coinc.items() if a != b)
+    d_e = sum(n_c[a] * n_c[b] for a in n_c for b in n_c if a != b) / (n - 1)
+    if d_e == 0:
+        return None
+    return 1 - d_o / d_e
+
+
+def _pearson_spearman(x: list[float], y: list[float]) -> tuple[float | None, float | None, float | None]:
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None, None, None
+    from scipy import stats
+
+    r, p = stats.pearsonr(x, y)
+    rho, _ = stats.spearmanr(x, y)
+    return float(r), float(p), float(rho)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+def collect(study: Study, rows: list[dict] | None = None) -> dict[str, Any]:
+    """Per-task majority votes and everything the report needs."""
+    rows = read_rows(study.db_path) if rows is None else rows
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["task_id"] in study.tasks:
+            by_task[r["task_id"]].append(r)
+    votes = []
+    for tid, rs in sorted(by_task.items()):
+        t = study.tasks[tid]
+        votes.append({"task_id": tid, "model": t["model"], "prompt_id": t["prompt_id"], "category": t["category"],
+                      "frequent": t.get("frequent"), "n_raters": len(rs),
+                      **{c: majority([r[c] for r in rs]) for c in CRITERIA}})
+    return {"rows": rows, "by_task": by_task, "votes": votes}
+
+
+def table2(study: Study, votes: list[dict]) -> list[dict[str, Any]]:
+    models = list(study.runs)
+    cats = [c for c in CATEGORY_ORDER if any(t["category"] == c for t in study.tasks.values())]
+    cats += sorted({t["category"] for t in study.tasks.values()} - set(cats))
+    out = []
+    for model in models:
+        mv = [v for v in votes if v["model"] == model]
+        rec: dict[str, Any] = {"model": model, "n_tasks": len(mv)}
+        for c in cats:
+            m, se, n = mean_se([v["faithfulness"] for v in mv if v["category"] == c])
+            rec[f"faithfulness_{c}"], rec[f"faithfulness_{c}_se"], rec[f"faithfulness_{c}_n"] = m, se, n
+        for crit in CRITERIA:
+            m, se, n = mean_se([v[crit] for v in mv])
+            rec[f"{crit}_all"], rec[f"{crit}_all_se"], rec[f"{crit}_all_n"] = m, se, n
+        for split, flag in (("frequent", True), ("infrequent", False)):
+            m, se, n = mean_se([v["faithfulness"] for v in mv if v["frequent"] is flag])
+            rec[f"faithfulness_{split}"], rec[f"faithfulness_{split}_se"], rec[f"faithfulness_{split}_n"] = m, se, n
+        out.append(rec)
+    return out
+
+
+def agreement(study: Study, by_task: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    out = []
+    for crit in CRITERIA:
+        multi = {tid: [r[crit] for r in rs] for tid, rs in by_task.items() if len(rs) >= 2}
+        sizes = Counter(len(v) for v in multi.values())
+        kappa, kappa_n, m = None, 0, None
+        if sizes:
+            m = sizes.most_common(1)[0][0]
+            table = [[v.count(1), v.count(0)] for v in multi.values() if len(v) == m]
+            kappa, kappa_n = fleiss_kappa(table), len(table)
+        alpha = krippendorff_alpha_nominal(list(multi.values()))
+        agree = [len(set(v)) == 1 for v in multi.values()]
+        out.append({"criterion": crit, "tasks_with_2plus_raters": len(multi), "fleiss_kappa": kappa,
+                    "fleiss_raters_per_task": m, "fleiss_tasks": kappa_n, "krippendorff_alpha": alpha,
+                    "unanimous_fraction": (sum(agree) / len(agree)) if agree else None})
+    return out
+
+
+def clip_correlation(study: Study, rows: list[dict]) -> list[dict[str, Any]]:
+    out = []
+    for crit in CRITERIA:
+        for metric in ("clip_t", "clip_i"):
+            xs, ys = [], []
+            for r in rows:
+                t = study.tasks.get(r["task_id"])
+                cand = next((c for c in (t or {}).get("candidates", []) if c["image_id"] == r["chosen_image"]), None)
+                if cand is not None and cand.get(metric) is not None:
+                    xs.append(float(r[crit]))
+                    ys.append(float(cand[metric]))
+            pr, pp, rho = _pearson_spearman(xs, ys)
+            out.append({"criterion": crit, "clip_metric": metric, "n": len(xs), "pearson_r": pr, "pearson_p": pp,
+                        "spearman_rho": rho})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+def _fmt(m, se) -> str:
+    if m is None:
+        return "-"
+    return f"{m:.2f} ± {se:.2f}" if se is not None else f"{m:.2f}"
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def markdown(study: Study, t2: list[dict], agree: list[dict], corr: list[dict], n_ratings: int) -> str:
+    cats = [k[len("faithfulness_"):] for k in (t2[0] if t2 else {}) if k.startswith("faithfulness_")
+            and not k.endswith(("_se", "_n")) and k[len("faithfulness_"):] not in ("all", "frequent", "infrequent")]
+    head = ["Model", *[TITLES.get(c, c) for c in cats], "All", "Photorealism (All)", "Tasks"]
+    lines = [f"# EntityDrawBench human evaluation ({study.mode}, {n_ratings} ratings)", "",
+             "## Table 2: faithfulness per category and All, photorealism All (mean ± standard error)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in t2:
+        cells = [r["model"], *[_fmt(r[f"faithfulness_{c}"], r[f"faithfulness_{c}_se"]) for c in cats],
+                 _fmt(r["faithfulness_all"], r["faithfulness_all_se"]),
+                 _fmt(r["photorealism_all"], r["photorealism_all_se"]), str(r["n_tasks"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Figure 5: faithfulness, frequent vs infrequent entities", "",
+              "| Model | Frequent | Infrequent |", "|---|---|---|"]
+    lines += [f"| {r['model']} | {_fmt(r['faithfulness_frequent'], r['faithfulness_frequent_se'])} | "
+              f"{_fmt(r['faithfulness_infrequent'], r['faithfulness_infrequent_se'])} |" for r in t2]
+    lines += ["", "## Inter-rater agreement (tasks with 2+ raters; scores are majority votes, ties 0.5)", "",
+              "| Criterion | Tasks | Fleiss' kappa | Krippendorff's alpha | Unanimous |", "|---|---|---|---|---|"]
+    lines += [f"| {a['criterion']} | {a['tasks_with_2plus_raters']} | {_num(a['fleiss_kappa'])} | "
+              f"{_num(a['krippendorff_alpha'])} | {_num(a['unanimous_fraction'])} |" for a in agree]
+    lines += ["", "## Human ratings vs CLIP scores (per rating, rated image)", "",
+              "| Criterion | CLIP | n | Pearson r | p | Spearman rho |", "|---|---|---|---|---|---|"]
+    lines += [f"| {c['criterion']} | {c['clip_metric']} | {c['n']} | {_num(c['pearson_r'])} | {_num(c['pearson_p'])} | "
+              f"{_num(c['spearman_rho'])} |" for c in corr]
+    return "\n".join(lines) + "\n"
+
+
+def figure5(t2: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * max(1, len(t2)), 3.2))
+    width = 0.38
+    for k, (split, color) in enumerate((("frequent", "#4477aa"), ("infrequent", "#ee6677"))):
+        xs = [i + (k - 0.5) * width for i in range(len(t2))]
+        ys = [r[f"faithfulness_{split}"] or 0 for r in t2]
+        err = [r[f"faithfulness_{split}_se"] or 0 for r in t2]
+        ax.bar(xs, ys, width, yerr=err, capsize=3, label=split.capitalize(), color=color)
+    ax.set_xticks(range(len(t2)), [r["model"] for r in t2])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("Faithfulness")
+    ax.set_title("Figure 5: frequent vs infrequent entities")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(study: Study, out: str | Path) -> dict[str, Any]:
+    """Write table2.csv/.md, figure5.png, agreement.csv, majority_votes.csv, clip_correlation.csv, report.md."""
+    out = Path(out)
+    data = collect(study)
+    if not data["votes"]:
+        raise ValueError(f"no ratings in {study.db_path} yet: nothing to report")
+    t2 = table2(study, data["votes"])
+    agree = agreement(study, data["by_task"])
+    corr = clip_correlation(study, data["rows"])
+    md = markdown(study, t2, agree, corr, len(data["rows"]))
+    files = [atomic_write_text(out / "table2.csv", _csv(t2)), atomic_write_text(out / "agreement.csv", _csv(agree)),
+             atomic_write_text(out / "majority_votes.csv", _csv(data["votes"])),
+             atomic_write_text(out / "clip_correlation.csv", _csv(corr)), atomic_write_text(out / "report.md", md),
+             figure5(t2, out / "figure5.png")]
+    return {"table2": t2, "agreement": agree, "clip": corr, "markdown": md, "files": files}

@@ -1,0 +1,168 @@
+"""The ratings table: SQLite in WAL mode, one row per (rater, task); re-submitting updates that row.
+
+Writers are the Streamlit app (authenticated by a rater token from the rater list: no anonymous writes) and the
+Label Studio import (raters ``labelstudio:<user>``). Every answer is committed at once, so a closed browser loses
+at most the answer that was never submitted. Many processes may write at once (WAL + busy timeout + retries).
+"""
+
+from __future__ import annotations
+
+import hmac
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from .tasks import Study, check_image_id, check_task_id
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ratings (
+    rater         TEXT NOT NULL,
+    task_id       TEXT NOT NULL,
+    faithfulness  INTEGER NOT NULL CHECK (faithfulness IN (0, 1)),
+    photorealism  INTEGER NOT NULL CHECK (photorealism IN (0, 1)),
+    chosen_image  TEXT,
+    source        TEXT NOT NULL DEFAULT 'app',
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL,
+    n_submits     INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (rater, task_id)
+)
+"""
+UPSERT = """
+INSERT INTO ratings (rater, task_id, faithfulness, photorealism, chosen_image, source, created_at, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (rater, task_id) DO UPDATE SET
+    faithfulness = excluded.faithfulness, photorealism = excluded.photorealism,
+    chosen_image = excluded.chosen_image, source = excluded.source, updated_at = excluded.updated_at,
+    n_submits = ratings.n_submits + 1
+"""
+COLUMNS = ("rater", "task_id", "faithfulness", "photorealism", "chosen_image", "source", "created_at", "updated_at",
+           "n_submits")
+
+
+def connect(path: str | Path, timeout: float = 60.0) -> sqlite3.Connection:
+    con = sqlite3.connect(str(path), timeout=timeout, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=NORMAL")
+    con.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+    con.execute(SCHEMA)
+    return con
+
+
+def _binary(value: Any, what: str) -> int:
+    if isinstance(value, bool):
+        return int(value)
+    if value in (0, 1) and not isinstance(value, float):
+        return int(value)
+    raise ValueError(f"{what} must be 0 or 1, got {value!r}")
+
+
+class RatingStore:
+    """Validated writes and reads of a study's ratings."""
+
+    def __init__(self, study: Study, raters: dict[str, str] | None = None, db_path: str | Path | None = None):
+        self.study = study
+        self.raters = dict(raters or {})  # token -> rater id
+        self.path = Path(db_path or study.db_path)
+        self.con = connect(self.path)
+
+    def close(self) -> None:
+        self.con.close()
+
+    # -- identity --------------------------------------------------------------------------------------
+    def authenticate(self, token: str) -> str:
+        """The rater id of a token; unknown or empty tokens are refused (constant-time comparison)."""
+        found = None
+        token = (token or "").strip()
+        for known, rater in self.raters.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                found = rater
+        if not token or found is None:
+            raise PermissionError("unknown rater token")
+        return found
+
+    # -- writes ----------------------------------------------------------------------------------------
+    def validate(self, task_id: str, faithfulness: Any, photorealism: Any, chosen_image: str | None) -> tuple:
+        check_task_id(task_id)
+        if task_id not in self.study.tasks:
+            raise KeyError(f"unknown task id {task_id}")
+        f, p = _binary(faithfulness, "faithfulness"), _binary(photorealism, "photorealism")
+        cands = [c["image_id"] for c in self.study.tasks[task_id]["candidates"]]
+        if chosen_image is None:
+            if len(cands) != 1:
+                raise ValueError(f"task {task_id}: pick the best of the {len(cands)} images before rating")
+            chosen_image = cands[0]
+        check_image_id(chosen_image)
+        if chosen_image not in cands:
+            raise ValueError(f"image {chosen_image} is not a candidate of task {task_id}")
+        return task_id, f, p, chosen_image
+
+    def submit(self, token: str, task_id: str, faithfulness: Any, photorealism: Any,
+               chosen_image: str | None = None) -> dict[str, Any]:
+        """A rater's answer (authenticated by token). Returns the stored row."""
+        rater = self.authenticate(token)
+        return self.record(rater, task_id, faithfulness, photorealism, chosen_image, source="app")
+
+    def record(self, rater: str, task_id: str, faithfulness: Any, photorealism: Any, chosen_image: str | None = None,
+               source: str = "app") -> dict[str, Any]:
+        """Upsert one validated row for an already identified rater (the app after login, Label Studio import)."""
+        if not rater:
+            raise PermissionError("anonymous ratings are not accepted")
+        row = self.validate(task_id, faithfulness, photorealism, chosen_image)
+        now = time.time()
+        self._write([(rater, *row, source, now, now)])
+        return self.get(rater, task_id)
+
+    def record_many(self, rows: list[tuple]) -> int:
+        """Upsert many (rater, task_id, f, p, chosen, source) rows in one transaction (all validated first)."""
+        now = time.time()
+        checked = []
+        for rater, tid, f, p, chosen, source in rows:
+            if not rater:
+                raise PermissionError("anonymous ratings are not accepted")
+            checked.append((rater, *self.validate(tid, f, p, chosen), source, now, now))
+        self._write(checked)
+        return len(checked)
+
+    def _write(self, rows: list[tuple]) -> None:
+        for attempt in range(20):
+            try:
+                self.con.execute("BEGIN IMMEDIATE")
+                try:
+                    self.con.executemany(UPSERT, rows)
+                    self.con.execute("COMMIT")
+                except BaseException:
+                    self.con.execute("ROLLBACK")
+                    raise
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) and "busy" not in str(err):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise RuntimeError("the ratings database stayed locked; try again")
+
+    # -- reads -----------------------------------------------------------------------------------------
+    def get(self, rater: str, task_id: str) -> dict[str, Any] | None:
+        cur = self.con.execute(f"SELECT {', '.join(COLUMNS)} FROM ratings WHERE rater = ? AND task_id = ?",
+                               (rater, task_id))
+        row = cur.fetchone()
+        return dict(zip(COLUMNS, row)) if row else None
+
+    def done_by(self, rater: str) -> set[str]:
+        return {r[0] for r in self.con.execute("SELECT task_id FROM ratings WHERE rater = ?", (rater,))}
+
+    def rows(self) -> list[dict[str, Any]]:
+        return read_rows(self.path)
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """All ratings of a database (read-only use)."""
+    if not Path(path).is_file():
+        return []
+    con = connect(path)
+    try:
+        cur = con.execute(f"SELECT {', '.join(COLUMNS)} FROM ratings ORDER BY task_id, rater")
+        return [dict(zip(COLUMNS, r)) for r in cur.fetchall()]
+    finally:
+        con.close()
