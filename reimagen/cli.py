@@ -213,6 +213,10 @@ from entitydrawbench.cli import COMMANDS as _ENTITYDRAW_COMMANDS  # noqa: E402  
 for _cmd in _ENTITYDRAW_COMMANDS:
     app.command()(_cmd)
 
+from evaluation.cli import fid  # noqa: E402  (issue [fid])
+
+app.command()(fid)
+
 from human_eval.cli import rate_app  # noqa: E402  (issue [rating])
 
 app.add_typer(rate_app, name="rate")

@@ -1,0 +1,185 @@
+"""``reimagen-eval fid``: the COCO-30K / WikiImages-20K FID sweeps of Table 1 (Sec. 4.1).
+
+reimagen/cli.py registers the command::
+
+    from evaluation.cli import fid
+    app.command()(fid)
+
+Bad input (unknown dataset or database, a dataset root without its files, a model folder missing prompt ids,
+fewer images than prompts, missing Inception weights offline) is one red line and exit code 2, found before
+the output folder is created. Heavy imports happen inside the command.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+err_console = Console(stderr=True)
+
+
+def _friendly(fn: Callable) -> Callable:
+    """Bad-input exceptions -> one red line (multi-line messages joined), exit code 2 (as reimagen.cli); also
+    reimagen's NonFiniteError (a FloatingPointError: unstable guidance weights or an untrained checkpoint)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, RuntimeError, ImportError, KeyError, FloatingPointError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+            line = " ".join(str(msg).split())
+            err_console.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True, highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _options(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--dataset-option {p!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@_friendly
+def fid(
+    dataset: str = typer.Option("coco", "--dataset", help="coco (FID-30K), wikiimages (FID-20K), or synthetic "
+                                "(registered by the toy-world issue); any name added with evaluation.datasets."
+                                "register_dataset."),
+    dataset_root: Optional[Path] = typer.Option(None, "--dataset-root", help="coco: folder with annotations/"
+                                                "captions_val2014.json and val2014/ (and train2014/ for --db "
+                                                "coco-train); wikiimages: folder with WebQA_train_val.json, "
+                                                "imgs.tsv, imgs.lineidx."),
+    dataset_option: list[str] = typer.Option([], "--dataset-option", "-O", help="KEY=VALUE for the dataset "
+                                             "(coco: split=val2014, train_split=train2014; wikiimages: "
+                                             "split_seed=0, val_size=22000). Repeatable."),
+    db: str = typer.Option("none", "--db", help="Retrieval database: coco-train / wikiimages-train (in-domain "
+                           "for their dataset: FID), laion (zero-shot, with --db-root SHARDS or --index), none "
+                           "(text only), or any knowledge base FORMAT:PATH[?opts] / table.parquet."),
+    db_root: Optional[str] = typer.Option(None, "--db-root", help="Data of a named database that is not the "
+                                          "dataset's own: LAION webdataset shards (folder or glob), or the other "
+                                          "dataset's root."),
+    index: Optional[Path] = typer.Option(None, "--index", help="A saved retriever (`reimagen-eval index build`) "
+                                         "to use instead of building one over --db."),
+    retriever: Optional[str] = typer.Option(None, "--retriever", help="bm25 (the paper's; the default) or clip; "
+                                            "with --index, the index's kind."),
+    k: int = typer.Option(2, "--k", help="Neighbours per prompt (the paper: 2)."),
+    model: str = typer.Option(..., "--model", help="A Re-Imagen base-stage checkpoint folder; a diffusers "
+                              "text-to-image pipeline id or folder (text-only baseline; --guidance-64 is its "
+                              "guidance scale); or a folder of images made elsewhere, <prompt_id>__0.png."),
+    sr_model: Optional[str] = typer.Option(None, "--sr-model", help="The super-resolution checkpoint of the "
+                                           "cascade (64 -> 256 in the paper)."),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Prompts drawn with --seed from the "
+                                              "validation captions (default: COCO 30000, WikiImages 20000)."),
+    guidance_64: str = typer.Option("1.0,1.25,1.5,1.75,2.0", "--guidance-64", help="Guidance weights of the "
+                                    "base stage (standard CFG, Sec. 4.1)."),
+    guidance_sr: str = typer.Option("1,5,8,10", "--guidance-sr", help="Guidance weights of the super-resolution "
+                                    "stage; each reuses the base images of every base weight."),
+    steps: int = typer.Option(1000, "--steps", help="Sampling steps of the base stage (the paper: T = 1000); for a "
+                              "diffusers baseline its num_inference_steps (e.g. 50)."),
+    sr_steps: Optional[int] = typer.Option(None, "--sr-steps", help="Steps of the SR stage (default: --steps)."),
+    sampler: str = typer.Option("ddpm", "--sampler", help="ddpm (the paper's) or ddim."),
+    backend: str = typer.Option("clean-fid", "--backend", help="clean-fid or torch-fidelity (each with its own "
+                                "Inception preprocessing)."),
+    mode: str = typer.Option("clean", "--mode", help="clean-fid mode: clean or legacy_tensorflow."),
+    feature_extractor: str = typer.Option("inception", "--feature-extractor", help="inception (comparable with "
+                                          "published FIDs); random-conv-<dim> (offline tests only) or module:attr."),
+    inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local Inception weights: "
+                                                     "clean-fid inception-2015-12-05.pt, torch-fidelity "
+                                                     "weights-inception-2015-12-05-6726825d.pth."),
+    resolution: int = typer.Option(256, "--resolution", help="Real and generated images are center-cropped and "
+                                   "resized to this side (PIL bicubic) before the backend's preprocessing."),
+    kid: bool = typer.Option(True, "--kid/--no-kid", help="Compute KID alongside FID."),
+    kid_subsets: int = typer.Option(100, "--kid-subsets", help="KID: random subsets (as clean-fid / torch-fidelity)."),
+    kid_subset_size: int = typer.Option(1000, "--kid-subset-size", help="KID: images per subset (at most the "
+                                        "number of generated and of reference images)."),
+    clip_model: str = typer.Option("ViT-B-32", "--clip-model", help="open-clip model for the CLIP score (and "
+                                   "--retriever clip)."),
+    clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="open-clip weights tag or local "
+                                                  "checkpoint; without it the CLIP score is skipped with a note."),
+    stats_cache: Optional[Path] = typer.Option(None, "--stats-cache", help="Reference statistics cache (default "
+                                               "$REIMAGEN_CACHE/fid_stats or ~/.cache/reimagen/fid_stats)."),
+    label: str = typer.Option("auto", "--label", help="auto (FID when --db is the dataset's train split, else "
+                              "ZS-FID), FID or ZS-FID."),
+    seed: int = typer.Option(0, "--seed", help="Prompt draw and images: image = f(prompt id, sample index, seed)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per generation batch."),
+    feature_batch_size: int = typer.Option(64, "--feature-batch-size", help="Images per feature batch."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader workers of the feature extraction."),
+    device: str = typer.Option("cpu", "--device", help="torch device (cuda uses cuda:LOCAL_RANK under torchrun)."),
+    out: Path = typer.Option(Path("runs/fid"), "--out", help="Output folder (rerun to resume; other settings are "
+                             "refused)."),
+    wait_timeout: float = typer.Option(7 * 24 * 3600.0, "--wait-timeout", help="With several processes: how long "
+                                       "rank 0 waits for the others' images before the metrics."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+) -> None:
+    """FID / zero-shot FID sweep over guidance weights (Table 1): generate, measure, tabulate, plot."""
+    from .sweep import FidSweep, SweepConfig
+
+    cfg = SweepConfig(dataset=dataset, out=str(out), dataset_root=None if dataset_root is None else str(dataset_root),
+                      dataset_options=_options(dataset_option), num_prompts=num_prompts, seed=seed, db=db,
+                      db_root=db_root, index=None if index is None else str(index), retriever=retriever, k=k,
+                      model=model, sr_model=sr_model, guidance_64=guidance_64, guidance_sr=guidance_sr, steps=steps,
+                      sr_steps=sr_steps, sampler=sampler, batch_size=batch_size, device=device, backend=backend,
+                      mode=mode, feature_extractor=feature_extractor,
+                      inception_weights=None if inception_weights is None else str(inception_weights),
+                      resolution=resolution, kid=kid, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                      clip_model=clip_model, clip_pretrained=clip_pretrained,
+                      stats_cache=None if stats_cache is None else str(stats_cache), label=label,
+                      feature_batch_size=feature_batch_size, workers=workers, wait_timeout=wait_timeout,
+                      progress=progress)
+    sweep = FidSweep(cfg, log=lambda msg: err_console.print(escape(msg), highlight=False))
+    sweep.validate()
+    result = sweep.run()
+    if result["rank"] != 0:
+        return
+    from .results import best_row, write_results
+
+    ds = sweep.dataset
+    protocol = (f"{len(sweep.jobs)} prompts drawn with seed {seed} from {ds.name} {ds.split}; reference: all "
+                f"{len(ds.reference)} {ds.split} images; real and generated images center-cropped and resized to "
+                f"{resolution}px (PIL bicubic), then {sweep.backend.name} ({sweep.backend.mode}) with "
+                f"{sweep.backend.extractor_name()} features. Standard CFG; {steps} steps ({sampler}). "
+                f"Label {sweep.label}: database {sweep.db.name} is "
+                f"{'in-domain' if sweep.db.in_domain else 'not in-domain'}.")
+    notes = list(result["notes"])
+    if sweep.backend.extractor_name() != "inception":
+        notes.append(f"Feature extractor {sweep.backend.extractor_name()} is not Inception: these numbers do not "
+                     "compare with published FIDs.")
+    paths = write_results(out, result["rows"], f"{sweep.label} sweep: {ds.name} {ds.split}", notes, protocol,
+                          comparable=sweep.backend.extractor_name() == "inception")
+    table = Table(title=f"{sweep.label}: {ds.name} {ds.split}, db {sweep.db.name}")
+    for col in ("w (64)", "w (SR)", sweep.label, "KID", "n"):
+        table.add_column(col, justify="right")
+    best = best_row(result["rows"])
+    for r in result["rows"]:
+        mark = " *" if r is best else ""
+        table.add_row("-" if r["w_64"] is None else f"{r['w_64']:g}", "-" if r["w_sr"] is None else f"{r['w_sr']:g}",
+                      f"{r['fid']:.4f}{mark}", "-" if r.get("kid") is None else f"{r['kid']:.5f}", str(r["n"]))
+    Console().print(table)
+    for n in notes:
+        err_console.print(f"note: {escape(n)}", highlight=False)
+    err_console.print(f"wrote {escape(', '.join(str(p) for p in paths.values()))}", highlight=False)
+
+
+# ``python -m evaluation.cli fid ...`` works before (and besides) the reimagen-eval registration.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+app.command()(fid)
+
+
+@app.callback()
+def _main() -> None:
+    """Evaluation commands of reimagen (also available as `reimagen-eval fid`)."""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,652 @@
+"""The FID sweep of Sec. 4.1 / Table 1: prompts -> retrieval -> generation over guidance grids -> metrics.
+
+    sweep = FidSweep(SweepConfig(dataset="coco", dataset_root="/data/coco", db="coco-train", model="ckpt/64",
+                                 sr_model="ckpt/sr256", out="runs/fid-coco"))
+    sweep.validate()     # every check that needs no writing: bad input fails here, before OUT exists
+    result = sweep.run() # generation (this process's shard), then metrics and the tables (rank 0)
+
+Layout of the output folder::
+
+    OUT/fid.json                      every setting that affects the images (a rerun with others is refused)
+    OUT/prompts.jsonl                 the drawn prompts (prompt_id, text)
+    OUT/neighbours.json               retrieved neighbour ids per prompt (computed once, shared by all points)
+    OUT/base/w64_<w>/                 base-stage (64x64) images, made ONCE per 64-stage weight ...
+    OUT/images/w64_<w>__wsr_<v>/      ... and reused by every super-resolution weight (the final images)
+    OUT/metrics/<point>/<backend>/    features, statistics and metrics.json of one sweep point
+    OUT/results.csv, results.md, fid_vs_guidance.png
+
+Every image folder is a ``reimagen.generate`` run folder (``<prompt_id>__0.png``, ``run.json``): images are
+written as they are made, a rerun skips them, and processes started by torchrun / accelerate (RANK,
+WORLD_SIZE) each make their share; rank 0 waits for the others' images, then computes the metrics.
+Guidance is standard (non-interleaved) classifier-free guidance on both conditions, ``JointGuidance(w)``, as in
+Sec. 4.1; without a database, plain text CFG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from reimagen.generate import ImageGenerator, Job, image_name
+
+from . import metrics as mt
+from .datasets import FidDataset, open_dataset
+from .protocol import FID, ZS_FID
+
+MANIFEST = "fid.json"
+PROMPTS = "prompts.jsonl"
+NEIGHBOURS = "neighbours.json"
+PAPER_GRID_64 = (1.0, 1.25, 1.5, 1.75, 2.0)
+PAPER_GRID_SR = (1.0, 5.0, 8.0, 10.0)
+NAMED_DBS = ("none", "coco-train", "wikiimages-train", "laion")
+
+
+@dataclass
+class SweepConfig:
+    dataset: str = "coco"
+    out: str = "runs/fid"
+    dataset_root: str | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    num_prompts: int | None = None            # None: the dataset's default (COCO 30000, WikiImages 20000)
+    seed: int = 0                             # prompt draw and every image (f(prompt id, sample index, seed))
+    db: str = "none"                          # none | coco-train | wikiimages-train | laion | FORMAT:PATH | .parquet
+    db_root: str | None = None                # data of a named database that is not the dataset's own
+    index: str | None = None                  # a saved retriever folder (reimagen-eval index build)
+    retriever: str | None = None              # bm25 | clip (default: bm25, or the kind of --index)
+    k: int = 2                                # neighbours per prompt (paper: 2)
+    model: str = ""                           # Re-Imagen checkpoint | diffusers pipeline id/path | image folder
+    sr_model: str | None = None               # super-resolution checkpoint (Re-Imagen cascades)
+    guidance_64: Sequence[float] = PAPER_GRID_64
+    guidance_sr: Sequence[float] = PAPER_GRID_SR
+    steps: int = 1000                         # sampling steps of the base stage (paper: T = 1000)
+    sr_steps: int | None = None               # of the SR stage (default: steps)
+    sampler: str = "ddpm"
+    sr_aug_level: float = 0.0                 # SR noise-conditioning augmentation at sampling
+    batch_size: int = 16                      # images per generation batch
+    device: str = "cpu"
+    backend: str = "clean-fid"                # clean-fid | torch-fidelity
+    mode: str = "clean"                       # clean-fid mode: clean | legacy_tensorflow
+    feature_extractor: str = "inception"
+    inception_weights: str | None = None
+    resolution: int = 256
+    kid: bool = True
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str | None = None        # open-clip tag or checkpoint: CLIP score (and CLIP retrieval)
+    stats_cache: str | None = None            # default $REIMAGEN_CACHE/fid_stats or ~/.cache/reimagen/fid_stats
+    label: str = "auto"                       # auto | FID | ZS-FID
+    feature_batch_size: int = 64
+    workers: int = 0                          # DataLoader workers of the feature extraction
+    wait_timeout: float = 7 * 24 * 3600.0     # rank 0: how long to wait for the other processes' images
+    progress: bool = True
+
+
+@dataclass
+class Point:
+    """One cell of the guidance grid."""
+
+    name: str
+    w_64: float | None
+    w_sr: float | None
+    folder: Path                      # the final images
+    base: Path | None = None          # the cached base-stage images it is made from
+
+
+@dataclass
+class Database:
+    name: str
+    kb: Any = None                    # KnowledgeBase or None (no retrieval)
+    in_domain: bool = False
+    source: str = ""
+
+
+def fmt_w(w: float) -> str:
+    return f"{float(w):g}"
+
+
+def parse_grid(text: str | Sequence[float], what: str) -> list[float]:
+    """"1.0,1.25" -> [1.0, 1.25]; each weight finite and >= 0 (Eq. 5), no duplicates."""
+    if isinstance(text, str):
+        parts = [p for p in text.replace(" ", "").split(",") if p]
+        try:
+            vals = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+    else:
+        vals = [float(v) for v in text]
+    if not vals:
+        raise ValueError(f"{what}: give at least one guidance weight")
+    for v in vals:
+        if not np.isfinite(v) or v < 0:
+            raise ValueError(f"{what}: guidance weights must be finite and >= 0, got {v}")
+    if len(set(vals)) != len(vals):
+        raise ValueError(f"{what}: duplicate guidance weights in {vals}")
+    return vals
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+def model_kind(path: str) -> str:
+    """"reimagen" (a checkpoint folder with config.json), "folder" (images named by prompt id) or "diffusers"."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "config.json").is_file() and json.loads((p / "config.json").read_text()).get("unet") is not None:
+            return "reimagen"
+        if (p / "model_index.json").is_file():
+            return "diffusers"
+        return "folder"
+    if p.exists():
+        raise ValueError(f"--model {path} is a file; give a checkpoint folder, an image folder or a diffusers "
+                         "pipeline id/folder")
+    parts = path.split("/")
+    if path.startswith((".", "/", "~")) or len(parts) != 2 or not all(parts):
+        raise FileNotFoundError(f"--model {path} does not exist (and is not a diffusers hub id such as "
+                                "stabilityai/stable-diffusion-2-1)")
+    return "diffusers"  # a hub id such as stabilityai/stable-diffusion-2-1
+
+
+def checkpoint_identity(path: str) -> dict[str, Any]:
+    from reimagen.train import read_checkpoint_config
+
+    meta = read_checkpoint_config(path)
+    p = Path(path)
+    sizes = {f.name: f.stat().st_size for f in sorted(p.glob("*.safetensors"))}
+    return {"path": str(p.resolve()), "step": meta.get("step"), "unet": meta.get("unet"), "files": sizes}
+
+
+class SuperResolutionGenerator(ImageGenerator):
+    """The super-resolution stage of a cascade, conditioned on base-stage images saved in ``base`` (the sweep's
+    cache: one base folder per 64-stage weight serves every SR weight). Seeds follow ``Cascade``: stage index 1,
+    so an image is a function of (prompt id, sample index, seed, base image).
+
+    Differences from ``Cascade.sample`` on the same prompts: the SR stage conditions on the saved 8-bit base image
+    (within 1/255 of the float one), and it encodes text with the SR checkpoint's own text encoder (``Cascade``
+    shares the base stage's; they are the same for the frozen T5 / MiniLM encoders)."""
+
+    def __init__(self, model, text_encoder, guidance, settings, base: Path, base_name: str, stage_index: int = 1):
+        self.model, self.text_encoder, self.guidance, self.settings = model, text_encoder, guidance, settings
+        self.base, self.base_name, self.stage_index = Path(base), base_name, stage_index
+        self.uses_neighbours = bool(guidance.needs_neighbours)
+
+    def _lowres(self, job: Job) -> torch.Tensor:
+        from PIL import Image
+
+        path = self.base / image_name(job.prompt_id, job.sample_index)
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+        s = self.model.cfg.lowres_size
+        if arr.shape[:2] != (s, s):
+            raise ValueError(f"{path} is {arr.shape[1]}x{arr.shape[0]}, the SR stage expects {s}x{s}")
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+    @torch.no_grad()
+    def generate(self, jobs, neighbours, seed):
+        from reimagen.sampling import make_generators, sample_stage
+
+        model = self.model.eval()
+        dev = next(model.parameters()).device
+        low = torch.stack([self._lowres(j) for j in jobs]).to(dev)
+        text = self.text_encoder.encode([j.prompt for j in jobs])
+        tc = model.project_text(text.embeddings.to(dev), text.mask.to(dev))
+        memory = None
+        if neighbours is not None and self.uses_neighbours and model.neighbour_attn is not None:
+            nt = self.text_encoder.encode([t for row in neighbours.texts for t in row])
+            ntc = model.project_text(nt.embeddings.to(dev), nt.mask.to(dev))
+            valid = None if neighbours.mask is None else neighbours.mask.to(dev)
+            memory = model.encode_neighbours(neighbours.at_size(model.cfg.image_size).to(dev), ntc, valid)
+        pids, sidx = [j.prompt_id for j in jobs], [j.sample_index for j in jobs]
+        x = sample_stage(model, tc, memory, self.guidance, self.settings,
+                         make_generators(seed, pids, sidx, self.stage_index, "noise", dev),
+                         make_generators(seed, pids, sidx, self.stage_index, "guidance", dev),
+                         lowres=low, stage_name=f"sr {self.model.cfg.lowres_size}->{self.model.cfg.image_size}")
+        return ((x + 1) / 2).clamp(0, 1).cpu()
+
+    def describe(self) -> dict[str, Any]:
+        return {"generator": "reimagen-sr-from-base", "base": self.base_name, "stage_index": self.stage_index,
+                "stage": {"guidance": repr(self.guidance), "settings": repr(self.settings),
+                          "config": self.model.cfg.to_dict()},
+                "text_encoder": self.text_encoder.spec()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep
+# ----------------------------------------------------------------------------------------------
+class FidSweep:
+    def __init__(self, cfg: SweepConfig, log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.log = log or (lambda msg: None)
+        self.notes: list[str] = []
+        self.validated = False
+
+    # -- 1. validation: no writes ------------------------------------------------------------------
+    def validate(self) -> "FidSweep":
+        from .backends import make_backend
+        from .features import resolve_extractor
+        from reimagen.generate import shard_from_env
+
+        c = self.cfg
+        self.rank, self.world = shard_from_env()
+        if c.k < 1:
+            raise ValueError(f"--k must be >= 1, got {c.k}")
+        if c.resolution < 16:
+            raise ValueError(f"--resolution must be >= 16, got {c.resolution}")
+        if c.batch_size < 1 or c.feature_batch_size < 1 or c.workers < 0:
+            raise ValueError("batch sizes must be >= 1 and --workers >= 0")
+        if c.steps < 1 or (c.sr_steps is not None and c.sr_steps < 1):
+            raise ValueError("--steps and --sr-steps must be >= 1")
+        if c.label not in ("auto", FID, ZS_FID):
+            raise ValueError(f"--label must be auto, {FID} or {ZS_FID}, got {c.label!r}")
+        self.retriever_name = self._retriever_name()
+        if c.kid and (c.kid_subsets < 1 or c.kid_subset_size < 2):
+            raise ValueError("--kid-subsets must be >= 1 and --kid-subset-size >= 2")
+        self.grid_64 = parse_grid(c.guidance_64, "--guidance-64")
+        self.grid_sr = parse_grid(c.guidance_sr, "--guidance-sr")
+        self.device = c.device
+        if c.device == "cuda" and "LOCAL_RANK" in os.environ:
+            self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        self.backend = make_backend(c.backend, resolve_extractor(c.feature_extractor), c.mode, self.device,
+                                    c.inception_weights, c.resolution)
+        self.backend.load()  # Inception weights: fail now, not after hours of sampling
+        self.stats_dir = mt.stats_cache_dir(c.stats_cache)
+
+        # The dataset: prompts and the reference set (names the missing files and where to get them).
+        self.dataset: FidDataset = open_dataset(c.dataset, c.dataset_root, c.num_prompts, c.seed,
+                                                **dict(c.dataset_options))
+        if len(self.dataset.reference) < 2:
+            raise ValueError(f"the reference set of {c.dataset} has {len(self.dataset.reference)} images; "
+                             "FID needs at least 2")
+        self.jobs = [Job(p.prompt_id, p.text, 0) for p in self.dataset.prompts]
+        if len(self.jobs) < 2:
+            raise ValueError(f"--num-prompts must be >= 2 for FID statistics, got {len(self.jobs)}")
+        for j in self.jobs:
+            image_name(j.prompt_id, 0)  # prompt ids must be file-name safe
+
+        # The model.
+        if not c.model:
+            raise ValueError("--model is required: a Re-Imagen checkpoint folder, a diffusers pipeline, or a "
+                             "folder of images named by prompt id")
+        self.kind = model_kind(c.model)
+        self._validate_model()
+
+        # The database.
+        self.db = self._open_database()
+        if self.db.kb is not None and self.kind != "reimagen" and self.kind != "folder":
+            raise ValueError(f"--db {c.db}: a {self.kind} baseline uses no retrieval; pass --db none")
+        if self.db.kb is not None and self.kind == "reimagen":
+            if not self.base_model.cfg.neighbour_attention:
+                raise ValueError(f"{c.model} has no neighbour attention (a text-only stage); pass --db none")
+            if len(self.db.kb) == 0:
+                raise ValueError(f"database {c.db} is empty")
+            if self.retriever_name == "clip" and c.index is None and not c.clip_pretrained:
+                raise ValueError("--retriever clip needs CLIP weights (--clip-pretrained TAG_OR_PATH) or a prebuilt "
+                                 "--index built with `reimagen-eval index build --retriever clip`")
+        self.label = c.label if c.label != "auto" else (FID if self.db.in_domain else ZS_FID)
+
+        self.clip_encoder = self._clip_encoder()
+
+        # An existing output folder must hold this very sweep.
+        self.manifest = self._manifest()
+        mf = self.out / MANIFEST
+        if mf.is_file():
+            old = json.loads(mf.read_text())
+            if old != self.manifest:
+                diff = sorted(k for k in set(old) | set(self.manifest) if old.get(k) != self.manifest.get(k))
+                raise ValueError(f"{self.out} holds a sweep with other settings (differing: {', '.join(diff)}); "
+                                 "use another --out or delete it")
+        self.points = self._plan()
+        self.validated = True
+        return self
+
+    def _retriever_name(self) -> str:
+        """--retriever, or the kind of the saved --index (bm25, clip, precomputed); they must agree."""
+        c = self.cfg
+        if c.retriever is not None and c.retriever not in ("bm25", "clip"):
+            raise ValueError(f"unknown retriever {c.retriever!r}; choose bm25 or clip")
+        if not c.index:
+            return c.retriever or "bm25"
+        mf = Path(c.index) / "manifest.json"
+        if not mf.is_file():
+            raise FileNotFoundError(f"--index {c.index} is not a saved retriever (no manifest.json); build one with "
+                                    "`reimagen-eval index build`")
+        kind = str(json.loads(mf.read_text()).get("kind"))
+        family = "bm25" if kind.startswith("bm25") else kind
+        if c.retriever is not None and family != c.retriever:
+            raise ValueError(f"--index {c.index} is a {kind} retriever but --retriever is {c.retriever}")
+        return family
+
+    def _validate_model(self) -> None:
+        c = self.cfg
+        self.base_model = self.sr = self.folder_gen = None
+        if self.kind == "reimagen":
+            from reimagen.train import load_stage
+
+            self.base_model, self.base_encoder = load_stage(c.model, device=self.device)
+            if self.base_model.cfg.is_super_resolution:
+                raise ValueError(f"--model {c.model} is a super-resolution stage; give the base (64x64) stage as "
+                                 "--model and the super-resolution stage as --sr-model")
+            if c.sr_model:
+                if model_kind(c.sr_model) != "reimagen":
+                    raise ValueError(f"--sr-model {c.sr_model} is not a Re-Imagen checkpoint folder")
+                self.sr, self.sr_encoder = load_stage(c.sr_model, device=self.device)
+                if not self.sr.cfg.is_super_resolution:
+                    raise ValueError(f"--sr-model {c.sr_model} is not a super-resolution stage")
+                if self.sr.cfg.lowres_size != self.base_model.cfg.image_size:
+                    raise ValueError(f"--sr-model expects {self.sr.cfg.lowres_size}px inputs but the base stage makes "
+                                     f"{self.base_model.cfg.image_size}px images")
+        else:
+            if c.sr_model:
+                raise ValueError("--sr-model only applies to Re-Imagen checkpoints")
+            if self.kind == "folder":
+                from reimagen.generate import FolderGenerator
+
+                self.folder_gen = FolderGenerator(c.model)
+                n_images = sum(1 for f in Path(c.model).iterdir()
+                               if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+                if n_images < len(self.jobs):
+                    raise ValueError(f"{c.model} holds {n_images} images, fewer than the {len(self.jobs)} prompts "
+                                     "requested (--num-prompts)")
+                missing = self.folder_gen.missing(self.jobs)
+                if missing:
+                    eg = ", ".join(image_name(j.prompt_id, 0) for j in missing[:3])
+                    raise ValueError(f"{c.model} has no image for {len(missing)} of the {len(self.jobs)} prompt ids "
+                                     f"(e.g. {eg}); images are named <prompt_id>__0.png (or <prompt_id>.png)")
+            else:
+                from reimagen.generate import DiffusersGenerator
+
+                self.diffusers = DiffusersGenerator(c.model, device=self.device, num_inference_steps=c.steps,
+                                                    guidance_scale=self.grid_64[0])
+
+    def _open_database(self) -> Database:
+        from reimagen.retrieval.base import open_knowledge_base
+
+        c, ds = self.cfg, self.dataset
+        db = c.db.strip()
+        if db == "none":
+            if c.index:
+                raise ValueError("--index needs a database (--db)")
+            return Database("none")
+        if db == ds.in_domain_db:
+            return Database(db, ds.open_in_domain(), True, f"{ds.name} train split")
+        if db in NAMED_DBS:
+            root = c.db_root
+            if db == "laion" and root is None and c.index:
+                mf = Path(c.index) / "manifest.json"
+                if not mf.is_file():
+                    raise FileNotFoundError(f"--index {c.index} is not a saved retriever (no manifest.json)")
+                src = json.loads(mf.read_text()).get("source") or ""
+                if not src:
+                    raise ValueError(f"--index {c.index} does not record its knowledge base; pass --db-root")
+                return Database(db, open_knowledge_base(src), False, src)
+            if root is None:
+                hint = ("a folder (or glob) of LAION-400M webdataset shards made by img2dataset, or --index with a "
+                        "retriever built over them" if db == "laion" else f"the {db.split('-')[0]} dataset folder")
+                raise ValueError(f"--db {db} needs --db-root: {hint}")
+            from reimagen.retrieval import readers
+
+            if db == "coco-train":
+                kb = readers.read_coco(root, "train2014", progress=False)
+            elif db == "wikiimages-train":
+                kb = readers.read_wikiimages(root, "train", progress=False)
+            else:
+                kb = readers.read_webdataset(root, progress=False)
+            return Database(db, kb, False, str(root))
+        if ":" in db or db.endswith(".parquet"):
+            kb = open_knowledge_base(db)
+            fmt, split = kb.meta.get("format"), str(kb.meta.get("split", ""))
+            same = fmt in ds.in_domain_formats
+            if same and split and "train" not in split:
+                raise ValueError(f"--db {db} is the {split} split of {ds.name}: retrieving from the evaluation data "
+                                 "would leak the reference images; use the train split")
+            train = ds.meta.get("train_split")
+            if same and train and split != train:
+                raise ValueError(f"--db {db} is {ds.name} {split}, which overlaps {ds.split} (e.g. COCO train2017 "
+                                 f"holds the val2014 images); use {train}")
+            return Database(db, kb, bool(same and "train" in split), db)
+        raise ValueError(f"unknown database {db!r}; choose none, {ds.in_domain_db}, laion, another named database "
+                         f"({', '.join(n for n in NAMED_DBS if n not in ('none', ds.in_domain_db, 'laion'))}, "
+                         "with --db-root), or a knowledge base FORMAT:PATH / table.parquet")
+
+    def _clip_encoder(self):
+        c = self.cfg
+        if not c.clip_pretrained:
+            self.notes.append("CLIP score skipped: no CLIP weights given (--clip-pretrained TAG_OR_PATH).")
+            return None
+        try:
+            from reimagen.retrieval.clip import ClipEncoder
+
+            return ClipEncoder(c.clip_model, c.clip_pretrained, device=self.device)
+        except (RuntimeError, OSError, ValueError, ImportError) as err:
+            self.notes.append(f"CLIP score skipped: {str(err).splitlines()[0][:300]}")
+            return None
+
+    def _manifest(self) -> dict[str, Any]:
+        c, ds = self.cfg, self.dataset
+        model: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "reimagen":
+            model["base"] = checkpoint_identity(c.model)
+            model["sr"] = checkpoint_identity(c.sr_model) if c.sr_model else None
+        else:
+            model["path"] = c.model if self.kind == "diffusers" and not Path(c.model).exists() \
+                else str(Path(c.model).resolve())
+        uses_db = self.db.kb is not None and self.kind == "reimagen"
+        return {"format_version": 1, "dataset": ds.name, "split": ds.split,
+                "dataset_options": {k: str(v) for k, v in sorted(dict(c.dataset_options).items())},
+                "num_prompts": len(self.jobs), "seed": c.seed,
+                "prompts_sha": _sha([(j.prompt_id, j.prompt) for j in self.jobs]),
+                "db": self.db.name, "db_source": self.db.source,
+                "retriever": self.retriever_name if uses_db else None, "k": c.k if uses_db else None,
+                "index": str(Path(c.index).resolve()) if (uses_db and c.index) else None,
+                "model": model, "steps": c.steps if self.kind != "folder" else None,
+                "sr_steps": (c.sr_steps or c.steps) if self.sr is not None else None,
+                "sampler": c.sampler if self.kind == "reimagen" else None,
+                "sr_aug_level": c.sr_aug_level if self.sr is not None else None}
+
+    def _plan(self) -> list[Point]:
+        if self.kind == "folder":
+            return [Point("folder", None, None, Path(self.cfg.model))]
+        if self.kind == "diffusers":
+            return [Point(f"cfg_{fmt_w(w)}", w, None, self.out / "images" / f"cfg_{fmt_w(w)}") for w in self.grid_64]
+        pts = []
+        for w in self.grid_64:
+            base = self.out / "base" / f"w64_{fmt_w(w)}"
+            if self.sr is None:
+                pts.append(Point(f"w64_{fmt_w(w)}", w, None, base, None))
+            else:
+                for v in self.grid_sr:
+                    name = f"w64_{fmt_w(w)}__wsr_{fmt_w(v)}"
+                    pts.append(Point(name, w, v, self.out / "images" / name, base))
+        return pts
+
+    # -- 2. running ---------------------------------------------------------------------------------
+    def image_paths(self, point: Point) -> list[str]:
+        if self.kind == "folder":
+            return [str(self.folder_gen.path_of(j)) for j in self.jobs]
+        return [str(point.folder / image_name(j.prompt_id, j.sample_index)) for j in self.jobs]
+
+    def run(self) -> dict[str, Any]:
+        if not self.validated:
+            self.validate()
+        self.out.mkdir(parents=True, exist_ok=True)
+        mt.write_json_atomic(self.out / MANIFEST, self.manifest)
+        mt.write_atomic(self.out / PROMPTS, "".join(json.dumps({"prompt_id": j.prompt_id, "text": j.prompt}) + "\n"
+                                                   for j in self.jobs))
+        if self.kind != "folder":
+            self._generate()
+        if self.rank != 0:
+            self.log(f"rank {self.rank}/{self.world}: generated this process's images; rank 0 computes the metrics")
+            return {"rank": self.rank, "rows": [], "notes": self.notes}
+        self._wait_for_images()
+        return {"rank": 0, "rows": self._metrics(), "notes": self.notes}
+
+    def _neighbours_table(self) -> dict[str, tuple[list[str], list[float]]]:
+        c = self.cfg
+        path = self.out / NEIGHBOURS
+        want = {"db": self.db.name, "source": self.db.source, "retriever": self.retriever_name, "k": c.k,
+                "prompts_sha": self.manifest["prompts_sha"], "index": self.manifest["index"]}
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if data.get("key") == want:
+                return {pid: (row[0], row[1]) for pid, row in data["rows"].items()}
+        retriever = self._retriever()
+        self.log(f"retrieving {c.k} neighbours for {len(self.jobs)} prompts from {self.db.name} "
+                 f"({self.retriever_name})")
+        rows: dict[str, Any] = {}
+        for start in range(0, len(self.jobs), 1024):
+            chunk = self.jobs[start:start + 1024]
+            res = retriever.search([j.prompt for j in chunk], c.k, query_ids=[j.prompt_id for j in chunk])
+            for j, ids, scores in zip(chunk, res.ids, res.scores):
+                rows[j.prompt_id] = [list(ids), [float(s) for s in scores]]
+        missing = {n for ids, _ in rows.values() for n in ids if n not in self.db.kb}
+        if missing:
+            raise ValueError(f"the retriever returned {len(missing)} ids that are not in database {self.db.name} "
+                             f"(e.g. {sorted(missing)[:3]}); was --index built over another knowledge base?")
+        mt.write_json_atomic(path, {"key": want, "rows": rows})
+        return {pid: (r[0], r[1]) for pid, r in rows.items()}
+
+    def _retriever(self):
+        c = self.cfg
+        if c.index:
+            from reimagen.retrieval.base import load_retriever
+
+            return load_retriever(c.index)
+        if self.retriever_name == "bm25":
+            from reimagen.retrieval.bm25 import BM25Retriever
+
+            return BM25Retriever.from_knowledge_base(self.db.kb)
+        from reimagen.retrieval.clip import ClipRetriever
+
+        return ClipRetriever.build(self.db.kb, model_name=c.clip_model, pretrained=c.clip_pretrained,
+                                   device=self.device, work_dir=self.out / "retrieval" / "clip-embeddings",
+                                   progress=c.progress)
+
+    def _neighbours_fn(self, table, size: int):
+        from reimagen.retrieval.base import SearchResult, neighbours_from_result
+
+        kb, k = self.db.kb, self.cfg.k
+
+        def fn(jobs):
+            rows = [table[j.prompt_id] for j in jobs]
+            return neighbours_from_result(kb, SearchResult([r[0] for r in rows], [r[1] for r in rows]), k, size)
+
+        return fn
+
+    def _generate(self) -> None:
+        from reimagen.generate import generate_run
+
+        c = self.cfg
+        shard = (self.rank, self.world)
+        common = {"sweep": {k: self.manifest[k] for k in ("dataset", "split", "prompts_sha", "db", "retriever", "k")}}
+        if self.kind == "diffusers":
+            gen = self.diffusers
+            for p in self.points:
+                gen.guidance_scale = p.w_64  # one loaded pipeline, one run folder per guidance scale
+                self.log(f"{p.name}: generating")
+                generate_run(gen, self.jobs, p.folder, c.seed, None, c.batch_size, common, shard, c.progress)
+            return
+        from reimagen import Cascade, JointGuidance, SamplerSettings, Stage
+        from reimagen.generate import CascadeGenerator
+
+        use_db = self.db.kb is not None
+        table = self._neighbours_table() if use_db else None
+        base_nbrs = self._neighbours_fn(table, self.base_model.cfg.image_size) if use_db else None
+        sr_nbrs = self._neighbours_fn(table, self.sr.cfg.image_size) if (use_db and self.sr is not None) else None
+        base_settings = SamplerSettings(steps=c.steps, sampler=c.sampler)
+        sr_settings = SamplerSettings(steps=c.sr_steps or c.steps, sampler=c.sampler, aug_level=c.sr_aug_level)
+        for w in self.grid_64:
+            base = self.out / "base" / f"w64_{fmt_w(w)}"
+            stage = Stage(self.base_model, JointGuidance(w=w, use_neighbours=use_db), base_settings)
+            gen = CascadeGenerator(Cascade([stage], self.base_encoder))
+            self.log(f"base stage w64={fmt_w(w)}: generating")
+            generate_run(gen, self.jobs, base, c.seed, base_nbrs, c.batch_size, common, shard, c.progress)
+            if self.sr is None:
+                continue
+            for v in self.grid_sr:
+                p = self.out / "images" / f"w64_{fmt_w(w)}__wsr_{fmt_w(v)}"
+                sr_gen = SuperResolutionGenerator(self.sr, self.sr_encoder, JointGuidance(w=v, use_neighbours=use_db),
+                                                  sr_settings, base, f"base/w64_{fmt_w(w)}")
+                self.log(f"SR stage w64={fmt_w(w)} wsr={fmt_w(v)}: generating from the cached base images")
+                generate_run(sr_gen, self.jobs, p, c.seed, sr_nbrs, c.batch_size, common, shard, c.progress)
+
+    def _wait_for_images(self) -> None:
+        start, delay, last_log = time.monotonic(), 0.2, -1e9
+        while True:
+            missing = sum(1 for p in self.points for f in self.image_paths(p) if not os.path.isfile(f))
+            if not missing:
+                return
+            if self.world == 1:
+                raise RuntimeError(f"{missing} images are missing after generation")
+            if time.monotonic() - start > self.cfg.wait_timeout:
+                raise RuntimeError(f"{missing} images of the other processes are still missing after "
+                                   f"{self.cfg.wait_timeout:.0f} s; rerun the same command (one process resumes "
+                                   "what is missing)")
+            if time.monotonic() - last_log > 60:
+                self.log(f"rank 0: waiting for {missing} images from the other {self.world - 1} processes")
+                last_log = time.monotonic()
+            time.sleep(delay)
+            delay = min(delay * 1.5, 5.0)
+
+    def _metrics(self) -> list[dict[str, Any]]:
+        c, ds, b = self.cfg, self.dataset, self.backend
+        self.log(f"reference statistics: {len(ds.reference)} {ds.name} {ds.split} images ({b.key()}; cache "
+                 f"{self.stats_dir})")
+        ref = mt.reference_stats(b, ds.name, ds.split, ds.reference, ds.reference_root, self.stats_dir,
+                                 c.feature_batch_size, c.workers, c.progress)
+        texts = [j.prompt for j in self.jobs]
+        rows = []
+        for p in self.points:
+            refs = self.image_paths(p)
+            fp = mt.items_fingerprint(refs, with_mtime=True)
+            folder = self.out / "metrics" / p.name / mt.safe_name(b.key())
+            want = {"fingerprint": fp, "reference": str(ref.folder.name),
+                    "kid": [c.kid, c.kid_subsets, c.kid_subset_size, c.seed],
+                    "clip": [c.clip_model, c.clip_pretrained] if self.clip_encoder else None}
+            mpath = folder / "metrics.json"
+            if mpath.is_file() and json.loads(mpath.read_text()).get("key") == want:
+                m = json.loads(mpath.read_text())["metrics"]
+            else:
+                self.log(f"{p.name}: metrics on {len(refs)} images")
+                st = mt.stats_for(b, refs, folder, fp, None, c.feature_batch_size, c.workers, c.progress,
+                                  f"features {p.name}")
+                m = {"fid": b.frechet(st.mu, st.sigma, ref.mu, ref.sigma), "n": st.n, "n_ref": ref.n}
+                if c.kid:
+                    m["kid"], m["kid_std"], m["kid_subset_size"] = mt.kid_from_files(
+                        b, ref.features, st.features, c.kid_subsets, c.kid_subset_size, c.seed)
+                if self.clip_encoder is not None:
+                    m["clip_score"] = mt.clip_score(self.clip_encoder, refs, texts, c.resolution)
+                mt.write_json_atomic(mpath, {"key": want, "metrics": m})
+            rows.append(self._row(p, m))
+        return rows
+
+    def _row(self, p: Point, m: dict[str, Any]) -> dict[str, Any]:
+        c = self.cfg
+        uses_db = self.db.kb is not None
+        if self.kind == "diffusers":
+            model = c.model
+        else:
+            model = "/".join(Path(c.model).resolve().parts[-2:]) + ("+sr" if self.sr is not None else "")
+        return {"dataset": self.dataset.name, "split": self.dataset.split, "model": f"{self.kind}:{model}",
+                "db": self.db.name, "retriever": self.retriever_name if uses_db else "-", "k": c.k if uses_db else 0,
+                "w_64": p.w_64, "w_sr": p.w_sr, "metric": self.label, "fid": m["fid"], "kid": m.get("kid"),
+                "kid_std": m.get("kid_std"), "clip_score": m.get("clip_score"), "n": m["n"], "n_ref": m["n_ref"],
+                "backend": self.backend.name, "mode": self.backend.mode,
+                "feature_extractor": self.backend.extractor_name(), "resolution": c.resolution,
+                "point": p.name, "source": "measured"}
+
+
+__all__ = ["SweepConfig", "Point", "Database", "FidSweep", "SuperResolutionGenerator", "parse_grid", "fmt_w",
+           "model_kind", "checkpoint_identity", "PAPER_GRID_64", "PAPER_GRID_SR", "NAMED_DBS"]
