@@ -83,19 +83,27 @@ def make_images(folder: Path, n: int, unique: int, size: int = 256, seed: int = 
 # ----------------------------------------------------------------------------------------------
 # Children (one measurement per process)
 # ----------------------------------------------------------------------------------------------
-def child(kind: str, folder: str, ref: str, work: str, batch: int) -> dict:
+def _child_setup(folder: str, ref: str):
+    """What every child measures with: the clean-fid backend with the offline extractor, the reference
+    statistics and the folder's files (threads set, OpenMP waiting passive)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from evaluation import backends as bk
+    from evaluation import backends as bk  # imports reimagen first: the torchvision workaround
     from evaluation import features as fx
-    from evaluation import metrics as mt
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     backend = bk.make_backend("clean-fid", fx.resolve_extractor(EXTRACTOR), mode="clean", resolution=256).load()
     z = np.load(Path(ref) / "stats.npz")
-    ref_mu, ref_sigma = z["mu"], z["sigma"]
-    files = sorted(str(p) for p in Path(folder).glob("*.png"))
+    return backend, z["mu"], z["sigma"], sorted(str(p) for p in Path(folder).glob("*.png"))
+
+
+def child(kind: str, folder: str, ref: str, work: str, batch: int) -> dict:
+    import torch
+
+    from evaluation import metrics as mt
+
+    backend, ref_mu, ref_sigma, files = _child_setup(folder, ref)
     rss0 = peak_rss_mib()
     frechet_s = [0.0]
     rss_features = [0.0]
@@ -141,19 +149,11 @@ def throughput_child(folder: str, ref: str, work: str, batch: int, repeat: int) 
     """Both paths alternately in one process (same warm-up, same page cache, same load), ``repeat`` rounds;
     the Frechet distance (identical in both: scipy sqrtm of the same 2048 x 2048 statistics) is computed once
     per path at the end, outside the timings, and the two FIDs must agree."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    backend, ref_mu, ref_sigma, files = _child_setup(folder, ref)
     import torch
+    from cleanfid import fid as cfid
 
-    from evaluation import backends as bk  # imports reimagen first: the torchvision workaround
-    from evaluation import features as fx
     from evaluation import metrics as mt
-    from cleanfid import fid as cfid  # noqa: I001
-
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    backend = bk.make_backend("clean-fid", fx.resolve_extractor(EXTRACTOR), mode="clean", resolution=256).load()
-    z = np.load(Path(ref) / "stats.npz")
-    ref_mu, ref_sigma = z["mu"], z["sigma"]
-    files = sorted(str(p) for p in Path(folder).glob("*.png"))
     real_frechet = cfid.frechet_distance
     cfid.get_reference_statistics = lambda *a, **k: (ref_mu, ref_sigma)  # instead of a download
     seen: dict[str, tuple] = {}
