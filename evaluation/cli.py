@@ -59,11 +59,14 @@ def fid(
     dataset_root: Optional[Path] = typer.Option(None, "--dataset-root", help="coco: folder with annotations/"
                                                 "captions_val2014.json and val2014/ (and train2014/ for --db "
                                                 "coco-train); wikiimages: folder with WebQA_train_val.json, "
-                                                "imgs.tsv, imgs.lineidx."),
+                                                "imgs.tsv, imgs.lineidx; synthetic: a world folder from "
+                                                "`reimagen-eval toy build` (a new folder is built)."),
     dataset_option: list[str] = typer.Option([], "--dataset-option", "-O", help="KEY=VALUE for the dataset "
                                              "(coco: split=val2014, train_split=train2014; wikiimages: "
-                                             "split_seed=0, val_size=22000). Repeatable."),
-    db: str = typer.Option("none", "--db", help="Retrieval database: coco-train / wikiimages-train (in-domain "
+                                             "split_seed=0, val_size=22000; synthetic: world_seed=0, "
+                                             "build=false). Repeatable."),
+    db: str = typer.Option("none", "--db", help="Retrieval database: coco-train / wikiimages-train / "
+                           "synthetic-train (in-domain "
                            "for their dataset: FID), laion (zero-shot, with --db-root SHARDS or --index), none "
                            "(text only), or any knowledge base FORMAT:PATH[?opts] / table.parquet."),
     db_root: Optional[str] = typer.Option(None, "--db-root", help="Data of a named database that is not the "
@@ -80,7 +83,8 @@ def fid(
     sr_model: Optional[str] = typer.Option(None, "--sr-model", help="The super-resolution checkpoint of the "
                                            "cascade (64 -> 256 in the paper)."),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Prompts drawn with --seed from the "
-                                              "validation captions (default: COCO 30000, WikiImages 20000)."),
+                                              "validation captions (default: COCO 30000, WikiImages 20000, "
+                                              "synthetic 500)."),
     guidance_64: str = typer.Option("1.0,1.25,1.5,1.75,2.0", "--guidance-64", help="Guidance weights of the "
                                     "base stage (standard CFG, Sec. 4.1)."),
     guidance_sr: str = typer.Option("1,5,8,10", "--guidance-sr", help="Guidance weights of the super-resolution "
@@ -93,12 +97,15 @@ def fid(
                                 "Inception preprocessing)."),
     mode: str = typer.Option("clean", "--mode", help="clean-fid mode: clean or legacy_tensorflow."),
     feature_extractor: str = typer.Option("inception", "--feature-extractor", help="inception (comparable with "
-                                          "published FIDs); random-conv-<dim> (offline tests only) or module:attr."),
+                                          "published FIDs); random-conv-<dim> (offline tests only) or module:attr "
+                                          "(e.g. evaluation.synthetic:judge_features for --dataset synthetic)."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local Inception weights: "
                                                      "clean-fid inception-2015-12-05.pt, torch-fidelity "
                                                      "weights-inception-2015-12-05-6726825d.pth."),
-    resolution: int = typer.Option(256, "--resolution", help="Real and generated images are center-cropped and "
-                                   "resized to this side (PIL bicubic) before the backend's preprocessing."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Real and generated images are center-"
+                                             "cropped and resized to this side (PIL bicubic) before the backend's "
+                                             "preprocessing (default: the dataset's; COCO / WikiImages 256, "
+                                             "synthetic 64)."),
     kid: bool = typer.Option(True, "--kid/--no-kid", help="Compute KID alongside FID."),
     kid_subsets: int = typer.Option(100, "--kid-subsets", help="KID: random subsets (as clean-fid / torch-fidelity)."),
     kid_subset_size: int = typer.Option(1000, "--kid-subset-size", help="KID: images per subset (at most the "
@@ -147,7 +154,7 @@ def fid(
     ds = sweep.dataset
     protocol = (f"{len(sweep.jobs)} prompts drawn with seed {seed} from {ds.name} {ds.split}; reference: all "
                 f"{len(ds.reference)} {ds.split} images; real and generated images center-cropped and resized to "
-                f"{resolution}px (PIL bicubic), then {sweep.backend.name} ({sweep.backend.mode}) with "
+                f"{sweep.resolution}px (PIL bicubic), then {sweep.backend.name} ({sweep.backend.mode}) with "
                 f"{sweep.backend.extractor_name()} features. Standard CFG; {steps} steps ({sampler}). "
                 f"Label {sweep.label}: database {sweep.db.name} is "
                 f"{'in-domain' if sweep.db.in_domain else 'not in-domain'}.")

@@ -6,7 +6,8 @@
                  22K validation split (``split_seed``, ``val_size``), prompts drawn from it, reference = all
                  of it, in-domain database ``wikiimages-train``.
     synthetic    the synthetic long-tail world of the [toy] issue: it registers itself from
-                 ``evaluation/synthetic.py`` (see ``PLUGINS``); nothing here depends on it.
+                 ``evaluation/synthetic.py`` (see ``PLUGINS``); nothing here depends on it. Its images are
+                 64x64, so it registers ``default_resolution=64`` (``--resolution`` when not given).
 
 A dataset is a factory registered with :func:`register_dataset`; the CLI passes the dataset root, the number of
 prompts (None: the dataset's default), the seed and any ``--dataset-option KEY=VALUE``::
@@ -45,15 +46,21 @@ class FidDataset:
 
 DATASETS: dict[str, Callable[..., FidDataset]] = {}
 DEFAULT_NUM_PROMPTS: dict[str, int] = {}
+#: --resolution when not given; datasets that register none use the protocol's 256 (Sec. 4.1)
+DEFAULT_RESOLUTION: dict[str, int] = {}
+PROTOCOL_RESOLUTION = 256
 #: datasets that register themselves when their module is imported (the later [toy] issue adds the module)
 PLUGINS: dict[str, str] = {"synthetic": "evaluation.synthetic"}
 
 
-def register_dataset(name: str, factory: Callable[..., FidDataset], default_num_prompts: int | None = None) -> None:
+def register_dataset(name: str, factory: Callable[..., FidDataset], default_num_prompts: int | None = None,
+                     default_resolution: int | None = None) -> None:
     """Make ``--dataset NAME`` available; ``factory(root, num_prompts=..., seed=..., **options)``."""
     DATASETS[name] = factory
     if default_num_prompts is not None:
         DEFAULT_NUM_PROMPTS[name] = int(default_num_prompts)
+    if default_resolution is not None:
+        DEFAULT_RESOLUTION[name] = int(default_resolution)
 
 
 def dataset_names() -> list[str]:
@@ -72,6 +79,12 @@ def get_dataset_factory(name: str) -> Callable[..., FidDataset]:
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(dataset_names())}")
     return DATASETS[name]
+
+
+def default_resolution(name: str) -> int:
+    """The side real and generated images are resized to when --resolution is not given (imports a plugin)."""
+    get_dataset_factory(name)
+    return DEFAULT_RESOLUTION.get(name, PROTOCOL_RESOLUTION)
 
 
 def open_dataset(name: str, root: str | os.PathLike | None, num_prompts: int | None, seed: int,
@@ -150,5 +163,6 @@ def wikiimages(root: str | None, *, num_prompts: int | None = None, seed: int = 
 register_dataset("coco", coco, default_num_prompts=30000)
 register_dataset("wikiimages", wikiimages, default_num_prompts=20000)
 
-__all__ = ["FidDataset", "DATASETS", "DEFAULT_NUM_PROMPTS", "PLUGINS", "register_dataset", "dataset_names",
-           "get_dataset_factory", "open_dataset", "coco", "wikiimages"]
+__all__ = ["FidDataset", "DATASETS", "DEFAULT_NUM_PROMPTS", "DEFAULT_RESOLUTION", "PROTOCOL_RESOLUTION", "PLUGINS",
+           "register_dataset", "dataset_names", "get_dataset_factory", "default_resolution", "open_dataset", "coco",
+           "wikiimages"]

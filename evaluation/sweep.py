@@ -38,7 +38,7 @@ import torch
 from reimagen.generate import ImageGenerator, Job, image_name
 
 from . import metrics as mt
-from .datasets import FidDataset, open_dataset
+from .datasets import FidDataset, default_resolution, open_dataset
 from .protocol import FID, ZS_FID
 
 MANIFEST = "fid.json"
@@ -76,7 +76,7 @@ class SweepConfig:
     mode: str = "clean"                       # clean-fid mode: clean | legacy_tensorflow
     feature_extractor: str = "inception"
     inception_weights: str | None = None
-    resolution: int = 256
+    resolution: int | None = None            # None: the dataset's (COCO / WikiImages 256, synthetic 64)
     kid: bool = True
     kid_subsets: int = 100
     kid_subset_size: int = 1000
@@ -243,8 +243,9 @@ class FidSweep:
         self.rank, self.world = shard_from_env()
         if c.k < 1:
             raise ValueError(f"--k must be >= 1, got {c.k}")
-        if c.resolution < 16:
-            raise ValueError(f"--resolution must be >= 16, got {c.resolution}")
+        self.resolution = int(c.resolution) if c.resolution is not None else default_resolution(c.dataset)
+        if self.resolution < 16:
+            raise ValueError(f"--resolution must be >= 16, got {self.resolution}")
         if c.batch_size < 1 or c.feature_batch_size < 1 or c.workers < 0:
             raise ValueError("batch sizes must be >= 1 and --workers >= 0")
         if c.steps < 1 or (c.sr_steps is not None and c.sr_steps < 1):
@@ -260,7 +261,7 @@ class FidSweep:
         if c.device == "cuda" and "LOCAL_RANK" in os.environ:
             self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         self.backend = make_backend(c.backend, resolve_extractor(c.feature_extractor), c.mode, self.device,
-                                    c.inception_weights, c.resolution)
+                                    c.inception_weights, self.resolution)
         self.backend.load()  # Inception weights: fail now, not after hours of sampling
         self.stats_dir = mt.stats_cache_dir(c.stats_cache)
 
@@ -627,7 +628,7 @@ class FidSweep:
                     m["kid"], m["kid_std"], m["kid_subset_size"] = mt.kid_from_files(
                         b, ref.features, st.features, c.kid_subsets, c.kid_subset_size, c.seed)
                 if self.clip_encoder is not None:
-                    m["clip_score"] = mt.clip_score(self.clip_encoder, refs, texts, c.resolution)
+                    m["clip_score"] = mt.clip_score(self.clip_encoder, refs, texts, self.resolution)
                 mt.write_json_atomic(mpath, {"key": want, "metrics": m})
             rows.append(self._row(p, m))
         return rows
@@ -644,7 +645,7 @@ class FidSweep:
                 "w_64": p.w_64, "w_sr": p.w_sr, "metric": self.label, "fid": m["fid"], "kid": m.get("kid"),
                 "kid_std": m.get("kid_std"), "clip_score": m.get("clip_score"), "n": m["n"], "n_ref": m["n_ref"],
                 "backend": self.backend.name, "mode": self.backend.mode,
-                "feature_extractor": self.backend.extractor_name(), "resolution": c.resolution,
+                "feature_extractor": self.backend.extractor_name(), "resolution": self.resolution,
                 "point": p.name, "source": "measured"}
 
 

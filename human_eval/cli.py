@@ -6,7 +6,8 @@ The main app registers the sub-app::
     app.add_typer(rate_app, name="rate")
 
 Commands: ``raters`` (a rater list with fresh tokens), ``tasks`` (a blind study folder from run folders),
-``serve`` (the Streamlit app on 127.0.0.1), ``labelstudio-export`` / ``labelstudio-import``, ``report``.
+``serve`` (the Streamlit app on 127.0.0.1), ``labelstudio-export`` / ``labelstudio-import``, ``simulate`` (simulated
+raters for runs of the synthetic world: the judge CNN, labelled as simulated), ``report``.
 Bad input gives one red line and exit code 2. ``python -m human_eval.cli`` runs the sub-app alone.
 """
 
@@ -141,14 +142,48 @@ def ls_import_cmd(study: Path = STUDY_OPT, url: Optional[str] = URL_OPT, api_key
     console.print(f"project {res['project_id']}: {res['ratings']} ratings from {res['tasks']} tasks", highlight=False)
 
 
+@rate_app.command("simulate")
+@_friendly
+def simulate_cmd(study: Path = STUDY_OPT,
+                 world: Path = typer.Option(..., "--world", help="The synthetic world's folder (its world.json, "
+                                            "from `reimagen-eval toy build`) that the study's runs drew."),
+                 judge: Optional[Path] = typer.Option(None, "--judge", help="Judge weights folder (judge.safetensors; "
+                                                      "default: the package's reimagen/toy/weights/judge)."),
+                 raters: int = typer.Option(3, "--raters", help="Simulated raters sim-judge-1 .. sim-judge-N."),
+                 noise: float = typer.Option(0.1, "--noise", help="Per-rater flip probability of each answer."),
+                 seed: int = typer.Option(0, "--seed", help="Seed of the raters' noise (same seed, same answers)."),
+                 quantile: float = typer.Option(0.05, "--photoreal-quantile", help="Photorealistic = the judge is "
+                                                "at least as confident as this quantile of clean renders."),
+                 force: bool = typer.Option(False, "--force", help="Re-rate tasks the simulated raters already "
+                                            "rated (default: skip them).")):
+    """SIMULATED raters for runs of the synthetic world: the judge CNN answers the app's questions (with noise).
+
+    Stored with source 'simulated' and raters sim-judge-<k>; `rate report` labels them; reruns skip rated tasks.
+    """
+    from reimagen.toy.cli import WEIGHTS
+
+    from .simulate import JudgeReader, load_world, simulate
+    from .tasks import Study
+
+    s = Study.load(study)
+    w = load_world(world)
+    reader = JudgeReader.from_path(judge or WEIGHTS / "judge", w, quantile=quantile)
+    res = simulate(s, w, reader, n_raters=raters, noise=noise, seed=seed, force=force)
+    console.print(f"SIMULATED raters {res['raters'][0]} .. {res['raters'][-1]}: {res['written']} ratings written, "
+                  f"{res['skipped']} already rated and skipped" + ("" if force else " (--force re-rates them)"),
+                  highlight=False, soft_wrap=True)
+
+
 @rate_app.command("report")
 @_friendly
-def report_cmd(study: Path = STUDY_OPT, out: Path = typer.Option(..., "--out", help="Report folder.")):
+def report_cmd(study: Path = STUDY_OPT, out: Path = typer.Option(..., "--out", help="Report folder."),
+               sources: str = typer.Option("all", "--sources", help="all, human (leave simulated ratings out) or "
+                                           "simulated (only `rate simulate`'s).")):
     """Table 2 (CSV + Markdown), Figure 5 (PNG), agreement, majority votes, CLIP correlation."""
     from .report import write_report
     from .tasks import Study
 
-    res = write_report(Study.load(study), out)
+    res = write_report(Study.load(study), out, sources)
     print(res["markdown"])
     console.print(f"wrote {', '.join(p.name for p in res['files'])} to {escape(str(out))}", highlight=False)
 

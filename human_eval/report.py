@@ -5,11 +5,16 @@ with one rater it is that rater's answer. A cell of Table 2 is the mean over tas
 ``s / sqrt(n)`` (s: sample standard deviation, ddof = 1), as on the paper's slides ("0.68 +- 0.04").
 
     Table 2    faithfulness per category and All, photorealism All; one row per model
-    Figure 5   faithfulness of frequent vs infrequent entities (the run's frequency split, top 50% = frequent)
+    Figure 5   faithfulness of frequent vs infrequent entities (the run's frequency split, top 50% = frequent);
+               runs of the synthetic world give their own ``split`` (frequent / infrequent / unseen), one bar each
     agreement  Fleiss' kappa (tasks with the same number m >= 2 of raters) and Krippendorff's alpha (nominal,
                any number of raters per task) per criterion
     CLIP       Pearson (point-biserial) and Spearman correlation of each rating with clip_t / clip_i of the
                rated image, where ``entitydraw-score`` wrote them
+
+Simulated ratings (``human_eval.simulate``: the toy world's judge CNN, source ``simulated``) are reported as such:
+the title says so when all ratings are simulated, a warning when they are mixed with human ones, and
+``sources="human"`` / ``"simulated"`` reports one kind only.
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from .store import read_rows
+from .store import SIM_SOURCE, read_rows
 from .tasks import Study, atomic_write_text
 
 CRITERIA = ("faithfulness", "photorealism")
 CATEGORY_ORDER = ("dogs", "foods", "landmarks", "birds", "characters", "broader")
+#: Frequency splits of Figure 5, in order (the paper's two; the synthetic world adds unseen entities).
+SPLIT_ORDER = ("frequent", "infrequent", "unseen")
+SOURCES = ("all", "human", "simulated")
 TITLES = {"dogs": "Dogs", "foods": "Foods", "landmarks": "Landmarks", "birds": "Birds", "characters": "Characters",
-          "broader": "Broader"}
+          "broader": "Broader", "frequent": "Frequent", "infrequent": "Infrequent", "unseen": "Unseen"}
 
 
 def mean_se(values: Sequence[float]) -> tuple[float | None, float | None, int]:
@@ -102,6 +110,35 @@ def _pearson_spearman(x: list[float], y: list[float]) -> tuple[float | None, flo
 
 # ---------------------------------------------------------------------------------------------- tables
 
+def task_split(task: dict[str, Any]) -> str | None:
+    """A task's frequency split: the run's ``split`` (world runs), else from the boolean ``frequent`` flag."""
+    if task.get("split"):
+        return str(task["split"])
+    return {True: "frequent", False: "infrequent"}.get(task.get("frequent"))
+
+
+def categories(study: Study) -> list[str]:
+    """The paper's categories in its order; world runs' categories are their splits (in split order)."""
+    cats = [c for c in CATEGORY_ORDER + SPLIT_ORDER if any(t["category"] == c for t in study.tasks.values())]
+    return cats + sorted({t["category"] for t in study.tasks.values()} - set(cats))
+
+
+def splits(study: Study) -> list[str]:
+    """frequent and infrequent always (Figure 5), then any other split the study's tasks have."""
+    present = {task_split(t) for t in study.tasks.values()} - {None}
+    return [s for s in SPLIT_ORDER if s in ("frequent", "infrequent") or s in present] + \
+        sorted(present - set(SPLIT_ORDER))
+
+
+def filter_rows(rows: list[dict], sources: str = "all") -> list[dict]:
+    """All ratings, only human ones, or only simulated ones."""
+    if sources not in SOURCES:
+        raise ValueError(f"unknown sources {sources!r}; choose one of {', '.join(SOURCES)}")
+    if sources == "all":
+        return rows
+    return [r for r in rows if (r.get("source") == SIM_SOURCE) == (sources == "simulated")]
+
+
 def collect(study: Study, rows: list[dict] | None = None) -> dict[str, Any]:
     """Per-task majority votes and everything the report needs."""
     rows = read_rows(study.db_path) if rows is None else rows
@@ -113,15 +150,15 @@ def collect(study: Study, rows: list[dict] | None = None) -> dict[str, Any]:
     for tid, rs in sorted(by_task.items()):
         t = study.tasks[tid]
         votes.append({"task_id": tid, "model": t["model"], "prompt_id": t["prompt_id"], "category": t["category"],
-                      "frequent": t.get("frequent"), "n_raters": len(rs),
+                      "frequent": t.get("frequent"), "split": task_split(t), "n_raters": len(rs),
+                      "n_simulated": sum(r.get("source") == SIM_SOURCE for r in rs),
                       **{c: majority([r[c] for r in rs]) for c in CRITERIA}})
     return {"rows": rows, "by_task": by_task, "votes": votes}
 
 
 def table2(study: Study, votes: list[dict]) -> list[dict[str, Any]]:
     models = list(study.runs)
-    cats = [c for c in CATEGORY_ORDER if any(t["category"] == c for t in study.tasks.values())]
-    cats += sorted({t["category"] for t in study.tasks.values()} - set(cats))
+    cats = categories(study)
     out = []
     for model in models:
         mv = [v for v in votes if v["model"] == model]
@@ -132,8 +169,8 @@ def table2(study: Study, votes: list[dict]) -> list[dict[str, Any]]:
         for crit in CRITERIA:
             m, se, n = mean_se([v[crit] for v in mv])
             rec[f"{crit}_all"], rec[f"{crit}_all_se"], rec[f"{crit}_all_n"] = m, se, n
-        for split, flag in (("frequent", True), ("infrequent", False)):
-            m, se, n = mean_se([v["faithfulness"] for v in mv if v["frequent"] is flag])
+        for split in splits(study):
+            m, se, n = mean_se([v["faithfulness"] for v in mv if v["split"] == split])
             rec[f"faithfulness_{split}"], rec[f"faithfulness_{split}_se"], rec[f"faithfulness_{split}_n"] = m, se, n
         out.append(rec)
     return out
@@ -195,11 +232,24 @@ def _num(v) -> str:
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def markdown(study: Study, t2: list[dict], agree: list[dict], corr: list[dict], n_ratings: int) -> str:
-    cats = [k[len("faithfulness_"):] for k in (t2[0] if t2 else {}) if k.startswith("faithfulness_")
-            and not k.endswith(("_se", "_n")) and k[len("faithfulness_"):] not in ("all", "frequent", "infrequent")]
+def markdown(study: Study, t2: list[dict], agree: list[dict], corr: list[dict], n_ratings: int,
+             n_simulated: int = 0, note: str | None = None) -> str:
+    cats, spl = categories(study), splits(study)
     head = ["Model", *[TITLES.get(c, c) for c in cats], "All", "Photorealism (All)", "Tasks"]
-    lines = [f"# EntityDrawBench human evaluation ({study.mode}, {n_ratings} ratings)", "",
+    if n_simulated and n_simulated == n_ratings:
+        title = [f"# EntityDrawBench evaluation by SIMULATED raters ({study.mode}, {n_ratings} ratings)", "",
+                 "> Simulated ratings: the synthetic world's judge CNN with per-rater noise stands in for human "
+                 "raters. These are not human judgements."]
+    else:
+        title = [f"# EntityDrawBench human evaluation ({study.mode}, {n_ratings} ratings)"]
+        if n_simulated:
+            title += ["", f"> Warning: {n_simulated} of the {n_ratings} ratings are SIMULATED (judge CNN, source "
+                      "'simulated'); report one kind with `--sources human` or `--sources simulated`."]
+    if n_simulated and note:
+        title += ["", f"> {note}"]
+    fig_title = ("frequent vs infrequent entities" if spl == ["frequent", "infrequent"]
+                 else "by entity frequency split")
+    lines = [*title, "",
              "## Table 2: faithfulness per category and All, photorealism All (mean ± standard error)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in t2:
@@ -207,10 +257,10 @@ def markdown(study: Study, t2: list[dict], agree: list[dict], corr: list[dict], 
                  _fmt(r["faithfulness_all"], r["faithfulness_all_se"]),
                  _fmt(r["photorealism_all"], r["photorealism_all_se"]), str(r["n_tasks"])]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Figure 5: faithfulness, frequent vs infrequent entities", "",
-              "| Model | Frequent | Infrequent |", "|---|---|---|"]
-    lines += [f"| {r['model']} | {_fmt(r['faithfulness_frequent'], r['faithfulness_frequent_se'])} | "
-              f"{_fmt(r['faithfulness_infrequent'], r['faithfulness_infrequent_se'])} |" for r in t2]
+    lines += ["", f"## Figure 5: faithfulness, {fig_title}", "",
+              "| Model | " + " | ".join(s.capitalize() for s in spl) + " |", "|---|" + "---|" * len(spl)]
+    lines += ["| " + " | ".join([r["model"], *[_fmt(r[f"faithfulness_{s}"], r[f"faithfulness_{s}_se"]) for s in spl]])
+              + " |" for r in t2]
     lines += ["", "## Inter-rater agreement (tasks with 2+ raters; scores are majority votes, ties 0.5)", "",
               "| Criterion | Tasks | Fleiss' kappa | Krippendorff's alpha | Unanimous |", "|---|---|---|---|---|"]
     lines += [f"| {a['criterion']} | {a['tasks_with_2plus_raters']} | {_num(a['fleiss_kappa'])} | "
@@ -222,23 +272,28 @@ def markdown(study: Study, t2: list[dict], agree: list[dict], corr: list[dict], 
     return "\n".join(lines) + "\n"
 
 
-def figure5(t2: list[dict], path: Path) -> Path:
+def figure5(t2: list[dict], path: Path, spl: Sequence[str] = ("frequent", "infrequent"),
+            simulated: bool = False) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * max(1, len(t2)), 3.2))
-    width = 0.38
-    for k, (split, color) in enumerate((("frequent", "#4477aa"), ("infrequent", "#ee6677"))):
-        xs = [i + (k - 0.5) * width for i in range(len(t2))]
+    colours = ("#4477aa", "#ee6677", "#228833", "#ccbb44", "#66ccee", "#aa3377")
+    fig, ax = plt.subplots(figsize=(1.6 + 0.7 * len(spl) * max(1, len(t2)), 3.2))
+    width = 0.76 / len(spl)
+    for k, split in enumerate(spl):
+        color = colours[k % len(colours)]
+        xs = [i + (k - (len(spl) - 1) / 2) * width for i in range(len(t2))]
         ys = [r[f"faithfulness_{split}"] or 0 for r in t2]
         err = [r[f"faithfulness_{split}_se"] or 0 for r in t2]
         ax.bar(xs, ys, width, yerr=err, capsize=3, label=split.capitalize(), color=color)
     ax.set_xticks(range(len(t2)), [r["model"] for r in t2])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("Faithfulness")
-    ax.set_title("Figure 5: frequent vs infrequent entities")
+    title = ("Figure 5: frequent vs infrequent entities" if len(spl) == 2
+             else "Figure 5: faithfulness by frequency split")
+    ax.set_title(title + (" (SIMULATED raters)" if simulated else ""), fontsize=10)
     ax.legend(frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,18 +304,27 @@ def figure5(t2: list[dict], path: Path) -> Path:
     return path
 
 
-def write_report(study: Study, out: str | Path) -> dict[str, Any]:
-    """Write table2.csv/.md, figure5.png, agreement.csv, majority_votes.csv, clip_correlation.csv, report.md."""
+def write_report(study: Study, out: str | Path, sources: str = "all") -> dict[str, Any]:
+    """Write table2.csv/.md, figure5.png, agreement.csv, majority_votes.csv, clip_correlation.csv, report.md.
+    ``sources``: all ratings, only human ones or only simulated ones (``human_eval.simulate``)."""
     out = Path(out)
-    data = collect(study)
+    rows = filter_rows(read_rows(study.db_path), sources)
+    data = collect(study, rows)
     if not data["votes"]:
-        raise ValueError(f"no ratings in {study.db_path} yet: nothing to report")
+        kind = "" if sources == "all" else f"{sources} "
+        raise ValueError(f"no {kind}ratings in {study.db_path} yet: nothing to report")
     t2 = table2(study, data["votes"])
     agree = agreement(study, data["by_task"])
     corr = clip_correlation(study, data["rows"])
-    md = markdown(study, t2, agree, corr, len(data["rows"]))
+    n_sim = sum(r.get("source") == SIM_SOURCE for r in data["rows"])
+    note = None
+    if n_sim:
+        from .simulate import simulated_note
+
+        note = simulated_note(study)
+    md = markdown(study, t2, agree, corr, len(data["rows"]), n_sim, note)
     files = [atomic_write_text(out / "table2.csv", _csv(t2)), atomic_write_text(out / "agreement.csv", _csv(agree)),
              atomic_write_text(out / "majority_votes.csv", _csv(data["votes"])),
              atomic_write_text(out / "clip_correlation.csv", _csv(corr)), atomic_write_text(out / "report.md", md),
-             figure5(t2, out / "figure5.png")]
+             figure5(t2, out / "figure5.png", splits(study), simulated=n_sim > 0)]
     return {"table2": t2, "agreement": agree, "clip": corr, "markdown": md, "files": files}

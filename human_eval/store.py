@@ -1,8 +1,9 @@
 """The ratings table: SQLite in WAL mode, one row per (rater, task); re-submitting updates that row.
 
 Writers are the Streamlit app (authenticated by a rater token from the rater list: no anonymous writes) and the
-Label Studio import (raters ``labelstudio:<user>``). Every answer is committed at once, so a closed browser loses
-at most the answer that was never submitted. Many processes may write at once (WAL + busy timeout + retries).
+Label Studio import (raters ``labelstudio:<user>``); the toy world's simulated raters (``human_eval.simulate``)
+write rows with ``source = 'simulated'`` and raters ``sim-judge-<k>``. Every answer is committed at once, so a
+closed browser loses at most the answer that was never submitted. Many processes may write at once (WAL + busy timeout + retries).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ ON CONFLICT (rater, task_id) DO UPDATE SET
     chosen_image = excluded.chosen_image, source = excluded.source, updated_at = excluded.updated_at,
     n_submits = ratings.n_submits + 1
 """
+#: ``source`` of ratings made by ``human_eval.simulate`` (the judge CNN, not a person).
+SIM_SOURCE = "simulated"
 COLUMNS = ("rater", "task_id", "faithfulness", "photorealism", "chosen_image", "source", "created_at", "updated_at",
            "n_submits")
 

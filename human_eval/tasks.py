@@ -3,10 +3,12 @@
 A *study* folder holds everything the raters' side needs, and nothing that names a model to the rater:
 
     study.json      settings: mode, the runs (model name -> run folder), a per-study secret (never shown)
-    tasks.jsonl     one task per (model, prompt): opaque task id, prompt, category, frequency split,
+    tasks.jsonl     one task per (model, prompt): opaque task id, prompt, category, frequency split (the
+                    boolean ``frequent``, and ``split`` where the run gives one: world runs),
                     reference text / image id, candidate image ids (+ their CLIP scores for the report)
     images.json     opaque image id -> absolute file path (server side only)
     ratings.sqlite  the ratings (human_eval.store)
+    simulated.json  only where simulated raters rated (human_eval.simulate): how they were made
 
 Two protocols:
 
@@ -40,6 +42,8 @@ TASK_ID_RE = re.compile(r"^t_[0-9a-f]{20}$")
 IMAGE_ID_RE = re.compile(r"^i_[0-9a-f]{24}$")
 RATER_RE = re.compile(r"^[A-Za-z0-9_.@:+-]{1,64}$")
 _MODEL_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
+#: Rater ids of simulated raters (human_eval.simulate); refused in rater lists so no person can use one.
+SIM_RATER_PREFIX = "sim-judge-"
 
 
 def _digest(secret: str, *parts: str, n: int) -> str:
@@ -148,6 +152,7 @@ def _run_tasks(model: str, run: Path, mode: str, secret: str, images: dict[str, 
             "task_id": task_id(secret, model, pid), "model": model, "prompt_id": pid,
             "entity_id": first.get("entity_id"), "name": first.get("name"), "category": first["category"],
             "prompt": first["prompt"], "frequent": first.get("frequent"), "frequency_rank": first.get("frequency_rank"),
+            "split": first.get("split"),  # world runs: frequent | infrequent | unseen (the report's Figure 5)
             "reference_text": first.get("reference_text") or "", "reference_image_id": ref_id, "candidates": cands,
         })
     if not tasks:
@@ -254,6 +259,8 @@ def read_raters(path: str | Path) -> dict[str, str]:
         rater, token = parts
         if not RATER_RE.match(rater) or rater.startswith("labelstudio:"):
             raise ValueError(f"{path}:{n}: bad rater id (letters, digits, _ . @ + - only)")
+        if rater.startswith(SIM_RATER_PREFIX):
+            raise ValueError(f"{path}:{n}: rater ids starting with {SIM_RATER_PREFIX!r} are kept for simulated raters")
         if len(token) < 12:
             raise ValueError(f"{path}:{n}: the token of {rater} is too short (at least 12 characters)")
         if rater in seen or token in out:
@@ -274,6 +281,8 @@ def make_raters(names: Iterable[str], path: str | Path) -> Path:
     for n in names:
         if not RATER_RE.match(n):
             raise ValueError(f"bad rater id {n!r} (letters, digits, _ . @ + - only)")
+        if n.startswith(SIM_RATER_PREFIX):
+            raise ValueError(f"rater ids starting with {SIM_RATER_PREFIX!r} are kept for simulated raters")
     if len(set(names)) != len(names) or not names:
         raise ValueError("give distinct rater ids")
     atomic_write_text(path, "".join(f"{n} {secrets.token_urlsafe(18)}\n" for n in names))

@@ -43,6 +43,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0             # linear learning-rate warm-up
     ema_decay: float = 0.999          # EMA of the weights; sampling uses the EMA weights
+    ema_warmup: bool = True           # decay min(ema_decay, (1 + s) / (10 + s)) at step s: without it a short run's
+                                      # EMA still holds 0.999^s of the initial weights (37% after 1000 steps)
     grad_clip: float = 1.0            # max global gradient norm (0 disables)
     p_drop_text: float = 0.1          # Sec. 3.2: drop c_p with 10% probability ...
     p_drop_neighbours: float = 0.1    # ... and c_n independently with 10%
@@ -212,6 +214,10 @@ class Trainer:
             return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
         return self.cfg.lr
 
+    def ema_decay_at(self, step: int) -> float:
+        d = self.cfg.ema_decay
+        return min(d, (1 + step) / (10 + step)) if self.cfg.ema_warmup else d
+
     def train_step(self) -> float:
         # In-network dropout draws from the global RNG: seed it per step, without disturbing the caller's state.
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -238,7 +244,7 @@ class Trainer:
             grp["lr"] = self.lr_at(self.step)
         self.opt.step()
         with torch.no_grad():
-            d = self.cfg.ema_decay
+            d = self.ema_decay_at(self.step)
             for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
                 pe.lerp_(pm, 1 - d)
             for be, bm in zip(self.ema.buffers(), self.model.buffers()):

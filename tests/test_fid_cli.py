@@ -276,7 +276,7 @@ def _broken_coco(tmp_path, world, what: str) -> Path:
 
 @pytest.mark.parametrize("case, needles", [
     ("unknown-dataset", ["unknown dataset 'cifar'", "coco", "wikiimages"]),
-    ("synthetic-not-yet", ["'synthetic' is not available yet", "[toy]"]),
+    ("synthetic-foreign-root", ["is not a synthetic world", "reimagen-eval toy build --out"]),
     ("unknown-db", ["unknown database 'bogus'", "coco-train", "laion"]),
     ("laion-without-shards", ["--db laion needs --db-root"]),
     ("no-annotations", ["captions_val2014.json", "annotations_trainval2014.zip", "cocodataset.org"]),
@@ -295,7 +295,7 @@ def test_bad_input_is_one_red_line_exit_2_and_writes_nothing(world, tmp_path, ca
     swap = {}
     if case == "unknown-dataset":
         swap["coco"] = "cifar"
-    elif case == "synthetic-not-yet":
+    elif case == "synthetic-foreign-root":
         swap["coco"] = "synthetic"
     elif case == "unknown-db":
         args += ["--db", "bogus"]

@@ -182,11 +182,29 @@ def test_ema_decay_extremes():
     tr.train_step()
     for a, b in zip(tr.ema.parameters(), tr.model.parameters()):
         assert torch.equal(a, b)
-    tr = _trainer(steps=1, ema_decay=1.0)
+    tr = _trainer(steps=1, ema_decay=1.0, ema_warmup=False)
     init = [p.clone() for p in tr.model.parameters()]
     tr.train_step()
     assert all(torch.equal(a, b) for a, b in zip(tr.ema.parameters(), init))
     assert any(not torch.equal(a, b) for a, b in zip(tr.model.parameters(), init))
+
+
+def test_ema_warmup_tracks_early_weights():
+    """With warm-up the EMA forgets the initial weights within tens of steps; without, it keeps 0.999^s of them."""
+    tr = _trainer(steps=1, ema_decay=0.999)
+    assert tr.ema_decay_at(0) == pytest.approx(0.1) and tr.ema_decay_at(10**6) == 0.999
+    cold = _trainer(steps=1, ema_decay=0.999, ema_warmup=False)
+    init = [p.clone() for p in tr.model.parameters()]
+    for t in (tr, cold):
+        for _ in range(5):
+            t.train_step()
+
+    def dist(a, b):
+        return sum(float((x - y).norm()) for x, y in zip(a, b))
+
+    moved = dist(tr.model.parameters(), init)
+    assert dist(tr.ema.parameters(), init) > 0.3 * moved  # warm EMA follows the training weights
+    assert dist(cold.ema.parameters(), init) < 0.01 * moved  # cold EMA is still the initialisation
 
 
 # ----------------------------------------------------------------------------------------------

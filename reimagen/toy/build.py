@@ -1,0 +1,100 @@
+"""Write a world to disk as the real pipeline's inputs: image shards, knowledge bases, KNN-ImageText triples.
+
+``build_world_files(world, out)`` writes, atomically and resumably (a finished file is not rewritten):
+
+    out/world.json            the spec, the fingerprint, every entity (name, look, seen, corpus count)
+    out/corpus.tar            training images (PNG members c00000.png ...)
+    out/corpus.parquet        the training collection as a knowledge base (id, text, tar:// image ref)
+    out/references.tar|.parquet  n_references reference pairs per entity (seen and unseen)
+    out/validation.tar|.parquet  held-out scenes (the FID reference set)
+    out/kb.parquet            corpus + references: the retrieval database at sampling time
+    out/triples.parquet       the corpus's KNN-ImageText triples: top-k text BM25 neighbours (Sec. 3.2), built
+                              by ``reimagen.retrieval.triples.build_triples`` exactly as for COCO or WebQA
+
+The model never sees the world's ground truth: it gets captions, images and retrieved pairs, as the paper's does.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from .world import Scene, World, render_many
+
+
+def _write_tar(path: Path, names: list[str], images: np.ndarray) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for name, arr in zip(names, images):
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="PNG", optimize=False, compress_level=1)
+            info = tarfile.TarInfo(name)
+            info.size = buf.tell()
+            info.mtime = 0  # byte-identical shards for the same world
+            buf.seek(0)
+            tar.addfile(info, buf)
+    os.replace(tmp, path)
+
+
+def _collection(world: World, out: Path, split: str, scenes: list[Scene], prefix: str, texts: list[str],
+                progress: bool) -> "KnowledgeBase":  # noqa: F821
+    from ..retrieval.base import KnowledgeBase
+
+    ids = [f"{prefix}{i:05d}" for i in range(len(scenes))]
+    tar = out / f"{split}.tar"
+    table = out / f"{split}.parquet"
+    refs = [f"tar://{split}.tar#{pid}.png" for pid in ids]
+    meta = {"world": world.fingerprint(), "split": split,
+            "entities": [s.entity for s in scenes], "counts": [s.count for s in scenes],
+            "positions": [s.position for s in scenes], "backgrounds": [s.background for s in scenes]}
+    if table.is_file():
+        kb = KnowledgeBase.from_parquet(table)
+        if kb.meta.get("world") == world.fingerprint() and len(kb) == len(scenes):
+            return kb
+    if progress:
+        print(f"rendering {len(scenes)} {split} images ...", flush=True)
+    _write_tar(tar, [f"{pid}.png" for pid in ids], render_many(world, scenes, split))
+    kb = KnowledgeBase(ids, texts, refs, name=f"toy-{split}", root=str(out), meta=meta)
+    kb.to_parquet(table)
+    return KnowledgeBase.from_parquet(table)
+
+
+def build_world_files(world: World, out: str | Path, k: int = 2, progress: bool = True) -> dict[str, Path]:
+    """Render ``world`` and build its knowledge bases and BM25 triples under ``out`` (see the module docstring)."""
+    from ..retrieval.base import KnowledgeBase
+    from ..retrieval.triples import build_triples
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = _collection(world, out, "corpus", world.corpus, "c",
+                         world.corpus_captions, progress)
+    refs = _collection(world, out, "references", world.references, "r",
+                       [world.reference_caption(s.entity) for s in world.references], progress)
+    val = _collection(world, out, "validation", world.validation, "v",
+                      [world.caption(s, i) for i, s in enumerate(world.validation)], progress)
+    kb_path = out / "kb.parquet"
+    if not kb_path.is_file():
+        both = KnowledgeBase(corpus.ids + refs.ids, corpus.texts + refs.texts, corpus.image_refs + refs.image_refs,
+                             name="toy-kb", root=str(out.resolve()),
+                             meta={"world": world.fingerprint(), "split": "kb",
+                                   "entities": corpus.meta["entities"] + refs.meta["entities"]})
+        both.to_parquet(kb_path)
+    # Exact duplicate captions are skipped as neighbours: with this world's few templates, identical captions
+    # describe identical scenes, and a model trained on them learns to copy the whole scene (not only the look).
+    triples = build_triples(corpus, out / "triples.parquet", k=k, exclude_duplicate_texts=True, progress=progress)
+    manifest = {"spec": world.spec.__dict__, "fingerprint": world.fingerprint(),
+                "entities": [{"id": e.id, "name": e.name, "seen": e.seen, "corpus_count": world.corpus_counts[e.id],
+                              "shape": e.look.shape, "body": e.look.body, "pattern": e.look.pattern,
+                              "pattern_colour": e.look.pattern_colour} for e in world.entities]}
+    tmp = out / "world.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / "world.json")
+    return {"corpus": out / "corpus.parquet", "references": out / "references.parquet",
+            "validation": out / "validation.parquet", "kb": kb_path, "triples": triples, "world": out / "world.json"}

@@ -1,0 +1,207 @@
+"""The synthetic long-tail world, its judge and the shipped cascade (issue [toy])."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from reimagen.toy.world import (ATTRIBUTE_CLASSES, BODY_COLOURS, PALETTE, PATTERNS, SHAPES, World, WorldSpec,
+                                render_many, scene_attributes)
+
+SMALL = WorldSpec(seed=3, n_entities=40, n_unseen=8, corpus_size=600, validation_size=50, n_references=2)
+
+
+def test_same_seed_same_world_byte_for_byte():
+    a, b = World(SMALL), World(SMALL)
+    assert a.fingerprint() == b.fingerprint()
+    assert [e.name for e in a.entities] == [e.name for e in b.entities]
+    assert a.corpus == b.corpus and a.corpus_captions == b.corpus_captions
+    ia = render_many(a, a.corpus[:20], "corpus")
+    ib = render_many(b, b.corpus[:20], "corpus")
+    assert ia.dtype == np.uint8 and ia.shape == (20, 64, 64, 3)
+    assert np.array_equal(ia, ib)
+    # rendering in worker processes gives the same bytes
+    assert np.array_equal(render_many(a, a.corpus[:20], "corpus", workers=2), ia)
+
+
+def test_other_seed_other_world():
+    a, c = World(SMALL), World(WorldSpec(**{**SMALL.__dict__, "seed": 4}))
+    assert a.fingerprint() != c.fingerprint()
+    assert [e.name for e in a.entities] != [e.name for e in c.entities]
+
+
+def test_looks_distinct_and_captions_never_describe_them():
+    w = World()
+    looks = [e.look.key() for e in w.entities]
+    assert len(set(looks)) == len(looks) == 300
+    names = [e.name for e in w.entities]
+    assert len(set(n.lower() for n in names)) == 300
+    look_words = set(SHAPES) | set(PALETTE) | set(PATTERNS) | {"stripes", "spots", "striped", "spotted"}
+    words = set(re.findall(r"[a-z-]+", " ".join(w.corpus_captions[:3000] + [p.text for p in w.bench_prompts()]).lower()))
+    assert not (words & look_words)
+    # a name's look cannot be guessed: the body colour is not a function of the first letter
+    first = {}
+    for e in w.entities:
+        first.setdefault(e.name[0], set()).add(e.look.body)
+    assert max(len(v) for v in first.values()) >= len(BODY_COLOURS) - 1
+
+
+def test_long_tail_and_splits():
+    w = World()
+    counts = w.corpus_counts
+    assert sum(counts.values()) == w.spec.corpus_size == len(w.corpus)
+    unseen = [e.id for e in w.entities if not e.seen]
+    assert len(unseen) == w.spec.n_unseen and all(counts[e] == 0 for e in unseen)
+    assert not any(s.entity in unseen for s in w.corpus)
+    # every entity, seen or not, has reference pairs
+    assert {s.entity for s in w.references} == {e.id for e in w.entities}
+    splits = w.frequency_splits()
+    assert all(counts[e] >= 100 for e in splits["frequent"]) and all(1 <= counts[e] <= 10 for e in splits["infrequent"])
+    assert set(splits["unseen"]) == set(unseen)
+    assert min(len(v) for v in splits.values()) >= 20
+    top = sorted(counts.values(), reverse=True)
+    assert top[0] > 50 * top[-len(unseen) - 1]  # a real long tail
+    prompts = w.bench_prompts(per_split=5)
+    assert [p.split for p in prompts] == ["frequent"] * 5 + ["infrequent"] * 5 + ["unseen"] * 5
+    assert all(w.by_id[p.entity].name in p.text for p in prompts)
+
+
+def test_shipped_checkpoints_load_and_sample_finite_images():
+    """What does hold for the shipped cascade: it loads from the package, is small, and samples finite 64px images."""
+    from reimagen.cascade import Cascade, Stage
+    from reimagen.guidance import JointGuidance
+    from reimagen.sampling import SamplerSettings
+    from reimagen.toy.cli import WEIGHTS
+    from reimagen.train import load_stage
+
+    total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
+    assert total <= 30e6
+    base, enc = load_stage(WEIGHTS / "base")
+    sr, _ = load_stage(WEIGHTS / "sr")
+    assert base.cfg.image_size == 32 and sr.cfg.lowres_size == 32 and sr.cfg.image_size == 64
+    out = Cascade([Stage(base, JointGuidance(w=1.0, use_neighbours=False), SamplerSettings(steps=4, sampler="ddim")),
+                   Stage(sr, JointGuidance(w=1.0, use_neighbours=False), SamplerSettings(steps=2, sampler="ddim"))],
+                  enc).sample(["a Graikli on the grass, on the left."], seed=0)
+    assert out.images.shape == (1, 3, 64, 64) and torch.isfinite(out.images).all()
+    assert float(out.images.std()) > 0.02  # not a constant image
+
+
+def test_neighbour_probe_runs_on_the_shipped_base():
+    from reimagen.toy.cli import WEIGHTS
+    from reimagen.toy.diagnose import neighbour_probe, probe_table
+
+    rows = neighbour_probe(WEIGHTS / "base", per_split=2, levels=(0.5,))
+    assert {(r["condition"], r["split"]) for r in rows} == {(c, s) for c in ("right", "wrong", "none")
+                                                            for s in ("frequent", "infrequent", "unseen")}
+    assert all(np.isfinite(r["x0_mse"]) and r["x0_mse"] > 0 for r in rows)
+    assert len(probe_table(rows).splitlines()) == 2 + 3  # header, rule, one row per split
+
+
+def test_validation_is_held_out_from_corpus_images():
+    w = World(SMALL)
+    v = render_many(w, w.validation[:10], "validation")
+    c = render_many(w, w.corpus[:10], "corpus")
+    assert not any(np.array_equal(x, y) for x in v for y in c)
+
+
+def test_build_world_files(tmp_path):
+    from reimagen.retrieval.base import KnowledgeBase, load_image
+    from reimagen.toy.build import build_world_files
+
+    w = World(SMALL)
+    paths = build_world_files(w, tmp_path / "w", progress=False)
+    kb = KnowledgeBase.from_parquet(paths["corpus"])
+    assert len(kb) == 600 and kb.texts == w.corpus_captions
+    img = np.asarray(load_image(kb.image_refs[5], kb.root))
+    assert np.array_equal(img, w.render(w.corpus[5], ("corpus", 5)))
+    import pandas as pd
+
+    t = pd.read_parquet(paths["triples"])
+    ent = dict(zip(kb.ids, kb.meta["entities"]))
+    same = np.mean([ent[n] == ent[i] for i, row in zip(t.id, t.neighbor_ids) for n in row])
+    assert same > 0.9  # BM25 on captions finds the same entity: names are rare words
+    manifest = json.loads(paths["world"].read_text())
+    assert manifest["fingerprint"] == w.fingerprint() and len(manifest["entities"]) == 40
+    # a rerun reuses the finished files
+    mtime = paths["corpus"].stat().st_mtime_ns
+    build_world_files(w, tmp_path / "w", progress=False)
+    assert paths["corpus"].stat().st_mtime_ns == mtime
+
+
+# ----------------------------------------------------------------------------------------------
+# The shipped judge and cascade
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def judge():
+    from reimagen.toy.cli import WEIGHTS
+    from reimagen.toy.judge import load_judge
+
+    return load_judge(WEIGHTS / "judge")
+
+
+def test_judge_reads_every_attribute_of_fresh_renders(judge):
+    from reimagen.toy.judge import accuracy, judge_data
+
+    w = World()
+    x, y = judge_data(w, 600, "pytest-fresh")  # a key the judge never trained or was tested on
+    acc = accuracy(judge, x, y)
+    assert set(acc) == set(ATTRIBUTE_CLASSES)
+    assert min(acc.values()) >= 0.95, acc
+
+
+def test_judge_faithfulness_rejects_wrong_entity_and_wrong_scene(judge):
+    from reimagen.toy.judge import verdicts
+
+    w = World()
+    prompts = w.bench_prompts(per_split=6)
+    scenes = [p.scene for p in prompts]
+    right = torch.from_numpy(render_many(w, scenes, "pytest-right")).permute(0, 3, 1, 2) / 255
+    v = verdicts(judge, w, right, scenes)
+    assert np.mean([x.faithful for x in v]) >= 0.8
+    # the same scenes with another entity: the look is wrong, the scene still right
+    others = [type(s)(w.entities[(int(s.entity[1:]) + 7) % 300].id, s.count, s.position, s.background) for s in scenes]
+    wrong = torch.from_numpy(render_many(w, others, "pytest-wrong")).permute(0, 3, 1, 2) / 255
+    v = verdicts(judge, w, wrong, scenes)
+    assert np.mean([x.look_ok for x in v]) <= 0.2 and np.mean([x.scene_ok for x in v]) >= 0.8
+
+
+@pytest.mark.xfail(strict=True, reason="issue [toy] target NOT met: the shipped 3,250-step base stage ignores its "
+                   "neighbours' content (`reimagen-eval toy probe`: x0 error with right and wrong neighbours within "
+                   "2%) and draws off-colour scenes; see README 'The synthetic long-tail world'")
+def test_shipped_cascade_draws_a_frequent_entity_from_its_reference(judge):
+    """The trained, shipped checkpoints load; with a frequent entity's reference pairs as neighbours they draw
+    images the judge accepts far above chance (chance: ~1 / 3500 for the look times 1 / 20 for the scene)."""
+    from reimagen.cascade import Cascade, Neighbours, Stage
+    from reimagen.guidance import InterleavedGuidance, JointGuidance
+    from reimagen.sampling import SamplerSettings
+    from reimagen.toy.cli import WEIGHTS
+    from reimagen.toy.judge import verdicts
+    from reimagen.train import load_stage
+
+    base, enc = load_stage(WEIGHTS / "base")
+    sr, _ = load_stage(WEIGHTS / "sr")
+    w = World()
+    prompts = [p for p in w.bench_prompts() if p.split == "frequent"][:4]
+    refs = {}
+    for i, s in enumerate(w.references):
+        refs.setdefault(s.entity, []).append(i)
+    rows, texts, imgs = [], [], []
+    for p in prompts:
+        idx = refs[p.entity][:2]
+        ims = render_many(w, [w.references[i] for i in idx], "references")  # not the stored keys: fresh renders
+        imgs.append(torch.from_numpy(ims).permute(0, 3, 1, 2).float() / 127.5 - 1)
+        texts.append([w.reference_caption(p.entity)] * 2)
+    nbrs = Neighbours(torch.stack(imgs), texts)
+    reps = 3
+    cascade = Cascade([Stage(base, InterleavedGuidance(w_p=3.0, w_n=3.0, eta=0.5), SamplerSettings(steps=25, sampler="ddim")),
+                       Stage(sr, JointGuidance(w=1.0), SamplerSettings(steps=10, sampler="ddim"))], enc)
+    out = cascade.sample([p.text for p in prompts for _ in range(reps)], nbrs.index([i for i in range(4) for _ in range(reps)]),
+                         prompt_ids=[p.id for p in prompts for _ in range(reps)],
+                         sample_indices=[j for _ in prompts for j in range(reps)], seed=0)
+    assert out.images.shape == (12, 3, 64, 64)
+    v = verdicts(judge, w, out.images, [p.scene for p in prompts for _ in range(reps)])
+    assert np.mean([x.faithful for x in v]) >= 0.25, [x.readings for x in v]
