@@ -89,8 +89,11 @@ def train(
     steps: int = typer.Option(1000, min=1, help="Total optimiser steps."),
     batch_size: int = typer.Option(16, min=1, help="Examples per step."),
     lr: float = typer.Option(1e-4, help="Learning rate (the paper: 1e-4)."),
+    warmup_steps: int = typer.Option(0, min=0, help="Linear learning-rate warm-up over the first N steps."),
     optimizer: str = typer.Option("adamw", help="adamw or adafactor (the paper's choice for the 64x64 stage)."),
     ema_decay: float = typer.Option(0.999, help="EMA decay of the weights used for sampling."),
+    ema_warmup: bool = typer.Option(True, help="Warm the EMA up: decay min(ema_decay, (1 + step) / (10 + step)), "
+                                    "so that short runs do not sample with weights still close to the initial ones."),
     grad_clip: float = typer.Option(1.0, help="Max gradient norm (0 disables)."),
     p_drop_text: float = typer.Option(0.1, help="Probability of dropping the text (Sec. 3.2: 0.1)."),
     p_drop_neighbours: float = typer.Option(0.1, help="Probability of dropping the neighbours (Sec. 3.2: 0.1)."),
@@ -113,7 +116,8 @@ def train(
     data = TripleData.from_table(triples, cfg.image_size)
     if data.skipped:
         console.print(f"[yellow]skipped[/] {sum(data.skipped.values())} rows: {data.skipped}")
-    tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer, ema_decay=ema_decay,
+    tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, optimizer=optimizer,
+                     ema_decay=ema_decay, ema_warmup=ema_warmup,
                      grad_clip=grad_clip, p_drop_text=p_drop_text, p_drop_neighbours=p_drop_neighbours,
                      ckpt_every=ckpt_every, seed=seed)
     trainer = Trainer(ReImagenUNet(cfg), enc, data, tc, out_dir=out, device=device)
@@ -220,6 +224,10 @@ app.command()(fid)
 from human_eval.cli import rate_app  # noqa: E402  (issue [rating])
 
 app.add_typer(rate_app, name="rate")
+
+from .toy.cli import toy_app  # noqa: E402  (issue [toy])
+
+app.add_typer(toy_app, name="toy")
 
 
 def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry for python -m
