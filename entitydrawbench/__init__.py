@@ -13,7 +13,8 @@ the paper describes it and runs any model on it:
     run             4 images per prompt with the paper's sampling settings, resumable and shardable
                     (Re-Imagen with the reference pairs as neighbours, diffusers baselines, image folders)
     scoring         CLIP-T / CLIP-I automatic proxies, best-of-4 pre-selection, Table 2 / Figure 5 summaries
-    ablation        sweeps over K (Figure 7) and eta (Figure 8)
+    ablation        sweeps over K (Figure 7), eta (Figure 8) and the guidance (Figure 13)
+    world           the same benchmark on the synthetic long-tail world (reimagen.toy), judged for faithfulness
     cli             the ``reimagen-eval entitydraw*`` commands
 
 Human ratings (photorealism, faithfulness) are issue [rating]'s; it reads a run folder's ``images.jsonl``.

@@ -1,4 +1,5 @@
-"""Ablation sweeps (paper Sec. 4.3): the number of neighbours K (Figure 7) and the interleave ratio eta (Figure 8).
+"""Ablation sweeps (paper Sec. 4.3): the number of neighbours K (Figure 7), the interleave ratio eta (Figure 8)
+and the guidance strategy (joint / weighted / interleaved, Figure 13 in the appendix).
 
 ``sweep`` runs EntityDrawBench once per value (each in its own resumable run folder ``OUT/<param>=<value>``),
 scores every run with the same CLIP model, and writes one table (``OUT/sweep_<param>.csv`` and ``.md``) and one
@@ -20,14 +21,15 @@ from typing import Any, Callable, Sequence
 from .run import RunConfig, run_entitydraw
 from .scoring import METRIC_TITLES, METRICS, proxy_label, score_run
 
-SWEEPABLE = {"k": int, "eta": float}
-FIGURE = {"k": "Figure 7 (number of neighbours K)", "eta": "Figure 8 (interleave ratio eta)"}
+SWEEPABLE = {"k": int, "eta": float, "guidance": str}
+FIGURE = {"k": "Figure 7 (number of neighbours K)", "eta": "Figure 8 (interleave ratio eta)",
+          "guidance": "Figure 13 (joint vs weighted vs interleaved guidance)"}
 
 
 def parse_values(param: str, spec: str | Sequence) -> list:
     """'1,2,3,4' -> [1, 2, 3, 4], validated for the parameter."""
     if param not in SWEEPABLE:
-        raise ValueError(f"cannot sweep {param!r}; choose {' or '.join(SWEEPABLE)}")
+        raise ValueError(f"cannot sweep {param!r}; choose {', '.join(SWEEPABLE)}")
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     try:
         values = [SWEEPABLE[param](v) for v in items if str(v) != ""]
@@ -110,7 +112,8 @@ def _plot(table: list[dict], param: str, path: Path, note: str) -> Path:
 
     from .scoring import _savefig, _wrap
 
-    xs = [r[param] for r in table]
+    labels = [str(r[param]) for r in table]
+    xs = list(range(len(table))) if param == "guidance" else [r[param] for r in table]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, metric in zip(axes, ("clip_i", "clip_t")):
         for group, style in (("all", "-o"), ("frequent", "--s"), ("infrequent", ":^")):
@@ -118,9 +121,10 @@ def _plot(table: list[dict], param: str, path: Path, note: str) -> Path:
             es = [r.get(f"{metric}_{group}_sem") or 0.0 for r in table]
             ys = [np.nan if y is None else y for y in ys]
             ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=2, label=group)
-        ax.set_xlabel("K (neighbours)" if param == "k" else "eta (share of text-enhanced steps)")
+        ax.set_xlabel({"k": "K (neighbours)", "eta": "eta (share of text-enhanced steps)"}.get(param, param))
         ax.set_ylabel(METRIC_TITLES[metric])
         ax.set_xticks(xs)
+        ax.set_xticklabels(labels)
         ax.legend(fontsize=8)
     fig.suptitle(f"EntityDrawBench sweep over {param}, {FIGURE[param]} - AUTOMATIC PROXY scores, not human "
                  "ratings\n" + _wrap(note, 130), fontsize=9)

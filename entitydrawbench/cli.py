@@ -6,7 +6,18 @@
     entitydraw-fetch    fetch the reference images through the MediaWiki API (or import a folder of them)
     entitydraw-score    CLIP-T / CLIP-I of a run, best-of-N pre-selection, Table 2 / Figure 5 shaped summary
     entitydraw-summary  one summary (table + PNG) over several scored runs, one row per model
-    entitydraw-sweep    the K (Figure 7) or eta (Figure 8) ablation: run + score per value, one table, one plot
+    entitydraw-sweep    the K (Figure 7), eta (Figure 8) or guidance (Figure 13) ablation: run + score per value,
+                        one table, one plot
+
+With ``--world FOLDER`` (a toy world built by ``reimagen-eval toy build``) the same commands run the benchmark on
+the synthetic long-tail world (``entitydrawbench.world``): its frequent / infrequent / unseen entities and scene
+prompts, its reference pairs as neighbours, fast CPU sampling defaults, and the world's judge instead of CLIP
+(faithfulness per image and best of N, per split: Table 2 / Figure 5)::
+
+    reimagen-eval entitydraw --world runs/toyworld --model BASE --model SR --k 2 --eta 0.5 --out runs/edb-world
+    reimagen-eval entitydraw --world runs/toyworld --model BASE --model SR --no-retrieval --out runs/edb-world-t2i
+    reimagen-eval entitydraw-summary retrieval=runs/edb-world text-only=runs/edb-world-t2i --out runs/edb-world-cmp
+    reimagen-eval entitydraw-sweep --world runs/toyworld --model BASE --model SR --param eta --values 0,0.5,1
 
 The main app registers them (reimagen/cli.py)::
 
@@ -46,14 +57,25 @@ _K = typer.Option(2, "--k", "-k", help="Neighbours per prompt (Table 2: K = 2)."
 _ETA = typer.Option(0.5, "--eta", help="Interleave ratio in [0, 1]: share of text-enhanced steps (Eq. 6).")
 _GUIDANCE = typer.Option("interleaved", "--guidance", help="Base-stage guidance: interleaved (the paper), weighted, "
                          "joint.")
-_W_TEXT = typer.Option(30.0, "--w-text", help="Text guidance weight w_p (the paper: 30).")
-_W_NBR = typer.Option(30.0, "--w-neighbours", help="Neighbour guidance weight w_n (the paper: 30).")
-_STEPS = typer.Option(256, "--steps", help="Sampling steps of the base stage (the paper: 256).")
-_SR_GUIDANCE = typer.Option("5.0,3.0", "--sr-guidance", help="Joint guidance weight per super-resolution stage "
-                            "(the paper: 5.0 for 256 px, 3.0 for 1024 px).")
-_SR_STEPS = typer.Option("128,32", "--sr-steps", help="Sampling steps per super-resolution stage (the paper: 128, 32).")
+# Sampling options default to the paper's settings, or to fast CPU settings with --world (world.WORLD_DEFAULTS).
+_W_TEXT = typer.Option(None, "--w-text", help="Text guidance weight w_p (default: the paper's 30; 3 with --world).")
+_W_NBR = typer.Option(None, "--w-neighbours", help="Neighbour guidance weight w_n (default: the paper's 30; 3 with "
+                      "--world).")
+_STEPS = typer.Option(None, "--steps", help="Sampling steps of the base stage (default: the paper's 256; 25 with "
+                      "--world).")
+_SR_GUIDANCE = typer.Option(None, "--sr-guidance", help="Joint guidance weight per super-resolution stage "
+                            "(default: the paper's 5.0,3.0 for 256 and 1024 px; 3.0 with --world).")
+_SR_STEPS = typer.Option(None, "--sr-steps", help="Sampling steps per super-resolution stage (default: the paper's "
+                         "128,32; 10 with --world).")
 _SR_AUG = typer.Option(0.0, "--sr-aug-level", help="Noise-augmentation level of the low-res input at sampling.")
-_SAMPLER = typer.Option("ddpm", "--sampler", help="ddpm (the paper) or ddim.")
+_SAMPLER = typer.Option(None, "--sampler", help="ddpm (the paper's default) or ddim (the default with --world).")
+_WORLD = typer.Option(None, "--world", help="A built toy world folder (reimagen-eval toy build): its frequent / "
+                      "infrequent / unseen entities, scene prompts and 3 reference pairs per entity replace the "
+                      "open benchmark's; images are judged (faithfulness) instead of CLIP-scored.")
+_PER_SPLIT = typer.Option(None, "--per-split", help="With --world: only the first N entities of each frequency split "
+                          "(quick runs).")
+_JUDGE = typer.Option(None, "--judge", help="With --world: the judge folder (default: the shipped "
+                      "reimagen/toy/weights/judge).")
 _NO_RETRIEVAL = typer.Option(False, "--no-retrieval", help="Sample the Re-Imagen cascade text-only (no neighbours).")
 _KB = typer.Option(None, "--kb", help="Knowledge base (FORMAT:PATH or .parquet) to top up neighbours by BM25 when k "
                    "exceeds an entity's reference pairs.")
@@ -100,10 +122,40 @@ def _ints(spec: str, what: str) -> tuple[int, ...]:
         raise ValueError(f"{what} must be comma-separated integers, got {spec!r}") from None
 
 
+PAPER_DEFAULTS = {"steps": 256, "sampler": "ddpm", "w_text": 30.0, "w_neighbours": 30.0, "sr_guidance": "5.0,3.0",
+                  "sr_steps": "128,32"}
+
+
+def _defaults(kw: dict) -> dict:
+    """Fill unset sampling options: the paper's (Sec. 4.2), or the toy world's fast ones with --world; check that
+    the benchmark-only options and the world-only ones are not mixed."""
+    from .world import WORLD_DEFAULTS
+
+    kw = dict(kw)
+    world = kw.get("world") is not None
+    for key, paper in PAPER_DEFAULTS.items():
+        if kw.get(key) is None:
+            default = WORLD_DEFAULTS[key] if world else paper
+            kw[key] = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    if world:
+        bad = [opt for opt, on in (("--references", kw.get("references") is not None),
+                                   ("--categories", kw.get("categories", "all") != "all"),
+                                   ("--per-category", kw.get("per_category") is not None),
+                                   ("--frequency-source", kw.get("frequency_source", "wordfreq") != "wordfreq"),
+                                   ("--diffusers", kw.get("diffusers") is not None)) if on]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} cannot be used with --world: the world's prompts, references and "
+                             "frequency splits are used (--per-split N for quick runs)")
+    elif kw.get("per_split") is not None or kw.get("judge") is not None:
+        raise ValueError("--per-split and --judge need --world (a built toy world folder)")
+    return kw
+
+
 def _config(**kw):
     from .entities import parse_categories
     from .run import RunConfig
 
+    kw = _defaults(kw)
     if kw["sampler"] not in ("ddpm", "ddim"):
         raise ValueError(f"unknown sampler {kw['sampler']!r}; choose ddpm or ddim")
     cfg = RunConfig(
@@ -154,7 +206,8 @@ def _log(msg: str) -> None:
 
 def entitydraw(
     model: list[Path] = _MODEL, diffusers: Optional[str] = _DIFFUSERS, images_from: Optional[Path] = _IMAGES_FROM,
-    references: Optional[Path] = _REFERENCES,
+    references: Optional[Path] = _REFERENCES, world: Optional[Path] = _WORLD,
+    per_split: Optional[int] = _PER_SPLIT, judge: Optional[Path] = _JUDGE,
     out: Path = typer.Option(Path("runs/entitydraw"), "--out", help="Run folder (rerun to resume; RANK/WORLD_SIZE "
                              "shard it)."),
     k: int = _K, eta: float = _ETA, guidance: str = _GUIDANCE, w_text: float = _W_TEXT,
@@ -173,16 +226,52 @@ def entitydraw(
 
 @_friendly
 def _entitydraw(kw: dict) -> None:
+    import time
+
     from .run import run_entitydraw
 
     cfg = _config(**kw)
+    bench = None
+    if kw["world"] is not None:
+        from .world import WorldBench, check_world_config
+
+        bench = WorldBench.open(kw["world"])  # fails fast, before any model is loaded
+        check_world_config(cfg, bench, cfg.retrieval and bool(kw["model"]))
     gen = _generator_factory(kw)(cfg)
-    res = run_entitydraw(gen, kw["out"], cfg, references=kw["references"], progress=True, log=_log)
+    t0 = time.perf_counter()
+    if bench is not None:
+        from .world import run_world
+
+        res = run_world(gen, kw["out"], cfg, bench, kw["per_split"], progress=True, log=_log)
+    else:
+        res = run_entitydraw(gen, kw["out"], cfg, references=kw["references"], progress=True, log=_log)
+    secs = time.perf_counter() - t0
     _print_skipped(res.skipped)
+    rate = f"; {secs / res.counts['made']:.2f} s per image ({secs:.1f} s)" if res.counts["made"] else ""
     err.print(f"{escape(str(res.out))}: {res.n_prompts} prompts x {cfg.samples_per_prompt} samples; "
               f"made {res.counts['made']}, skipped {res.counts['skipped']} existing "
-              f"(this shard: {res.counts['total']})",
+              f"(this shard: {res.counts['total']}){rate}",
               highlight=False)
+    if bench is not None:
+        _autoscore(res.out, kw["judge"])
+
+
+def _autoscore(run: Path, judge: Optional[Path]) -> None:
+    """World mode: judge a finished run (all shards done) if a judge is available."""
+    from .world import DEFAULT_JUDGE, run_complete, score_world_run
+
+    path = judge or DEFAULT_JUDGE
+    if not run_complete(run):
+        err.print("run not complete (other shards?): judge it later with `reimagen-eval entitydraw-score "
+                  f"{escape(str(run))}`", highlight=False)
+        return
+    if judge is None and not (path / "judge.safetensors").is_file():
+        err.print(f"[yellow]no judge at {escape(str(path))}[/]: train it (`reimagen-eval toy judge`) and run "
+                  f"`reimagen-eval entitydraw-score {escape(str(run))}`", highlight=False)
+        return
+    _print_world_summary(score_world_run(run, judge_path=path))
+    err.print(f"judged: fields in {escape(str(run / 'images.jsonl'))}; summary in {escape(str(run / 'summary'))}"
+              ".csv/.md/.png", highlight=False)
 
 
 def _print_skipped(skipped: dict[str, str], limit: int = 20) -> None:
@@ -279,10 +368,22 @@ def entitydraw_score(
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Score the images present even if the run is "
                                        "unfinished."),
     label: Optional[str] = typer.Option(None, "--label", help="Model name in the summary (default: the folder name)."),
+    judge: Optional[Path] = typer.Option(None, "--judge", help="Toy-world runs (entitydraw --world) are judged, not "
+                                         "CLIP-scored: the judge folder (default: reimagen/toy/weights/judge)."),
 ) -> None:
-    """CLIP-T / CLIP-I of a run, best-of-N selection, Table 2 / Figure 5 summary: automatic proxies, not human."""
+    """CLIP-T / CLIP-I of a run, best-of-N selection, Table 2 / Figure 5 summary: automatic proxies, not human.
+    A toy-world run is judged instead: look_ok, scene_ok, faithful per image, best of N, per-split rates."""
     from .scoring import score_run
+    from .world import is_world_run, score_world_run
 
+    if is_world_run(run):
+        _print_world_summary(score_world_run(run, judge_path=judge, allow_partial=allow_partial, label=label))
+        err.print(f"judged: fields in {escape(str(run / 'images.jsonl'))}; summary in "
+                  f"{escape(str(run / 'summary'))}.csv/.md/.png", highlight=False)
+        return
+    if judge is not None:
+        raise ValueError(f"{run} is not a toy-world run (entitydraw --world): the judge reads only the world's "
+                         "scenes; drop --judge to CLIP-score it")
     summary = score_run(run, clip_model=clip_model, pretrained=clip_pretrained, device=device, select=select,
                         batch_size=batch_size, allow_partial=allow_partial, label=label)
     _print_summary(summary)
@@ -290,7 +391,31 @@ def entitydraw_score(
               highlight=False)
 
 
+def _print_world_summary(summary: dict) -> None:
+    from .world import GROUP_TITLES, GROUPS, find
+
+    recs = summary["records"]
+    groups = [g for g in GROUPS if any(r["split"] == g and r["n"] for r in recs)]
+    table = Table(title="EntityDrawBench on the toy world - judged rates ± s.e. (n)")
+    for col in ["model", "metric", *[GROUP_TITLES[g] for g in groups]]:
+        table.add_column(col)
+
+    def short(rec):
+        if not rec or rec["mean"] is None:
+            return "-"
+        return f"{rec['mean']:.2f}" + (f"±{rec['sem']:.2f}" if rec["sem"] is not None else "") + f" ({rec['n']})"
+
+    for m in summary["models"]:
+        for selection, sel in (("best_of_n", "best of N"), ("per_image", "per image")):
+            for metric, name in (("faithful", "faithful"), ("look_ok", "look"), ("scene_ok", "scene")):
+                table.add_row(escape(m), f"{name}, {sel}", *[short(find(recs, m, metric, g, selection))
+                                                              for g in groups])
+    out_console.print(table)
+
+
 def _print_summary(summary: dict) -> None:
+    if "judge" in summary:
+        return _print_world_summary(summary)
     from .entities import CATEGORIES, CATEGORY_TITLES
     from .scoring import METRIC_TITLES
 
@@ -337,12 +462,14 @@ def entitydraw_summary(
 
 
 def entitydraw_sweep(
-    param: str = typer.Option(..., "--param", help="k (Figure 7) or eta (Figure 8)."),
-    values: str = typer.Option(..., "--values", help="Comma-separated values, e.g. 1,2,3,4 or 0,0.25,0.5,0.75,1."),
+    param: str = typer.Option(..., "--param", help="k (Figure 7), eta (Figure 8) or guidance (Figure 13)."),
+    values: str = typer.Option(..., "--values", help="Comma-separated values, e.g. 1,2,3 or 0,0.25,0.5,0.75,1 or "
+                               "joint,weighted,interleaved."),
     out: Path = typer.Option(Path("runs/entitydraw_sweep"), "--out", help="Folder: one run per value, "
                              "sweep_<param>.csv/.md/.png."),
     model: list[Path] = _MODEL, diffusers: Optional[str] = _DIFFUSERS, images_from: Optional[Path] = _IMAGES_FROM,
-    references: Optional[Path] = _REFERENCES,
+    references: Optional[Path] = _REFERENCES, world: Optional[Path] = _WORLD,
+    per_split: Optional[int] = _PER_SPLIT, judge: Optional[Path] = _JUDGE,
     k: int = _K, eta: float = _ETA, guidance: str = _GUIDANCE, w_text: float = _W_TEXT,
     w_neighbours: float = _W_NBR, steps: int = _STEPS, sr_guidance: str = _SR_GUIDANCE, sr_steps: str = _SR_STEPS,
     sr_aug_level: float = _SR_AUG, sampler: str = _SAMPLER, no_retrieval: bool = _NO_RETRIEVAL,
@@ -354,7 +481,8 @@ def entitydraw_sweep(
     diffusers_steps: int = _DIFF_STEPS, diffusers_guidance: float = _DIFF_GUIDANCE,
     clip_model: str = _CLIP_MODEL, clip_pretrained: Optional[str] = _CLIP_PRETRAINED, select: str = _SELECT,
 ) -> None:
-    """Ablation over K (Figure 7) or eta (Figure 8): run + CLIP-score per value; one table, one plot."""
+    """Ablation over K (Figure 7), eta (Figure 8) or the guidance (Figure 13): run + score per value (CLIP, or the
+    judge with --world); one table, one plot."""
     _entitydraw_sweep(dict(locals()))
 
 
@@ -368,8 +496,10 @@ def _entitydraw_sweep(kw: dict) -> None:
         raise ValueError(f"unknown selection score {kw['select']!r}; choose {', '.join(SELECT_MODES)}")
     cfg = _config(**kw)
     if kw["images_from"] is not None or kw["diffusers"] is not None or not cfg.retrieval:
-        raise ValueError("k and eta only matter for a Re-Imagen model with retrieval: pass --model and drop "
-                         "--no-retrieval")
+        raise ValueError("k, eta and the guidance only matter for a Re-Imagen model with retrieval: pass --model "
+                         "and drop --no-retrieval")
+    if kw["world"] is not None:
+        return _world_sweep(kw, values, cfg)
     clip = {"model": kw["clip_model"], "pretrained": kw["clip_pretrained"], "select": kw["select"],
             "device": kw["device"]}
     table = sweep(kw["param"], values, cfg, _generator_factory(kw), kw["out"], kw["references"], clip, log=_log)
@@ -382,6 +512,25 @@ def _entitydraw_sweep(kw: dict) -> None:
                   fmt(r.get("clip_i_frequent")), fmt(r.get("clip_i_infrequent")))
     out_console.print(t)
     err.print(f"table and plot: {escape(str(kw['out']))}/sweep_{escape(kw['param'])}.csv/.md/.png", highlight=False)
+
+
+def _world_sweep(kw: dict, values: list, cfg) -> None:
+    from .world import METRIC_TITLES, WorldBench, world_sweep
+
+    bench = WorldBench.open(kw["world"])
+    param = kw["param"]
+    table = world_sweep(param, values, cfg, _generator_factory(kw), kw["out"], bench, kw["per_split"],
+                        judge_path=kw["judge"], log=_log)
+    t = Table(title=f"toy-world sweep over {param} - judged (per image, all splits; faithful also best of N)")
+    for col in (param, "prompts", *(METRIC_TITLES[m] for m in ("look_ok", "scene_ok", "faithful")),
+                "faithful, best of N"):
+        t.add_column(col)
+    fmt = lambda r, key: "-" if r.get(key) is None else f"{r[key]:.3f}"  # noqa: E731
+    for r in table:
+        t.add_row(str(r[param]), str(r["prompts"]), fmt(r, "look_ok_all"), fmt(r, "scene_ok_all"),
+                  fmt(r, "faithful_all"), fmt(r, "faithful_all_best"))
+    out_console.print(t)
+    err.print(f"table and plot: {escape(str(kw['out']))}/sweep_{escape(param)}.csv/.md/.png", highlight=False)
 
 
 COMMANDS = (entitydraw, entitydraw_prompts, entitydraw_fetch, entitydraw_score, entitydraw_summary, entitydraw_sweep)

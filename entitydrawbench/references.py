@@ -372,6 +372,7 @@ def _fetch_batch(batch: Sequence[Entity], api: str, wiki: str, out: Path, get: F
 class ReferencePair:
     path: Path
     text: str
+    kb_id: str | None = None  # its id in a knowledge base, if it is also one of its rows (the toy world's)
 
 
 def _scan_folder(folder: Path, entities: Sequence[Entity]) -> dict[str, list[Path]]:

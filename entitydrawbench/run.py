@@ -182,16 +182,22 @@ def plan_neighbours(prompts: Sequence[dict], pairs: dict[str, list[ReferencePair
     topups: dict[str, list[tuple[str, str]]] = {}
     if retriever is not None:
         queries = [p["name"] if cfg.topup_query == "name" else p["prompt"] for p in need]
-        res = retriever.search(queries, cfg.k)
+        # a knowledge base may hold the reference pairs themselves (the toy world's kb.parquet): ask for enough
+        # results to skip those and still fill k slots
+        extra = max((len(pairs.get(p["entity_id"], [])) for p in need), default=0)
+        res = retriever.search(queries, min(cfg.k + extra, len(kb)))
         for p, ids in zip(need, res.ids):
             topups[p["prompt_id"]] = [(i, kb.texts[kb.index_of(i)]) for i in ids if i in kb]
     for p in prompts:
         own = pairs.get(p["entity_id"], [])[: cfg.k]
+        own_ids = {r.kb_id for r in pairs.get(p["entity_id"], []) if r.kb_id}
         row = [{"kind": "ref", "id": f"{p['entity_id']}:{j}", "text": r.text, "image": str(r.path)}
                for j, r in enumerate(own)]
         for kid, text in topups.get(p["prompt_id"], []):
             if len(row) >= cfg.k:
                 break
+            if kid in own_ids:
+                continue
             row.append({"kind": "kb", "id": kid, "text": text, "image": kb.absolute_ref(kb.index_of(kid))})
         plan.rows[p["prompt_id"]] = row
         if len(row) < cfg.k:
@@ -257,11 +263,7 @@ def run_entitydraw(generator, out: str | Path, cfg: RunConfig, references: str |
                    entities: Sequence[Entity] | None = None, shard: tuple[int, int] | None = None,
                    progress: bool = True, log=None) -> RunResult:
     """Plan (prompts, references, neighbours), check everything, then generate into ``out`` (resumable)."""
-    from reimagen.generate import FolderGenerator, Job, check_run_manifest, generate_run, image_name
-
     cfg.check()
-    say = log or (lambda msg: None)
-    out = Path(out)
     manifest = list(entities) if entities is not None else load_entities()
     ents = select(manifest, cfg.categories, cfg.per_category)
     if not ents:
@@ -289,6 +291,31 @@ def run_entitydraw(generator, out: str | Path, cfg: RunConfig, references: str |
     if not prompts:
         raise ValueError(f"every selected entity lacks a reference image ({len(skipped)} skipped); see "
                          "entitydraw-fetch")
+    refs_digest = references_fingerprint({eid: pairs[eid] for eid in (p["entity_id"] for p in prompts)
+                                          if eid in pairs}) if needs_refs else None
+    return run_prompts(generator, out, cfg, prompts, pairs, skipped=skipped, references_digest=refs_digest,
+                       provenance={"references": str(Path(references).resolve()) if references else None},
+                       shard=shard, progress=progress, log=log)
+
+
+def run_prompts(generator, out: str | Path, cfg: RunConfig, prompts: Sequence[dict],
+                pairs: dict[str, list[ReferencePair]], skipped: dict[str, str] | None = None,
+                references_digest: str | None = None, benchmark: dict[str, Any] | None = None,
+                provenance: dict[str, Any] | None = None, prepare=None, shard: tuple[int, int] | None = None,
+                progress: bool = True, log=None) -> RunResult:
+    """Generate a prompt table (rows as ``build_prompt_table``'s, extra fields listed in ``EXTRA_FIELDS`` are
+    copied to images.jsonl) with the entities' reference pairs as neighbours into ``out`` (resumable).
+
+    ``benchmark`` replaces the benchmark's identity in run.json (default: the open EntityDrawBench);
+    ``references_digest`` identifies the reference pairs (their contents); ``prepare(out)`` runs after the run
+    folder has been checked, before any image is made (the toy world writes its reference images there)."""
+    from reimagen.generate import FolderGenerator, Job, check_run_manifest, generate_run, image_name
+
+    cfg.check()
+    say = log or (lambda msg: None)
+    out = Path(out)
+    skipped = dict(skipped or {})
+    needs_refs = bool(getattr(generator, "uses_neighbours", False))
     plan = plan_neighbours(prompts, pairs, cfg) if needs_refs else NeighbourPlan()
     jobs = [Job(p["prompt_id"], p["prompt"], i) for p in prompts for i in range(cfg.samples_per_prompt)]
     if isinstance(generator, FolderGenerator):
@@ -300,19 +327,20 @@ def run_entitydraw(generator, out: str | Path, cfg: RunConfig, references: str |
 
     # Metadata first (deterministic content, the same from every shard), then the images.
     size = _neighbour_size(generator)
-    settings = {"benchmark": BENCHMARK, "prompt_seed": cfg.prompt_seed, "samples_per_prompt": cfg.samples_per_prompt,
-                "prompts": _entity_digest(prompts), "n_prompts": len(prompts)}
+    settings = {**(benchmark or {"benchmark": BENCHMARK}), "prompt_seed": cfg.prompt_seed,
+                "samples_per_prompt": cfg.samples_per_prompt, "prompts": _entity_digest(prompts),
+                "n_prompts": len(prompts)}
     if needs_refs:
-        settings.update(k=cfg.k, neighbours=_plan_digest(plan), references=references_fingerprint(
-            {eid: pairs[eid] for eid in (p["entity_id"] for p in prompts) if eid in pairs}),
-            topup_query=cfg.topup_query if cfg.kb else None)
+        settings.update(k=cfg.k, neighbours=_plan_digest(plan), references=references_digest,
+                        topup_query=cfg.topup_query if cfg.kb else None)
     rows = _image_rows(prompts, pairs, plan, cfg)
     check_run_manifest(out, {"seed": cfg.seed, **generator.describe(), **settings})  # before writing anything
     out.mkdir(parents=True, exist_ok=True)
+    if prepare is not None:
+        prepare(out)
     write_jsonl(out / PROMPTS_FILE, prompts)
     write_json(out / SKIPPED_FILE, skipped)
-    write_json(out / "provenance.json", {**getattr(generator, "provenance", {}),
-                                         "references": str(Path(references).resolve()) if references else None,
+    write_json(out / "provenance.json", {**getattr(generator, "provenance", {}), **(provenance or {}),
                                          "kb": cfg.kb, "kb_index": cfg.kb_index})
     if not (out / IMAGES_FILE).is_file() or _unscored(out / IMAGES_FILE) != rows:
         write_jsonl(out / IMAGES_FILE, rows)
@@ -338,7 +366,11 @@ def _plan_digest(plan: NeighbourPlan) -> str:
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
 
 
-SCORE_FIELDS = ("clip_t", "clip_i", "selected", "select_score")
+#: Fields the scorers add to images.jsonl (CLIP proxies; the toy world's judge): not part of the run's plan.
+SCORE_FIELDS = ("clip_t", "clip_i", "selected", "select_score", "look_ok", "scene_ok", "faithful",
+                "attributes_ok", "judge", "judge_match")
+#: Prompt-table fields copied to images.jsonl when present (the toy world's split and scene).
+EXTRA_FIELDS = ("split", "count", "position", "background", "world")
 
 
 def _unscored(path: Path) -> list[dict]:
@@ -363,7 +395,7 @@ def _image_rows(prompts: Sequence[dict], pairs: dict[str, list[ReferencePair]], 
                 "reference_image": str(refs[0].path) if refs else None,
                 "reference_images": [str(r.path) for r in refs], "reference_text": p["reference_text"],
                 "neighbour_ids": [n["id"] for n in nb], "neighbour_texts": [n["text"] for n in nb],
-                "seed": cfg.seed,
+                "seed": cfg.seed, **{k: p[k] for k in EXTRA_FIELDS if k in p},
             })
     return rows
 
@@ -378,4 +410,5 @@ def read_run(run: str | Path) -> tuple[dict, list[dict]]:
 
 
 __all__ = ["RunConfig", "RunResult", "cascade_generator", "plan_neighbours", "NeighbourProvider",
-           "run_entitydraw", "read_run", "IMAGES_FILE", "PROMPTS_FILE", "SKIPPED_FILE"]
+           "run_entitydraw", "run_prompts", "read_run", "SCORE_FIELDS", "EXTRA_FIELDS", "IMAGES_FILE", "PROMPTS_FILE",
+           "SKIPPED_FILE"]

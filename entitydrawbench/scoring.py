@@ -275,7 +275,16 @@ def _wrap(text: str, width: int = 150) -> str:
 
 
 def summarize_runs(runs: dict[str, str | Path], out: str | Path) -> dict[str, Any]:
-    """One Table-2 / Figure-5 summary over several scored runs (one row per model), written to ``out``.*"""
+    """One Table-2 / Figure-5 summary over several scored runs (one row per model), written to ``out``.*
+    Toy-world runs (``entitydraw --world``), judged rather than CLIP-scored, go to
+    ``world.summarize_world_runs``; the two kinds do not mix."""
+    from .world import is_world_run, summarize_world_runs
+
+    kinds = {is_world_run(p) for p in runs.values()}
+    if len(kinds) > 1:
+        raise ValueError("toy-world runs (judged) and EntityDrawBench runs (CLIP proxies) cannot share a table")
+    if kinds == {True}:
+        return summarize_world_runs(runs, out)
     loaded, clips = {}, []
     for label, path in runs.items():
         path = Path(path)
