@@ -21,7 +21,7 @@ install: $(STAMP)
 # OMP_WAIT_POLICY=PASSIVE: on a shared or oversubscribed machine OpenMP's spin-waiting made the tiny models
 # up to 20x slower (measured: 1.7 s instead of 0.1 s per demo training step); it costs ~15% when idle.
 demo: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/reimagen-eval demo --out runs/demo
+	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(VENV)/bin/reimagen-eval toy demo --out runs/toy
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
