@@ -15,13 +15,10 @@ import typer
 from typer.testing import CliRunner
 
 from evaluation.cli import fid
-from reimagen.config import get_preset
-from reimagen.text import TinyTextEncoder
+from test_fid_cli import write_models  # the same tiny perturbed base + SR checkpoints as the COCO FID tests
 from reimagen.toy.build import build_world_files
 from reimagen.toy.judge import Judge, save_judge
 from reimagen.toy.world import World, WorldSpec
-from reimagen.train import save_checkpoint
-from reimagen.unet import ReImagenUNet
 
 app = typer.Typer(add_completion=False)
 app.command()(fid)
@@ -37,21 +34,6 @@ runner = CliRunner()
 pytestmark = pytest.mark.filterwarnings("ignore:Matrix is singular")
 TINY = {"n_entities": 20, "n_unseen": 4, "corpus_size": 200, "validation_size": 40, "n_references": 1}
 EXTRACTOR = "evaluation.synthetic:judge_features"
-
-
-def write_models(folder: Path) -> dict[str, Path]:
-    """tiny-16 base and tiny-sr32 SR stages (TinyTextEncoder), perturbed so outputs depend on their inputs."""
-    out = {}
-    for name, preset, seed in (("base", "tiny-16", 0), ("sr", "tiny-sr32", 1)):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = ReImagenUNet(get_preset(preset))
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        out[name] = save_checkpoint(folder / name, model, TinyTextEncoder(dim=32, seed=seed))
-    return out
 
 
 @pytest.fixture(scope="module")
