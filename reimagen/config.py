@@ -17,7 +17,11 @@ class UNetConfig:
     in_channels: int = 3                     # image channels
     base_channels: int = 128                 # width of the first level
     channel_mults: tuple[int, ...] = (1, 2, 4)  # width multiplier per level; level i has side image_size / 2^i
-    num_res_blocks: tuple[int, ...] = (2, 2, 2)  # residual blocks per level (DStack and UStack alike)
+    num_res_blocks: tuple[int, ...] = (2, 2, 2)  # residual blocks per level of the DStack
+    # Residual blocks per level of the UStack. None: num_res_blocks + 1 per level (guided-diffusion style, one
+    # skip per DStack activation). Fewer shifts compute into the DStack (Imagen's Efficient U-Net, Saharia
+    # et al. 2022, App. B.1); a level's up blocks take its deepest skips, 1 <= up_res_blocks <= num_res_blocks + 1.
+    up_res_blocks: tuple[int, ...] | None = None
     attn_resolutions: tuple[int, ...] = (16, 8)  # sides at which self-attention + text cross-attention run
     head_dim: int = 64                       # width of one attention head
     text_dim: int = 384                      # width of the text encoder's token embeddings (d in c_p in R^{n x d})
@@ -41,6 +45,16 @@ class UNetConfig:
         object.__setattr__(self, "num_res_blocks", tuple(nrb))
         if len(self.num_res_blocks) != len(self.channel_mults):
             raise ValueError("num_res_blocks needs one entry per level of channel_mults")
+        if self.up_res_blocks is not None:
+            urb = self.up_res_blocks
+            if isinstance(urb, int):
+                urb = (urb,) * len(self.channel_mults)
+            object.__setattr__(self, "up_res_blocks", tuple(urb))
+            if len(self.up_res_blocks) != len(self.channel_mults):
+                raise ValueError("up_res_blocks needs one entry per level of channel_mults")
+            if any(not 1 <= u <= n + 1 for u, n in zip(self.up_res_blocks, self.num_res_blocks)):
+                raise ValueError(f"up_res_blocks {self.up_res_blocks} must be between 1 and num_res_blocks + 1 "
+                                 f"{tuple(n + 1 for n in self.num_res_blocks)} per level")
         if self.image_size % (2 ** (len(self.channel_mults) - 1)):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^(levels-1)")
         if self.lowres_size is not None and self.lowres_size >= self.image_size:
@@ -53,6 +67,13 @@ class UNetConfig:
         return self.lowres_size is not None
 
     @property
+    def ustack_res_blocks(self) -> tuple[int, ...]:
+        """Residual blocks per level of the UStack (``up_res_blocks``, or ``num_res_blocks + 1``)."""
+        if self.up_res_blocks is not None:
+            return self.up_res_blocks
+        return tuple(n + 1 for n in self.num_res_blocks)
+
+    @property
     def feature_size(self) -> int:
         """F, the side of the DStack's output feature map f(x_t, c_p, t) in R^{F x F x d}."""
         return self.image_size // 2 ** (len(self.channel_mults) - 1)
@@ -63,7 +84,10 @@ class UNetConfig:
         return self.base_channels * self.channel_mults[-1]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["up_res_blocks"] is None:  # the default is left out: configs, checkpoints and run manifests of
+            del d["up_res_blocks"]      # U-Nets without the option serialise exactly as before it existed
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -119,10 +143,26 @@ PRESETS: dict[str, Preset] = {
         UNetConfig(image_size=32, base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=(2, 2, 2),
                    attn_resolutions=(8,), head_dim=32, text_dim=384, cond_dim=256, text_width=256,
                    neighbour_heads=4), note="CPU-sized 32x32 base stage"),
+    # small-32's widths and (almost) its parameter count, Efficient-U-Net style (Saharia et al. 2022, App. B.1):
+    # residual blocks moved from the UStack to the DStack's lower resolutions, one up block per level. The
+    # DStack is 55% of a forward instead of 28%, so the neighbour cache saves more (benchmarks/README.md).
+    "small-32-eff": Preset(
+        UNetConfig(image_size=32, base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=(2, 3, 6),
+                   up_res_blocks=(1, 1, 1), attn_resolutions=(8,), head_dim=32, text_dim=384, cond_dim=256,
+                   text_width=256, neighbour_heads=4), note="CPU-sized 32x32 base stage, Efficient-U-Net style"),
     "small-sr64": Preset(
         UNetConfig(image_size=64, lowres_size=32, base_channels=32, channel_mults=(1, 2, 4), num_res_blocks=(1, 2, 2),
                    attn_resolutions=(), head_dim=32, text_dim=384, cond_dim=256, text_width=256,
                    neighbour_heads=4), note="CPU-sized 32 -> 64 super-resolution stage"),
+    # The toy world's shipped cascade (issue [toy]): sized to train in ~90 CPU minutes and ship in fp16 under 30 MB.
+    "toy-32": Preset(
+        UNetConfig(image_size=32, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=(1, 2, 2),
+                   attn_resolutions=(8,), head_dim=32, text_dim=384, cond_dim=192, text_width=192,
+                   neighbour_heads=4), note="toy world 32x32 base stage"),
+    "toy-sr64": Preset(
+        UNetConfig(image_size=64, lowres_size=32, base_channels=24, channel_mults=(1, 2, 2), num_res_blocks=(1, 1, 1),
+                   attn_resolutions=(), head_dim=32, text_dim=384, cond_dim=128, text_width=128,
+                   neighbour_heads=4), note="toy world 32 -> 64 super-resolution stage"),
     # Tiny presets for tests.
     "tiny-16": Preset(
         UNetConfig(image_size=16, base_channels=16, channel_mults=(1, 2), num_res_blocks=(1, 1),

@@ -284,17 +284,22 @@ class UStack(nn.Module):
     def __init__(self, cfg: UNetConfig, skip_channels: list[int]):
         super().__init__()
         g = cfg.norm_groups
-        skip_channels = list(skip_channels)
+        unused = list(range(len(skip_channels)))  # DStack activations not yet given to an up block
+        self.skip_index: list[int] = []  # the skip each ResBlock concatenates, in block order
         self.blocks = nn.ModuleList()
         c = cfg.base_channels * cfg.channel_mults[-1]
         res = cfg.feature_size
         for level in reversed(range(len(cfg.channel_mults))):
             c_out = cfg.base_channels * cfg.channel_mults[level]
-            for _ in range(cfg.num_res_blocks[level] + 1):
-                self.blocks.append(ResBlock(c + skip_channels.pop(), c_out, cfg.cond_dim, g, cfg.dropout))
+            ups = cfg.ustack_res_blocks[level]
+            for _ in range(ups):  # the level's deepest skips first (by default every one of its nrb + 1)
+                self.skip_index.append(unused.pop())
+                self.blocks.append(ResBlock(c + skip_channels[self.skip_index[-1]], c_out, cfg.cond_dim, g,
+                                            cfg.dropout))
                 c = c_out
                 if res in cfg.attn_resolutions:
                     self.blocks.append(TextAttention(c, cfg.text_width, cfg.head_dim, g))
+            del unused[len(unused) - (cfg.num_res_blocks[level] + 1 - ups):]  # the level's shallower skips: unused
             if level > 0:
                 self.blocks.append(Upsample(c))
                 res *= 2
@@ -303,11 +308,11 @@ class UStack(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, h: Tensor, skips: list[Tensor], emb: Tensor, text: TextCond) -> Tensor:
-        skips = list(skips)
+    def forward(self, h: Tensor, skips: list[Tensor | None], emb: Tensor, text: TextCond) -> Tensor:
+        index = iter(self.skip_index)
         for block in self.blocks:
             if isinstance(block, ResBlock):
-                h = block(torch.cat([h, skips.pop()], 1), emb)
+                h = block(torch.cat([h, skips[next(index)]], 1), emb)
             elif isinstance(block, TextAttention):
                 h = block(h, text)
             else:
@@ -468,7 +473,9 @@ class ReImagenUNet(nn.Module):
             first = torch.full_like(uniq, b).scatter_reduce(0, inverse, torch.arange(b, device=key.device), "amin")
             h, skips, emb = self.dstack(x[first], t[first], text.index(first),
                                         aug_t=None if aug_t is None else aug_t[first])
-            h, skips, emb = h[inverse], [sk[inverse] for sk in skips], emb[inverse]
+            used = set(self.ustack.skip_index)
+            h, emb = h[inverse], emb[inverse]
+            skips = [sk[inverse] if i in used else None for i, sk in enumerate(skips)]
         if self.neighbour_attn is not None:
             h = self.neighbour_attn(h, neighbours, drop_neighbours)
         return self.ustack(h, skips, emb, text)

@@ -81,3 +81,62 @@ def test_unet_config_validation_and_json_round_trip(tiny_cfg):
 
     assert UNetConfig.from_dict(json.loads(cfg.to_json())) == cfg
     assert tiny_cfg.feature_size == 8 and tiny_cfg.feature_dim == 32  # F = 16 / 2, d = 16 * 2
+
+
+# ----------------------------------------------------------------------------------------------
+# up_res_blocks (Efficient-U-Net-style UStack) and the small-32-eff preset
+# ----------------------------------------------------------------------------------------------
+def test_up_res_blocks_validation_normalisation_and_json_round_trip():
+    import json
+
+    cfg = UNetConfig(channel_mults=[1, 2], num_res_blocks=(2, 3), up_res_blocks=[1, 2])
+    assert cfg.up_res_blocks == (1, 2) and cfg.ustack_res_blocks == (1, 2)
+    assert UNetConfig(channel_mults=(1, 2), num_res_blocks=2, up_res_blocks=1).up_res_blocks == (1, 1)  # int form
+    assert UNetConfig(channel_mults=(1, 2), num_res_blocks=(2, 3)).ustack_res_blocks == (3, 4)  # default: nrb + 1
+    back = UNetConfig.from_dict(json.loads(cfg.to_json()))
+    assert back == cfg and back.up_res_blocks == (1, 2)
+    eff = get_preset("small-32-eff")
+    assert UNetConfig.from_dict(json.loads(eff.to_json())) == eff
+    for bad in [(1,), (0, 1), (1, 5)]:  # wrong length, no block, more blocks than the level has skips
+        with pytest.raises(ValueError, match="up_res_blocks"):
+            UNetConfig(channel_mults=(1, 2), num_res_blocks=(2, 3), up_res_blocks=bad)
+
+
+def test_configs_without_up_res_blocks_serialise_and_load_as_before():
+    """Checkpoints and run manifests written before the field existed have no "up_res_blocks" key: they load
+    (as None = the old UStack), and configs without the option still serialise without the key."""
+    import json
+
+    for name in ("small-32", "toy-32", "tiny-16", "paper-64"):
+        cfg = get_preset(name)
+        d = json.loads(cfg.to_json())
+        assert "up_res_blocks" not in d
+        assert UNetConfig.from_dict(d) == cfg and UNetConfig.from_dict(d).up_res_blocks is None
+        assert UNetConfig.from_dict({**d, "up_res_blocks": None}) == cfg
+    assert "up_res_blocks" in get_preset("small-32-eff").to_dict()
+
+
+def test_small_32_eff_matches_small_32_in_size_with_the_blocks_moved_to_the_dstack():
+    small, eff = get_preset("small-32"), get_preset("small-32-eff")
+    same = ("image_size", "base_channels", "channel_mults", "attn_resolutions", "head_dim", "text_dim", "cond_dim",
+            "text_width", "neighbour_heads", "prediction", "schedule")
+    assert all(getattr(small, f) == getattr(eff, f) for f in same)
+    with torch.device("meta"):
+        ms, me = ReImagenUNet(small), ReImagenUNet(eff)
+    assert abs(count_parameters(me) / count_parameters(ms) - 1) <= 0.05
+    assert count_parameters(me.dstack) > count_parameters(me.ustack)  # the DStack carries most parameters
+    assert count_parameters(ms.dstack) < count_parameters(ms.ustack)
+
+
+def test_presets_command_lists_small_32_eff_with_its_parameter_count():
+    import re
+
+    from typer.testing import CliRunner
+
+    from reimagen.cli import app
+
+    res = CliRunner().invoke(app, ["presets"])
+    assert res.exit_code == 0, res.output
+    with torch.device("meta"):
+        n = count_parameters(ReImagenUNet(get_preset("small-32-eff")))
+    assert re.search(rf"small-32-eff\W+32\W+{re.escape(f'{n / 1e6:,.1f}M')}", res.output), res.output

@@ -385,3 +385,92 @@ def test_shared_dstack_for_branches_of_one_sample_gives_identical_outputs(preset
     hook.remove()
     assert torch.equal(plain, shared)
     assert calls == [6, 5]  # the TEXT_ONLY row of sample 0 reuses sample 0's FULL DStack pass
+
+
+# ----------------------------------------------------------------------------------------------
+# up_res_blocks: the Efficient-U-Net-style UStack (fewer up blocks; a level's deepest skips)
+# ----------------------------------------------------------------------------------------------
+def _state_dict_fingerprint(model) -> tuple[int, str]:
+    import hashlib
+
+    lines = "\n".join(f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items())
+    return len(model.state_dict()), hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+# (state_dict entries, sha256 of "key:shape" lines) of these presets, recorded with the UStack as it was
+# before up_res_blocks existed: checkpoints of these presets must keep loading.
+OLD_ARCHITECTURES = {"tiny-16": (167, "530fbb5c3d5bedc4"), "tiny-sr32": (135, "68e94c21c1acf62d"),
+                     "small-32": (295, "cf946d7989111493"), "small-sr64": (219, "ff0364e4f7c38c00"),
+                     "paper-64": (639, "136a69163be781a1"), "paper-sr1024": (473, "46ed62b5db0ce8ca")}
+
+
+@pytest.mark.parametrize("preset", sorted(OLD_ARCHITECTURES))
+def test_up_res_blocks_none_builds_exactly_the_old_architecture(preset):
+    from reimagen.config import get_preset
+    from reimagen.unet import ReImagenUNet
+
+    cfg = get_preset(preset)
+    assert cfg.up_res_blocks is None
+    with torch.device("meta"):
+        model = ReImagenUNet(cfg)
+        explicit = ReImagenUNet(get_preset(preset, up_res_blocks=tuple(n + 1 for n in cfg.num_res_blocks)))
+    assert _state_dict_fingerprint(model) == OLD_ARCHITECTURES[preset], (
+        f"{preset}: the U-Net's parameters changed; existing checkpoints of this preset would no longer load")
+    assert _state_dict_fingerprint(explicit) == OLD_ARCHITECTURES[preset]  # num_res_blocks + 1 spelled out
+    assert model.ustack.skip_index == list(range(len(model.dstack.skip_channels)))[::-1]  # every skip, popped
+
+
+@torch.no_grad()
+def test_explicit_default_up_res_blocks_gives_identical_outputs(enc):
+    a = randomize(make_model("tiny-16", seed=5), seed=6)
+    b = randomize(make_model("tiny-16", seed=5, up_res_blocks=(2, 2)), seed=6)
+    x, t, tc, nimg, nc = _inputs(a, enc)
+    assert torch.equal(a(x, t, tc, a.encode_neighbours(nimg, nc)), b(x, t, tc, b.encode_neighbours(nimg, nc)))
+
+
+def test_fewer_up_blocks_take_each_levels_deepest_skips():
+    m = make_model("tiny-16", num_res_blocks=(1, 3), up_res_blocks=(1, 2))
+    # DStack skips: [conv_in, L0 block, downsample, L1 block 1, 2, 3]; level 1 takes 5 then 4, level 0 takes 1
+    assert m.ustack.skip_index == [5, 4, 1]
+    from reimagen.unet import ResBlock
+
+    assert sum(isinstance(b, ResBlock) for b in m.ustack.blocks) == 3
+    assert sum(isinstance(b, ResBlock) for b in m.dstack.blocks) == 4
+
+
+@pytest.mark.parametrize("up", [(1, 1), (1, 2), (2, 1)])
+@torch.no_grad()
+def test_efficient_ustack_runs_and_shares_the_dstack_like_the_default(up, enc):
+    from reimagen.guidance import branch_drop_masks
+
+    m = randomize(make_model("tiny-16", seed=3, num_res_blocks=(1, 3), up_res_blocks=up))
+    x, t, tc, nimg, nc = _inputs(m, enc, b=3, k=2)
+    mem = m.encode_neighbours(nimg, nc)
+    out = m(x, t, tc, mem)
+    assert out.shape == x.shape and bool(torch.isfinite(out).all())
+    rep = torch.arange(3).repeat(2)
+    drop_text, drop_nbr = branch_drop_masks(torch.tensor([0, 0, 0, 2, 1, 3]))
+    plain = m(x[rep], t[rep], tc.index(rep), mem.index(rep), drop_text, drop_nbr)
+    shared = m(x[rep], t[rep], tc.index(rep), mem.index(rep), drop_text, drop_nbr, source=rep)
+    assert torch.equal(plain, shared)
+    # a row still depends on its neighbours and its text
+    yes = torch.ones(3, dtype=torch.bool)
+    assert (out - m(x, t, tc, mem, drop_neighbours=yes)).abs().max() > 1e-4
+    assert (out - m(x, t, tc, mem, drop_text=yes)).abs().max() > 1e-4
+
+
+def test_efficient_ustack_model_overfits_four_images():
+    """The option must still train: a tiny Efficient-U-Net-style stage overfits four images like tiny-16."""
+    import math
+
+    from conftest import make_triples
+    from reimagen.text import TinyTextEncoder
+    from reimagen.train import TrainConfig, Trainer
+
+    data = make_triples(4, 16, 2, seed=3)
+    cfg = TrainConfig(steps=200, batch_size=8, lr=3e-3, log_every=25, ckpt_every=10**9, ema_decay=0.99, seed=0)
+    model = make_model("tiny-16", seed=0, num_res_blocks=(1, 3), up_res_blocks=(1, 1))
+    hist = Trainer(model, TinyTextEncoder(dim=32, seed=0), data, cfg).fit(progress=False)
+    first, last = hist[0]["loss"], hist[-1]["loss"]
+    assert all(math.isfinite(h["loss"]) for h in hist)
+    assert last * 5 <= first, f"loss only went from {first:.4f} to {last:.4f}"
