@@ -32,7 +32,11 @@ same parameter count, against our model's text-only guided step (``JointGuidance
 use_neighbours=False)``: one batched forward of 2*B rows, neighbours dropped). The peer runs in its own
 venv (``/tmp/peer``) as a subprocess driven over stdin/stdout, so its repeats interleave with ours.
 
-Run: ``make bench`` or ``.venv/bin/python benchmarks/guided_step.py [--peer] [--json out.json]``.
+The stage is ``--preset`` (default ``small-32-eff``, 8.32M parameters, whose DStack is 55% of a forward;
+``small-32``, the same widths with the UStack 2.5x the DStack, gains less: benchmarks/README.md).
+``--flops-only`` checks correctness, counts FLOPs and stops (no timing).
+
+Run: ``make bench`` or ``.venv/bin/python benchmarks/guided_step.py [--preset P] [--peer] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -63,7 +67,9 @@ TARGET_RATIO = 1.8
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small-32", help="reimagen.config preset of the stage (default small-32)")
+    p.add_argument("--preset", default="small-32-eff",
+                   help="reimagen.config preset of the stage (default small-32-eff; small-32 is the "
+                        "guided-diffusion-style U-Net of the same size, see benchmarks/README.md)")
     p.add_argument("--batch", type=int, default=8, help="B, samples per batch (default 8)")
     p.add_argument("--k", type=int, default=2, help="K, retrieved neighbours per sample (default 2)")
     p.add_argument("--text-len", type=int, default=16, help="n, text tokens per prompt (default 16)")
@@ -78,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retry-wait", type=float, default=5.0, help="seconds to wait before a redo (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--flops-only", action="store_true",
+                   help="check correctness, count FLOPs and stop: no timing (fine while the machine is busy)")
     p.add_argument("--peer", action="store_true", help="also time imagen-pytorch in the peer venv")
     p.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON,
                    help=f"peer interpreter (default {DEFAULT_PEER_PYTHON})")
@@ -295,11 +303,14 @@ def run(args: argparse.Namespace) -> int:
         memory = model.encode_neighbours(nbr_images, model.project_text(nbr_emb, nbr_mask))
         return text, memory
 
+    source = torch.arange(B).repeat(nb)  # row i of every branch is a copy of sample i
+
     def ours_eps(x, t, text_rep, nbr_rep, codes):
-        """One batched forward of nb*B rows on the cached conditioning (as sample_stage does)."""
+        """One batched forward of nb*B rows on the cached conditioning, as sample_stage does it (branches
+        of one sample that see the same text share their DStack pass: ``source``)."""
         drop_text, drop_nbr = branch_drop_masks(codes.reshape(-1))
         x_in = x.repeat(nb, 1, 1, 1)
-        pred = model(x_in, t.repeat(nb), text_rep, nbr_rep, drop_text, drop_nbr)
+        pred = model(x_in, t.repeat(nb), text_rep, nbr_rep, drop_text, drop_nbr, source=source)
         eps_b = to_eps(pred, x_in, log_snr(t).repeat(nb), cfg.prediction).reshape(nb, B, *shape)
         return guidance.combine(eps_b, codes)
 
@@ -377,6 +388,26 @@ def run(args: argparse.Namespace) -> int:
             eps_b = to_eps(pred, x_in, log_snr(t).repeat(joint.num_branches), cfg.prediction)
             joint.combine(eps_b.reshape(joint.num_branches, B, *shape), codes)
 
+    def step_flops() -> dict[str, float | int | None]:
+        """Conv/matmul/attention FLOPs of one step, ours and naive (the draw the table uses, and the
+        expectation over draws: ours depends on how many rows share their DStack pass), and the split of one
+        forward of B rows into the DStack and the rest (neighbour attention + UStack)."""
+        rep = torch.arange(B).repeat(nb)
+        x, t = step_inputs(0, 4)
+        codes = guidance.plan(torch.rand(B, generator=g))
+        text_rep, nbr_rep = text_once.index(rep), memory_once.index(rep)
+        ours = _count_flops(lambda: ours_eps(x, t, text_rep, nbr_rep, codes))
+        # r = 0: every second branch is eps(x, c_n) (no sharing); r = 1: eps(x, c_p) (all rows share)
+        lo = _count_flops(lambda: ours_eps(x, t, text_rep, nbr_rep, guidance.plan(torch.ones(B))))
+        hi = _count_flops(lambda: ours_eps(x, t, text_rep, nbr_rep, guidance.plan(torch.zeros(B))))
+        expected = (None if lo is None or hi is None else guidance.eta * hi + (1 - guidance.eta) * lo)
+        dstack = _count_flops(lambda: model.dstack(x, t, text_once))
+        forward = _count_flops(lambda: model(x, t, text_once, memory_once))
+        naive = _count_flops(lambda: naive_eps(x, t, codes))
+        return {"ours_eps": ours, "ours_eps_expected": expected, "naive_eps": naive,
+                "encode_once": _count_flops(encode), "dstack_b_rows": dstack, "forward_b_rows": forward,
+                "dstack_share_of_forward": None if not (dstack and forward) else dstack / forward}
+
     print(f"reimagen guided-step benchmark: preset {args.preset} ({params / 1e6:.2f}M params, {S}x{S}), "
           f"B={B}, K={K}, n={n}, interleaved guidance w_p=w_n=3 eta=0.5, {args.steps} steps x {args.repeats} "
           f"repeats, torch {torch.__version__}, {torch.get_num_threads()} thread(s)", flush=True)
@@ -408,6 +439,10 @@ def run(args: argparse.Namespace) -> int:
                f"sample_stage and the naive sampler give different images: max |diff| {sample_diff:.3g}")
         print(f"correctness: guided eps max|ours - naive| = {step_diff:.2e} (|eps| up to {scale:.2f}, "
               f"branch gap {branch_gap:.2f}); 4-step samples max|diff| = {sample_diff:.2e}  OK", flush=True)
+        if args.flops_only:
+            return _report_flops(args, step_flops(), params, cfg, torch.__version__,
+                                 {"eps_max_abs_diff": step_diff, "eps_max_abs": scale, "branch_gap": branch_gap,
+                                  "sample_max_abs_diff": sample_diff})
 
         # -- peer (optional) ---------------------------------------------------------------------
         peer = None
@@ -527,15 +562,10 @@ def run(args: argparse.Namespace) -> int:
     med, ratios = summarise(res)
     med_cpu, ratios_cpu = summarise(cpu)
     with torch.no_grad():
-        rep = torch.arange(B).repeat(nb)
-        x, t = step_inputs(0, 4)
-        codes = guidance.plan(torch.rand(B, generator=g))
-        flops_ours = _count_flops(lambda: ours_eps(x, t, text_once.index(rep), memory_once.index(rep), codes))
-        flops_naive = _count_flops(lambda: naive_eps(x, t, codes))
-        flops_encode = _count_flops(encode)
+        flops_step = step_flops()
         flops_textonly = _count_flops(lambda: ours_textonly_loop(1)) if peer is not None else None
-    flops_step = {"ours_eps": flops_ours, "naive_eps": flops_naive, "encode_once": flops_encode,
-                  "ours_textonly": flops_textonly, "peer_guided": peer_info["flops"] if peer_info else None}
+    flops_ours, flops_naive, flops_encode = flops_step["ours_eps"], flops_step["naive_eps"], flops_step["encode_once"]
+    flops_step.update({"ours_textonly": flops_textonly, "peer_guided": peer_info["flops"] if peer_info else None})
 
     rows = [  # (name, what, key, flops)
         ("ours: encode + sample_stage", f"encode amortised over {N} steps", "ours_sample_stage_total", flops_ours),
@@ -565,7 +595,9 @@ def run(args: argparse.Namespace) -> int:
               both(f"naive_over_ours_at_{PAPER_STEPS}_steps")),
              ("naive / ours (guided eps only)", both("naive_eps_over_ours_eps"))]
     if flops_ours and flops_naive:
-        lines.append(("naive / ours (conv+matmul FLOPs per step)", f"{flops_naive / flops_ours:.2f}x"))
+        expected = flops_step["ours_eps_expected"]
+        lines.append(("naive / ours (conv+matmul FLOPs per step)", f"{flops_naive / flops_ours:.2f}x (this draw"
+                      + (f"; expected over draws {flops_naive / expected:.2f}x)" if expected else ")")))
     if peer is not None:
         lines.append(("peer / ours (text-only guided step)", f"{both('peer_over_ours_textonly')}   (params: "
                       f"imagen-pytorch {peer_info['params']:,}, ours {params:,})"))
@@ -602,6 +634,35 @@ def run(args: argparse.Namespace) -> int:
             "peer": ({**peer_info, "ours_params": params} if peer_info else {"skipped": peer_skip}
                      if args.peer else None),
         }
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+def _report_flops(args: argparse.Namespace, fl: dict, params: int, cfg, torch_version: str,
+                  correctness: dict) -> int:
+    """--flops-only: print (and with --json write) the FLOP counts of one step and the ratios they bound."""
+    g = lambda v: "-" if v is None else f"{v / 1e9:.2f}"  # noqa: E731
+    ours, naive, enc = fl["ours_eps"], fl["naive_eps"], fl["encode_once"]
+    ours_exp = fl["ours_eps_expected"]
+    ratios = {}
+    if ours and naive and enc and ours_exp:
+        ratios = {"naive_over_ours": naive / ours, "naive_over_ours_expected": naive / ours_exp,
+                  f"naive_over_ours_expected_encode_over_{args.steps}_steps": naive / (ours_exp + enc / args.steps),
+                  f"naive_over_ours_expected_encode_over_{PAPER_STEPS}_steps": naive / (ours_exp + enc / PAPER_STEPS)}
+    print(f"GFLOP per step (conv + matmul + attention): ours {g(ours)} (expected over draws {g(ours_exp)}), "
+          f"naive {g(naive)}; encode once {g(enc)}; one forward of B rows {g(fl['forward_b_rows'])}, "
+          f"its DStack {g(fl['dstack_b_rows'])} ({fl['dstack_share_of_forward'] or 0:.0%})")
+    for key, v in ratios.items():
+        print(f"  {key} = {v:.2f}x")
+    if args.json_path:
+        out = {"benchmark": "guided_step", "flops_only": True,
+               "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "torch": torch_version,
+               "config": {"preset": args.preset, "params": params, "unet": cfg.to_dict(), "batch": args.batch,
+                          "k": args.k, "text_len": args.text_len, "steps": args.steps,
+                          "guidance": "interleaved w_p=3 w_n=3 eta=0.5", "seed": args.seed},
+               "flops_per_step": fl, "flop_ratios": ratios, "target_ratio": TARGET_RATIO, "correctness": correctness}
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json_path}")
