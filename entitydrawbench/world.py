@@ -93,7 +93,7 @@ class WorldBench:
     @classmethod
     def open(cls, folder: str | Path) -> "WorldBench":
         from reimagen.retrieval.base import KnowledgeBase
-        from reimagen.toy.world import World, WorldSpec
+        from reimagen.toy.build import load_world
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -103,15 +103,8 @@ class WorldBench:
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder} lacks {name}: not a built toy world (rebuild it with "
                                         f"`reimagen-eval toy build --out {folder}`)")
-        manifest = json.loads((folder / "world.json").read_text())
-        try:
-            world = World(WorldSpec(**manifest["spec"]))
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{folder / 'world.json'} has no valid world spec ({err})") from None
+        world = load_world(folder)  # checks the spec and the fingerprint against the world code
         fp = world.fingerprint()
-        if manifest.get("fingerprint") != fp:
-            raise ValueError(f"{folder} was built by another version of the world code (fingerprint "
-                             f"{manifest.get('fingerprint')}, now {fp}); rebuild it")
         kb = KnowledgeBase.from_parquet(folder / "references.parquet")
         ents = kb.meta.get("entities") or []
         if kb.meta.get("world") != fp or len(ents) != len(kb):

@@ -159,7 +159,7 @@ class WorldFolder:
         if self.has("validation"):
             return
         self._check_buildable("validation")
-        from reimagen.toy.build import _collection  # the same writer as build_world_files, validation only
+        from reimagen.toy.build import build_split  # the same writer as build_world_files, validation only
 
         from .metrics import file_lock
 
@@ -170,8 +170,7 @@ class WorldFolder:
             w = self.world
             _log(f"dataset {NAME}: building the validation split of world seed {self.spec.seed} "
                  f"({len(w.validation)} images) into {self.root}")
-            _collection(w, self.root, "validation", w.validation, "v",
-                        [w.caption(s, i) for i, s in enumerate(w.validation)], False)
+            build_split(w, self.root, "validation", progress=False)
 
     def ensure_corpus(self) -> None:
         if self.has("corpus"):

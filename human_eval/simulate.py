@@ -82,21 +82,9 @@ def sim_raters(n: int) -> list[str]:
 
 def load_world(root: str | Path):
     """The world of a folder written by ``reimagen-eval toy build`` (its ``world.json``; or that file itself)."""
-    from reimagen.toy.world import World, WorldSpec
+    from reimagen.toy.build import load_world as _load
 
-    root = Path(root)
-    path = root / "world.json" if root.is_dir() else root
-    if not path.is_file():
-        raise FileNotFoundError(f"no world.json at {path}; build the world with `reimagen-eval toy build --out {root}`")
-    try:
-        manifest = json.loads(path.read_text())
-        world = World(WorldSpec(**manifest["spec"]))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a world manifest ({err})") from None
-    if manifest.get("fingerprint") and manifest["fingerprint"] != world.fingerprint():
-        raise ValueError(f"{path} was written by another version of the world code (fingerprint "
-                         f"{manifest['fingerprint']} != {world.fingerprint()}); rebuild it")
-    return world
+    return _load(root)
 
 
 def _fold(text: str) -> str:

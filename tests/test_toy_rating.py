@@ -19,7 +19,7 @@ from human_eval.cli import rate_app
 from human_eval.report import write_report
 from human_eval.simulate import JudgeReader, Reading, SceneIndex, load_world, simulate
 from human_eval.store import SIM_SOURCE, RatingStore, read_rows
-from human_eval.tasks import Study, build_study, make_raters, read_raters
+from human_eval.tasks import build_study, make_raters, read_raters
 from reimagen.toy.world import Scene, World, WorldSpec, render_many
 
 SPEC = WorldSpec(n_entities=24, n_unseen=4, corpus_size=600)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from reimagen.toy.world import (ATTRIBUTE_CLASSES, BODY_COLOURS, PALETTE, PATTERNS, SHAPES, World, WorldSpec,
-                                render_many, scene_attributes)
+                                render_many)
 
 SMALL = WorldSpec(seed=3, n_entities=40, n_unseen=8, corpus_size=600, validation_size=50, n_references=2)
 
@@ -186,10 +186,8 @@ def test_shipped_cascade_draws_a_frequent_entity_from_its_reference(judge):
     sr, _ = load_stage(WEIGHTS / "sr")
     w = World()
     prompts = [p for p in w.bench_prompts() if p.split == "frequent"][:4]
-    refs = {}
-    for i, s in enumerate(w.references):
-        refs.setdefault(s.entity, []).append(i)
-    rows, texts, imgs = [], [], []
+    refs = w.reference_rows
+    texts, imgs = [], []
     for p in prompts:
         idx = refs[p.entity][:2]
         ims = render_many(w, [w.references[i] for i in idx], "references")  # not the stored keys: fresh renders

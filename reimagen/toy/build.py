@@ -21,10 +21,14 @@ import json
 import os
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .world import Scene, World, render_many
+
+if TYPE_CHECKING:
+    from ..retrieval.base import KnowledgeBase
 
 
 def _write_tar(path: Path, names: list[str], images: np.ndarray) -> None:
@@ -44,7 +48,7 @@ def _write_tar(path: Path, names: list[str], images: np.ndarray) -> None:
 
 
 def _collection(world: World, out: Path, split: str, scenes: list[Scene], prefix: str, texts: list[str],
-                progress: bool) -> "KnowledgeBase":  # noqa: F821
+                progress: bool) -> "KnowledgeBase":
     from ..retrieval.base import KnowledgeBase
 
     ids = [f"{prefix}{i:05d}" for i in range(len(scenes))]
@@ -66,6 +70,44 @@ def _collection(world: World, out: Path, split: str, scenes: list[Scene], prefix
     return KnowledgeBase.from_parquet(table)
 
 
+def load_world(root: str | Path) -> World:
+    """The world a folder was built from (its ``world.json``, or that file itself), checked against the world
+    code: a folder written by another version of ``world.py`` (another fingerprint) is refused."""
+    from .world import WorldSpec
+
+    root = Path(root)
+    path = root / "world.json" if root.is_dir() else root
+    if not path.is_file():
+        raise FileNotFoundError(f"no world.json at {path}; build the world with `reimagen-eval toy build --out {root}`")
+    try:
+        manifest = json.loads(path.read_text())
+        world = World(WorldSpec(**manifest["spec"]))
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a world manifest ({err})") from None
+    if manifest.get("fingerprint") != world.fingerprint():
+        raise ValueError(f"{path} was written by another version of the world code (fingerprint "
+                         f"{manifest.get('fingerprint')}, now {world.fingerprint()}); rebuild it")
+    return world
+
+
+def build_split(world: World, out: str | Path, split: str, progress: bool = True) -> "KnowledgeBase":
+    """Render one split (corpus, references or validation) into ``out/<split>.tar`` + ``.parquet`` (kept if
+    already built for this world) and return its knowledge base."""
+    if split == "corpus":
+        scenes, prefix, texts = world.corpus, "c", world.corpus_captions
+    elif split == "references":
+        scenes, prefix = world.references, "r"
+        texts = [world.reference_caption(s.entity) for s in world.references]
+    elif split == "validation":
+        scenes, prefix = world.validation, "v"
+        texts = [world.caption(s, i) for i, s in enumerate(world.validation)]
+    else:
+        raise ValueError(f"unknown split {split!r}; choose corpus, references or validation")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return _collection(world, out, split, scenes, prefix, texts, progress)
+
+
 def build_world_files(world: World, out: str | Path, k: int = 2, progress: bool = True) -> dict[str, Path]:
     """Render ``world`` and build its knowledge bases and BM25 triples under ``out`` (see the module docstring)."""
     from ..retrieval.base import KnowledgeBase
@@ -73,12 +115,9 @@ def build_world_files(world: World, out: str | Path, k: int = 2, progress: bool 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = _collection(world, out, "corpus", world.corpus, "c",
-                         world.corpus_captions, progress)
-    refs = _collection(world, out, "references", world.references, "r",
-                       [world.reference_caption(s.entity) for s in world.references], progress)
-    val = _collection(world, out, "validation", world.validation, "v",
-                      [world.caption(s, i) for i, s in enumerate(world.validation)], progress)
+    corpus = build_split(world, out, "corpus", progress)
+    refs = build_split(world, out, "references", progress)
+    build_split(world, out, "validation", progress)
     kb_path = out / "kb.parquet"
     if not kb_path.is_file():
         both = KnowledgeBase(corpus.ids + refs.ids, corpus.texts + refs.texts, corpus.image_refs + refs.image_refs,

@@ -41,9 +41,7 @@ def neighbour_probe(checkpoint: str | Path, world: World | None = None, per_spli
         raise ValueError("the probe takes a base (text-to-image) stage")
     size = model.cfg.image_size
     prompts = world.bench_prompts(per_split=per_split, seed=seed)
-    refs: dict[str, list[int]] = {}
-    for i, s in enumerate(world.references):
-        refs.setdefault(s.entity, []).append(i)
+    refs = world.reference_rows
     if k > min(len(v) for v in refs.values()):
         raise ValueError(f"k = {k} exceeds the {world.spec.n_references} reference pairs per entity")
     x0 = _images(world, [p.scene for p in prompts], "probe", size)

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Iterable, Sequence
 
@@ -201,6 +200,14 @@ class World:
         rng = _rng(self.spec.seed, "references")
         return [Scene(e.id, 1, str(rng.choice(POSITIONS)), str(rng.choice(BACKGROUNDS)))
                 for e in self.entities for _ in range(self.spec.n_references)]
+
+    @cached_property
+    def reference_rows(self) -> dict[str, list[int]]:
+        """Entity id -> indices of its scenes in ``references`` (in order)."""
+        rows: dict[str, list[int]] = {}
+        for i, s in enumerate(self.references):
+            rows.setdefault(s.entity, []).append(i)
+        return rows
 
     @cached_property
     def validation(self) -> list[Scene]:
