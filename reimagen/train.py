@@ -269,6 +269,21 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.step = int(meta["step"])
 
+    def _resume_log(self) -> float:
+        """On a resumed run, drop the log rows written after the checkpoint being resumed (a run stopped between
+        checkpoints logged steps it will now redo) and return the train-loop seconds logged up to it, so that
+        ``seconds`` keeps counting across sessions instead of restarting at 0."""
+        log = None if self.out_dir is None else self.out_dir / "log.jsonl"
+        if log is None or not log.is_file():
+            return 0.0
+        rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+        keep = [r for r in rows if r["step"] <= self.step]
+        if len(keep) != len(rows):
+            tmp = log.with_name(log.name + ".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            os.replace(tmp, log)
+        return float(keep[-1]["seconds"]) if keep and self.step else 0.0
+
     def fit(self, progress: bool = True, on_log: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
         """Train to ``cfg.steps``; logs mean loss every ``log_every`` steps to ``out_dir/log.jsonl`` and
         checkpoints to ``out_dir/last`` every ``ckpt_every`` steps and at the end."""
@@ -280,6 +295,7 @@ class Trainer:
         cols = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                 TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
         running, n, t0 = 0.0, 0, time.time()
+        t0 -= self._resume_log()
         with Progress(*cols, disable=not progress, transient=False) as prog:
             task = prog.add_task("train", total=self.cfg.steps, completed=self.step, loss="-")
             while self.step < self.cfg.steps:

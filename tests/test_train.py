@@ -177,6 +177,27 @@ def test_exact_resume_gives_bitwise_equal_weights(tmp_path):
     assert any(not torch.equal(init[k], a[k]) for k in a if k.startswith("m."))
 
 
+def test_resume_drops_log_rows_past_the_checkpoint_and_keeps_counting_seconds(tmp_path):
+    """A run killed between checkpoints has logged steps it will redo; the resumed log has each step once, in
+    order, and its train-loop seconds continue from the checkpoint's instead of restarting at 0."""
+    first = _trainer(tmp_path, steps=2, log_every=1, ckpt_every=2)
+    first.fit(progress=False)
+    log = tmp_path / "log.jsonl"
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    with open(log, "a") as fh:  # what the killed process logged after its last checkpoint
+        for step in (3, 4):
+            fh.write(json.dumps({"step": step, "loss": 9.0, "seconds": 1e6}) + "\n")
+    rows[-1]["seconds"] = 500.0  # as if the first session had taken 500 s to reach its checkpoint
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows) + log.read_text().split("\n", 2)[2])
+    second = _trainer(tmp_path, steps=4, log_every=1, ckpt_every=2)
+    second.fit(progress=False)
+    after = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["step"] for r in after] == [1, 2, 3, 4]
+    assert all(r["loss"] != 9.0 for r in after)
+    assert 500.0 <= after[2]["seconds"] <= after[3]["seconds"] < 1e6
+
+
 def test_ema_decay_extremes():
     tr = _trainer(steps=1, ema_decay=0.0)
     tr.train_step()
