@@ -83,6 +83,12 @@ def train(
     out: Path = typer.Option(..., help="Run folder: checkpoints in OUT/last, loss log in OUT/log.jsonl. "
                              "Rerunning with the same folder resumes."),
     preset: str = typer.Option("small-32", help="Stage configuration (see `reimagen-eval presets`)."),
+    prediction: Optional[str] = typer.Option(None, help="Override the preset's network output: eps, x0 or v "
+                                             "(v weights the loss towards high noise levels, where an image's "
+                                             "colours are decided). Default: the preset's."),
+    schedule: Optional[str] = typer.Option(None, help="Override the preset's noise schedule: cosine, linear, or "
+                                           "NAME:SHIFT with the log-SNR shifted by SHIFT (cosine:-3: noisier). "
+                                           "Sampling uses the checkpoint's own schedule."),
     text_encoder: TextEncoderName = typer.Option(TextEncoderName.tiny, help="tiny: small trainable encoder; "
                                                  "minilm: offline pretrained all-MiniLM-L6-v2; t5: a T5 checkpoint."),
     t5: str = typer.Option("google/t5-v1_1-xxl", help="T5 checkpoint id or local folder (with --text-encoder t5)."),
@@ -112,7 +118,8 @@ def train(
     if text_encoder == TextEncoderName.t5:
         spec["name_or_path"] = t5
     enc = build_text_encoder(spec, device=device)
-    cfg = get_preset(preset, text_dim=enc.dim)
+    overrides = {k: v for k, v in (("prediction", prediction), ("schedule", schedule)) if v}
+    cfg = get_preset(preset, text_dim=enc.dim, **overrides)
     data = TripleData.from_table(triples, cfg.image_size)
     if data.skipped:
         console.print(f"[yellow]skipped[/] {sum(data.skipped.values())} rows: {data.skipped}")

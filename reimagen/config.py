@@ -31,9 +31,11 @@ class UNetConfig:
     neighbour_attention: bool = True         # Re-Imagen's neighbour path (False: a plain Imagen stage)
     neighbour_heads: int = 8                 # heads of the DStack-output neighbour attention (Sec. 3.2)
     neighbour_null_tokens: int = 4           # learned keys/values that stand in for dropped neighbours
+    neighbour_film: bool = False             # also FiLM the UStack with the pooled neighbour attention (not in
+                                             # the paper; see NeighbourAttention.summary)
     lowres_size: int | None = None           # set for super-resolution stages: side of the conditioning image
     prediction: str = "eps"                  # eps | x0 | v: what the network outputs
-    schedule: str = "cosine"                 # cosine | linear noise schedule (log-SNR form)
+    schedule: str = "cosine"                 # cosine | linear noise schedule (log-SNR form), NAME:SHIFT shifts it
     norm_groups: int = 32                    # GroupNorm groups (capped by the channel count)
 
     def __post_init__(self) -> None:
@@ -59,6 +61,9 @@ class UNetConfig:
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^(levels-1)")
         if self.lowres_size is not None and self.lowres_size >= self.image_size:
             raise ValueError("lowres_size must be smaller than image_size for a super-resolution stage")
+        from .diffusion import get_schedule
+
+        get_schedule(self.schedule)  # a clear error for an unknown schedule now, not at the first step
         if self.prediction not in ("eps", "x0", "v"):
             raise ValueError(f"prediction must be eps, x0 or v, got {self.prediction!r}")
 
@@ -158,7 +163,8 @@ PRESETS: dict[str, Preset] = {
     "toy-32": Preset(
         UNetConfig(image_size=32, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=(1, 2, 2),
                    attn_resolutions=(8,), head_dim=32, text_dim=384, cond_dim=192, text_width=192,
-                   neighbour_heads=4), note="toy world 32x32 base stage"),
+                   neighbour_heads=4, prediction="v", norm_groups=8, neighbour_film=True),
+        note="toy world 32x32 base stage (v-prediction, pooled neighbour FiLM)"),
     "toy-sr64": Preset(
         UNetConfig(image_size=64, lowres_size=32, base_channels=24, channel_mults=(1, 2, 2), num_res_blocks=(1, 1, 1),
                    attn_resolutions=(), head_dim=32, text_dim=384, cond_dim=128, text_width=128,

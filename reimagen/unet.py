@@ -147,7 +147,8 @@ class NeighbourAttention(nn.Module):
     A learned F x F position embedding is added to queries and keys so that locations can correspond.
     """
 
-    def __init__(self, dim: int, heads: int, feature_size: int, null_tokens: int, groups: int):
+    def __init__(self, dim: int, heads: int, feature_size: int, null_tokens: int, groups: int,
+                 film_dim: int | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"neighbour attention width {dim} is not divisible by {heads} heads")
@@ -161,6 +162,11 @@ class NeighbourAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
+        self.film = None
+        if film_dim is not None:  # see ``summary``; zero-initialised, so a new stage starts as the paper's
+            self.film = nn.Linear(dim, film_dim)
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
 
     def _split(self, t: Tensor) -> Tensor:
         return t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim).transpose(1, 2)
@@ -176,6 +182,20 @@ class NeighbourAttention(nn.Module):
         return NeighbourMemory(self._split(k), self._split(v), valid_tokens)
 
     def forward(self, h: Tensor, memory: NeighbourMemory | None, drop: Tensor) -> Tensor:
+        return self.attend(h, memory, drop)[0]
+
+    def attend(self, h: Tensor, memory: NeighbourMemory | None, drop: Tensor) -> tuple[Tensor, Tensor | None]:
+        """f' = f + Attn(f, f(c_n, 0)) and, with ``film_dim``, the summary: the attended values averaged over
+        the F x F queries, projected to the conditioning width, for the UStack's FiLM (``ReImagenUNet.forward``).
+
+        Why the summary (not in the paper): what a neighbour mostly tells a query that cannot yet see where
+        the entity is (high noise) is global, its colours. Attention that does not know where to look returns
+        nearly the same vector at every position, and a spatially constant shift is what GroupNorm removes
+        (exactly so when a group holds one channel, as in a 32-64-channel toy U-Net with 32 groups), so
+        the UStack cannot see it and its gradient vanishes. Large U-Nets have many channels per group and
+        are less exposed. The toy world's first base stage, trained without it, ignored its neighbours'
+        content (``reimagen.toy.diagnose``); the FiLM path, like the pooled text embedding's, cannot be
+        normalised away."""
         b, d, fh, fw = h.shape
         q = self._split(self.to_q(self.norm_q(h).flatten(2).transpose(1, 2) + self.pos))
         nk, nv = (self._split(t.expand(b, -1, -1)) for t in self.null_kv)
@@ -188,9 +208,10 @@ class NeighbourAttention(nn.Module):
                 present = present & memory.valid
             keep = torch.cat([drop.new_ones(b, nk.shape[2]), present], 1)
             mask = keep[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = self.to_out(out.transpose(1, 2).reshape(b, fh * fw, d))
-        return h + out.transpose(1, 2).reshape(b, d, fh, fw)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, fh * fw, d)
+        out = self.to_out(att)
+        summary = None if self.film is None else self.film(att.mean(1))
+        return h + out.transpose(1, 2).reshape(b, d, fh, fw), summary
 
 
 class Downsample(nn.Module):
@@ -334,7 +355,8 @@ class ReImagenUNet(nn.Module):
         self.null_text = nn.Parameter(torch.randn(cfg.text_width) * 0.02)  # learned null c_p
         self.dstack = DStack(cfg)
         self.neighbour_attn = (NeighbourAttention(cfg.feature_dim, cfg.neighbour_heads, cfg.feature_size,
-                                                  cfg.neighbour_null_tokens, cfg.norm_groups)
+                                                  cfg.neighbour_null_tokens, cfg.norm_groups,
+                                                  cfg.cond_dim if cfg.neighbour_film else None)
                                if cfg.neighbour_attention else None)
         self.ustack = UStack(cfg, self.dstack.skip_channels)
         self._log_snr = get_schedule(cfg.schedule)
@@ -477,7 +499,9 @@ class ReImagenUNet(nn.Module):
             h, emb = h[inverse], emb[inverse]
             skips = [sk[inverse] if i in used else None for i, sk in enumerate(skips)]
         if self.neighbour_attn is not None:
-            h = self.neighbour_attn(h, neighbours, drop_neighbours)
+            h, summary = self.neighbour_attn.attend(h, neighbours, drop_neighbours)
+            if summary is not None:
+                emb = emb + summary  # cfg.neighbour_film: the UStack's FiLM sees the neighbours too
         return self.ustack(h, skips, emb, text)
 
 

@@ -56,6 +56,30 @@ def test_schedule_alpha_bar_matches_documented_closed_form(name):
 def test_unknown_schedule_raises_value_error():
     with pytest.raises(ValueError, match="schedule"):
         D.get_schedule("quadratic")
+    for bad in ("quadratic:-3", "cosine:noisier"):
+        with pytest.raises(ValueError, match="schedule"):
+            D.get_schedule(bad)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_shifted_schedule_is_the_schedule_plus_its_log_snr_shift(name):
+    """NAME:SHIFT (simple diffusion's shifted schedule): log-SNR + SHIFT at every t, still decreasing, so every
+    level is exp(-3) times the SNR and alpha^2 + sigma^2 = 1 still holds."""
+    t = _times(1001)
+    lam, shifted = D.get_schedule(name)(t), D.get_schedule(f"{name}:-3")(t)
+    torch.testing.assert_close(shifted, lam - 3, atol=1e-12, rtol=0)
+    assert torch.all(shifted[1:] < shifted[:-1])
+    alpha, sigma = D.alpha_sigma(shifted)
+    torch.testing.assert_close(alpha**2 + sigma**2, torch.ones_like(alpha), atol=1e-12, rtol=0)
+    assert D.get_schedule(f"{name}:0")(t).equal(lam)
+
+
+def test_config_rejects_an_unknown_schedule_when_built():
+    from reimagen.config import get_preset
+
+    with pytest.raises(ValueError, match="schedule"):
+        get_preset("tiny-16", schedule="cosine:x")
+    assert get_preset("tiny-16", schedule="cosine:-3").schedule == "cosine:-3"
 
 
 # ----------------------------------------------------------------------------------------------

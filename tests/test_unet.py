@@ -475,3 +475,43 @@ def test_efficient_ustack_model_overfits_four_images():
     assert all(math.isfinite(h["loss"]) for h in hist)
     # measured (seeds 0-2, 1 or 2 threads): ~0.6 -> 0.055-0.09 (factor 7-11, as tiny-16); require at least 4x
     assert last * 4 <= first, f"loss only went from {first:.4f} to {last:.4f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# neighbour_film: the pooled neighbour attention also FiLMs the UStack (the toy base stage)
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_neighbour_film_off_by_default_and_zero_initialised(enc):
+    """Default configs have no FiLM projection (old checkpoints keep loading); a fresh FiLM stage computes
+    exactly what the same weights without it compute, since the projection starts at zero."""
+    plain = make_model("tiny-16", seed=3)
+    assert plain.neighbour_attn.film is None and not any(k.startswith("neighbour_attn.film") for k in plain.state_dict())
+    film = make_model("tiny-16", seed=3, neighbour_film=True)
+    film.load_state_dict(plain.state_dict(), strict=False)
+    randomize(plain, seed=4)
+    film.load_state_dict(plain.state_dict(), strict=False)  # the FiLM projection stays zero
+    x, t, tc, nimg, nc = _inputs(plain, enc)
+    torch.testing.assert_close(film(x, t, tc, film.encode_neighbours(nimg, nc)),
+                               plain(x, t, tc, plain.encode_neighbours(nimg, nc)), atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_neighbour_film_carries_neighbour_content_past_a_silent_attention_output(enc):
+    """With the attention's residual output switched off, a FiLM stage still depends on its neighbours'
+    content (and only through kept neighbours), and its shared-DStack branches equal separate forwards."""
+    m = randomize(make_model("tiny-16", seed=0, neighbour_film=True), seed=1)
+    m.neighbour_attn.to_out.weight.zero_()
+    m.neighbour_attn.to_out.bias.zero_()
+    x, t, tc, nimg, nc = _inputs(m, enc, b=3, seed=0)
+    _, _, _, nimg2, nc2 = _inputs(m, enc, b=3, seed=5, nbr_texts=[f"other text {i}" for i in range(6)])
+    mem1, mem2 = m.encode_neighbours(nimg, nc), m.encode_neighbours(nimg2, nc2)
+    assert (m(x, t, tc, mem1) - m(x, t, tc, mem2)).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    drop = torch.ones(3, dtype=torch.bool)
+    torch.testing.assert_close(m(x, t, tc, mem1, drop_neighbours=drop), m(x, t, tc, mem2, drop_neighbours=drop),
+                               atol=ATOL, rtol=0)
+    # rows 0 and 1 are two guidance branches of one sample (source 0): the DStack runs once for both
+    xs, ts = x[[0, 0]], t[[0, 0]]
+    tcs, mems = tc.index(torch.tensor([0, 0])), mem1.index(torch.tensor([0, 0]))
+    dn = torch.tensor([False, True])
+    shared = m(xs, ts, tcs, mems, drop_neighbours=dn, source=torch.tensor([0, 0]))
+    torch.testing.assert_close(shared, m(xs, ts, tcs, mems, drop_neighbours=dn), atol=ATOL, rtol=0)
