@@ -22,7 +22,7 @@ from human_eval.store import SIM_SOURCE, RatingStore, read_rows
 from human_eval.tasks import build_study, make_raters, read_raters
 from reimagen.toy.world import Scene, World, WorldSpec, render_many
 
-SPEC = WorldSpec(n_entities=24, n_unseen=4, corpus_size=600)
+SPEC = WorldSpec(n_entities=24, n_unseen=4, corpus_size=600, zipf_s=1.3, zipf_q=3.0)  # a steep tail: all three splits
 SPLIT_KW = {"frequent_min": 40, "infrequent_max": 15}  # 5 frequent, 7 infrequent, 4 unseen entities
 WEIGHTS = Path(__file__).resolve().parents[1] / "reimagen" / "toy" / "weights" / "judge"
 

@@ -32,9 +32,9 @@ def build(out: Path = typer.Option(Path("runs/toyworld"), help="Folder for the w
 @toy_app.command()
 def judge(out: Path = typer.Option(WEIGHTS / "judge", help="Folder for judge.safetensors and judge.json."),
           seed: int = typer.Option(0, help="World seed."),
-          n_train: int = typer.Option(20_000, min=256, help="Fresh training renders."),
+          n_train: int = typer.Option(16_000, min=256, help="Fresh training renders."),
           n_test: int = typer.Option(3_000, min=100, help="Fresh test renders (accuracy is reported on these)."),
-          epochs: int = typer.Option(6, min=1, help="Training epochs.")) -> None:
+          epochs: int = typer.Option(5, min=1, help="Training epochs.")) -> None:
     """Train the judge CNN on fresh renders and report its per-attribute accuracy on new ones."""
     from .judge import save_judge, train_judge
     from .world import World, WorldSpec

@@ -7,9 +7,11 @@ path: it noises real renders of bench scenes to level t (Eq. 1), predicts x0 onc
     wrong   another entity's reference pairs (same format, wrong content),
     none    the neighbours dropped (the learned null keys/values of Sec. 3.2's neighbour dropout),
 
-and reports the x0 mean squared error per frequency split. A model that copies the look from its neighbours has
-err(right) < err(wrong) on unseen entities (their look is nowhere else); a model that ignores them has
-err(right) = err(wrong), whatever err(none) is. It runs in seconds, so it can follow a training run.
+and reports the x0 mean squared error per frequency split, over the whole image and over the entity's own pixels
+(``entity_masks``: the entity covers ~7% of an image, so the whole-image error dilutes what a neighbour can
+tell about ~13x). A model that copies the look from its neighbours has err(right) < err(wrong) on unseen
+entities (their look is nowhere else); a model that ignores them has err(right) = err(wrong), whatever
+err(none) is. It runs in seconds, so it can follow a training run.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .world import World, render_many
+from .world import World, entity_masks, render_many
 
 
 def _images(world: World, scenes, key: str, size: int) -> torch.Tensor:
@@ -45,6 +47,8 @@ def neighbour_probe(checkpoint: str | Path, world: World | None = None, per_spli
     if k > min(len(v) for v in refs.values()):
         raise ValueError(f"k = {k} exceeds the {world.spec.n_references} reference pairs per entity")
     x0 = _images(world, [p.scene for p in prompts], "probe", size)
+    mask = torch.from_numpy(entity_masks(world, [p.scene for p in prompts], "probe"))[:, None]
+    mask = F.interpolate(mask, size=(size, size), mode="area") if size != 64 else mask
     right = torch.stack([_images(world, [world.references[i] for i in refs[p.entity][:k]], "probe-ref", size)
                          for p in prompts])
     perm = [(i + 1) % len(prompts) for i in range(len(prompts))]  # each prompt gets its successor's references
@@ -70,19 +74,32 @@ def neighbour_probe(checkpoint: str | Path, world: World | None = None, per_spli
             mem = memories["right" if cond == "none" else cond]
             drop = torch.full((b,), cond == "none")
             pred = model(x_t, tt, tc, mem, torch.zeros(b, dtype=torch.bool), drop)
-            err = ((to_x0(pred, x_t, lt, model.cfg.prediction).clamp(-1, 1) - x0) ** 2).mean(dim=(1, 2, 3)).numpy()
+            sq = (to_x0(pred, x_t, lt, model.cfg.prediction).clamp(-1, 1) - x0) ** 2
+            err = {"image": sq.mean(dim=(1, 2, 3)).numpy(),
+                   "entity": ((sq * mask).sum(dim=(1, 2, 3)) / (3 * mask.sum(dim=(1, 2, 3)))).numpy()}
             for sp in ("frequent", "infrequent", "unseen"):
                 m = split == sp
-                rows.append({"t": t, "condition": cond, "split": sp, "x0_mse": float(err[m].mean()), "n": int(m.sum())})
+                for region, e in err.items():
+                    rows.append({"t": t, "condition": cond, "split": sp, "region": region,
+                                 "x0_mse": float(e[m].mean()), "n": int(m.sum())})
     return rows
 
 
 def probe_table(rows: list[dict]) -> str:
-    """Markdown: one line per (t, split), columns right / wrong / none and the relative gain of right over wrong."""
-    out = ["| t | split | right | wrong | none | (wrong - right) / wrong |", "| ---: | --- | ---: | ---: | ---: | ---: |"]
-    keys = sorted({(r["t"], r["split"]) for r in rows}, key=lambda x: (x[0], ["frequent", "infrequent", "unseen"].index(x[1])))
+    """Markdown: one line per (t, split), x0 error with right / wrong / no neighbours and the relative gain of
+    right over wrong, on the entity's pixels and (last two columns) on the whole image."""
+    out = ["| t | split | entity: right | wrong | none | (wrong - right) / wrong | image: right | gain |",
+           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    order = ["frequent", "infrequent", "unseen"]
+    keys = sorted({(r["t"], r["split"]) for r in rows}, key=lambda x: (x[0], order.index(x[1])))
+
+    def gain(v: dict) -> float:
+        return (v["wrong"] - v["right"]) / v["wrong"] if v["wrong"] else float("nan")
+
     for t, sp in keys:
-        v = {r["condition"]: r["x0_mse"] for r in rows if r["t"] == t and r["split"] == sp}
-        gain = (v["wrong"] - v["right"]) / v["wrong"] if v["wrong"] else float("nan")
-        out.append(f"| {t:g} | {sp} | {v['right']:.4f} | {v['wrong']:.4f} | {v['none']:.4f} | {gain:+.1%} |")
+        v = {(r["region"], r["condition"]): r["x0_mse"] for r in rows if r["t"] == t and r["split"] == sp}
+        ent = {c: v["entity", c] for c in ("right", "wrong", "none")}
+        img = {c: v["image", c] for c in ("right", "wrong")}
+        out.append(f"| {t:g} | {sp} | {ent['right']:.4f} | {ent['wrong']:.4f} | {ent['none']:.4f} | {gain(ent):+.1%} "
+                   f"| {img['right']:.4f} | {gain(img):+.1%} |")
     return "\n".join(out)

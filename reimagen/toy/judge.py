@@ -157,7 +157,7 @@ def accuracy(judge: Judge, images: Tensor, labels: dict[str, Tensor]) -> dict[st
     return {a: correct[a] / images.shape[0] for a in ATTRIBUTES}
 
 
-def train_judge(world: World, n_train: int = 24_000, n_test: int = 3_000, epochs: int = 6, batch_size: int = 128,
+def train_judge(world: World, n_train: int = 16_000, n_test: int = 3_000, epochs: int = 5, batch_size: int = 128,
                 lr: float = 2e-3, seed: int = 0, progress: bool = True) -> tuple[Judge, dict]:
     """Train a judge on fresh renders; returns it and a report with per-attribute accuracy on new renders."""
     t0 = time.time()
