@@ -163,7 +163,7 @@ class NeighbourAttention(nn.Module):
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
         self.film = None
-        if film_dim is not None:  # see ``summary``; zero-initialised, so a new stage starts as the paper's
+        if film_dim is not None:  # see ``attend``; zero-initialised, so a new stage starts as the paper's
             self.film = nn.Linear(dim, film_dim)
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
@@ -188,11 +188,11 @@ class NeighbourAttention(nn.Module):
         """f' = f + Attn(f, f(c_n, 0)) and, with ``film_dim``, the summary: the attended values averaged over
         the F x F queries, projected to the conditioning width, for the UStack's FiLM (``ReImagenUNet.forward``).
 
-        Why the summary (not in the paper): what a neighbour mostly tells a query that cannot yet see where
-        the entity is (high noise) is global, its colours. Attention that does not know where to look returns
-        nearly the same vector at every position, and a spatially constant shift is what GroupNorm removes
-        (exactly so when a group holds one channel, as in a 32-64-channel toy U-Net with 32 groups), so
-        the UStack cannot see it and its gradient vanishes. Large U-Nets have many channels per group and
+        Why the summary (not in the paper; a reading of the evidence, not an ablation): what a neighbour mostly
+        tells a query that cannot yet see where the entity is (high noise) is global, its colours. Attention
+        that does not know where to look returns nearly the same vector at every position, and a spatially
+        constant shift is what GroupNorm removes (exactly so when a group holds one channel, as in a
+        32-64-channel toy U-Net with 32 groups), so the UStack can hardly see it or send gradient back. Large U-Nets have many channels per group and
         are less exposed. The toy world's first base stage, trained without it, ignored its neighbours'
         content (``reimagen.toy.diagnose``); the FiLM path, like the pooled text embedding's, cannot be
         normalised away."""
