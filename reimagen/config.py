@@ -41,22 +41,18 @@ class UNetConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
         object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
-        nrb = self.num_res_blocks
-        if isinstance(nrb, int):
-            nrb = (nrb,) * len(self.channel_mults)
-        object.__setattr__(self, "num_res_blocks", tuple(nrb))
-        if len(self.num_res_blocks) != len(self.channel_mults):
-            raise ValueError("num_res_blocks needs one entry per level of channel_mults")
-        if self.up_res_blocks is not None:
-            urb = self.up_res_blocks
-            if isinstance(urb, int):
-                urb = (urb,) * len(self.channel_mults)
-            object.__setattr__(self, "up_res_blocks", tuple(urb))
-            if len(self.up_res_blocks) != len(self.channel_mults):
-                raise ValueError("up_res_blocks needs one entry per level of channel_mults")
-            if any(not 1 <= u <= n + 1 for u, n in zip(self.up_res_blocks, self.num_res_blocks)):
-                raise ValueError(f"up_res_blocks {self.up_res_blocks} must be between 1 and num_res_blocks + 1 "
-                                 f"{tuple(n + 1 for n in self.num_res_blocks)} per level")
+        for name in ("num_res_blocks", "up_res_blocks"):  # an int means the same count at every level
+            v = getattr(self, name)
+            if v is None:
+                continue
+            v = (v,) * len(self.channel_mults) if isinstance(v, int) else tuple(v)
+            object.__setattr__(self, name, v)
+            if len(v) != len(self.channel_mults):
+                raise ValueError(f"{name} needs one entry per level of channel_mults")
+        if self.up_res_blocks is not None and any(
+                not 1 <= u <= n + 1 for u, n in zip(self.up_res_blocks, self.num_res_blocks)):
+            raise ValueError(f"up_res_blocks {self.up_res_blocks} must be between 1 and num_res_blocks + 1 "
+                             f"{tuple(n + 1 for n in self.num_res_blocks)} per level")
         if self.image_size % (2 ** (len(self.channel_mults) - 1)):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^(levels-1)")
         if self.lowres_size is not None and self.lowres_size >= self.image_size:
