@@ -386,8 +386,10 @@ def _layout(scene: Scene, rng: np.random.Generator) -> list[tuple[float, float, 
     return [(rng.uniform(18, 21), cx + rng.uniform(-2, 2), r), (rng.uniform(43, 47), cx + rng.uniform(-2, 2), r)]
 
 
-def render_scene(look: Look, scene: Scene, rng: np.random.Generator) -> np.ndarray:
+def _draw(look: Look, scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The supersampled float image of a scene and the boolean mask of its objects' silhouettes."""
     img = _background(scene.background, rng)
+    mask = np.zeros(_YY.shape, dtype=bool)
     body = np.array(PALETTE[look.body], dtype=np.float32)
     pc = np.array(PALETTE[look.pattern_colour], dtype=np.float32) if look.pattern_colour else body
     for cy, cx, r in _layout(scene, rng):
@@ -398,20 +400,24 @@ def render_scene(look: Look, scene: Scene, rng: np.random.Generator) -> np.ndarr
         img[shadow] *= 0.7
         img[sil] = body
         img[sil & _pattern(look.pattern, dy, dx, r)] = pc
+        mask |= sil
+    return img, mask
+
+
+def _box_filter(a: np.ndarray) -> np.ndarray:
+    """Supersampled -> 64x64 by averaging each SUPERSAMPLE x SUPERSAMPLE block (antialiasing)."""
     n = IMAGE_SIZE
-    small = img.reshape(n, SUPERSAMPLE, n, SUPERSAMPLE, 3).mean(axis=(1, 3))  # box filter = antialiasing
-    return np.clip(np.round(small), 0, 255).astype(np.uint8)
+    return a.reshape(n, SUPERSAMPLE, n, SUPERSAMPLE, *a.shape[2:]).mean(axis=(1, 3))
+
+
+def render_scene(look: Look, scene: Scene, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(np.round(_box_filter(_draw(look, scene, rng)[0])), 0, 255).astype(np.uint8)
 
 
 def render_mask(look: Look, scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """The 64x64 float mask (coverage in [0, 1]) of the objects that ``render_scene`` draws with the same
     ``rng`` state: the entity's pixels, where its look shows (``reimagen.toy.diagnose``)."""
-    _background(scene.background, rng)  # consume the same draws, so the layout is the same
-    mask = np.zeros(_YY.shape, dtype=np.float32)
-    for cy, cx, r in _layout(scene, rng):
-        mask[_silhouette(look.shape, _YY - cy, _XX - cx, r)] = 1.0
-    n = IMAGE_SIZE
-    return mask.reshape(n, SUPERSAMPLE, n, SUPERSAMPLE).mean(axis=(1, 3))
+    return _box_filter(_draw(look, scene, rng)[1].astype(np.float32))
 
 
 def entity_masks(world: World, scenes: Sequence[Scene], key: str) -> np.ndarray:
