@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .entities import write_text
 from .run import RunConfig, run_entitydraw
 from .scoring import METRIC_TITLES, METRICS, proxy_label, score_run
 
@@ -95,12 +95,8 @@ def _write_table(table: list[dict], param: str, out: Path, note: str) -> None:
     for r in table:
         md.append(f"| {r[param]} | {r['prompts']} | " + " | ".join(
             cell(r, f"{m}_{g}") for m in METRICS for g in ("all", "frequent", "infrequent")) + " |")
-    out.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".csv", buf.getvalue()), (".md", "\n".join(md) + "\n")):
-        p = out / f"sweep_{param}{suffix}"
-        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p)
+        write_text(out / f"sweep_{param}{suffix}", text)
 
 
 def _plot(table: list[dict], param: str, path: Path, note: str) -> Path:

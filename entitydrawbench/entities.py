@@ -187,15 +187,20 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return path
 
 
-def write_json(path: str | Path, obj) -> Path:
+def write_text(path: str | Path, text: str) -> Path:
+    """Write UTF-8 text atomically (temporary file, then rename)."""
     import os
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

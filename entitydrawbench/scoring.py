@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .entities import CATEGORIES, CATEGORY_TITLES, write_json, write_jsonl
+from .entities import CATEGORIES, CATEGORY_TITLES, write_json, write_jsonl, write_text
 from .run import IMAGES_FILE, read_run
 
 SELECT_MODES = ("clip-t", "clip-i", "mean")
@@ -198,7 +198,6 @@ def write_summary(summary: dict[str, Any], stem: str | Path) -> list[Path]:
     """``<stem>.csv`` (long format), ``<stem>.md`` (tables) and ``<stem>.png`` (bar chart), each atomically."""
     import csv
     import io
-    import os
 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -209,11 +208,7 @@ def write_summary(summary: dict[str, Any], stem: str | Path) -> list[Path]:
     w.writeheader()
     w.writerows({**r, "kind": "automatic proxy (CLIP), not human rating"} for r in summary["records"])
     for suffix, text in ((".csv", buf.getvalue()), (".md", summary_markdown(summary))):
-        p = stem.with_suffix(suffix)
-        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p)
-        paths.append(p)
+        paths.append(write_text(stem.with_suffix(suffix), text))
     paths.append(plot_summary(summary, stem.with_suffix(".png")))
     return paths
 

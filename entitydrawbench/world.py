@@ -37,7 +37,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -46,10 +45,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import reimagen.toy as _toy
+from reimagen.toy.world import LOOK_ATTRIBUTES, SCENE_ATTRIBUTES
 
-from .entities import read_jsonl, write_json, write_jsonl
+from .entities import read_jsonl, write_json, write_jsonl, write_text
 from .references import ReferencePair
 from .run import IMAGES_FILE, RunConfig, RunResult, read_run, run_prompts
+from .scoring import _mean_sem  # one mean / standard error for the CLIP and the judged summaries
 
 WORLD_BENCHMARK = "entitydrawbench-toyworld-v1"
 SPLITS: tuple[str, ...] = ("frequent", "infrequent", "unseen")
@@ -59,12 +60,12 @@ METRICS: tuple[str, ...] = ("faithful", "look_ok", "scene_ok")
 METRIC_TITLES = {"faithful": "Faithfulness (look and scene)", "look_ok": "Entity look as its reference",
                  "scene_ok": "Scene as the text"}
 SELECTIONS: tuple[str, ...] = ("best_of_n", "per_image")
-#: The judge's attributes: the entity's look, then the scene (``reimagen.toy.world``).
-ATTRIBUTES: tuple[str, ...] = ("shape", "body", "pattern", "pattern_colour", "background", "count", "position")
+#: The judge's attributes: the entity's look, then the scene.
+ATTRIBUTES: tuple[str, ...] = LOOK_ATTRIBUTES + SCENE_ATTRIBUTES
 REFERENCES_DIR = "references"
 SCORES_FILE = "scores.json"
 #: Where ``reimagen-eval toy judge`` writes the shipped judge.
-DEFAULT_JUDGE = Path(_toy.__file__).resolve().parent / "weights" / "judge"
+DEFAULT_JUDGE = (_toy.WEIGHTS / "judge").resolve()
 #: Fast sampling defaults for the toy cascade (32 px base + 32 -> 64 SR) on a CPU; the paper's are 256 DDPM
 #: steps with w = 30 for the base and 128 / 32 steps with w = 5 / 3 for the SR stages (Sec. 4.2).
 WORLD_DEFAULTS: dict[str, Any] = {"steps": 25, "sampler": "ddim", "w_text": 3.0, "w_neighbours": 3.0,
@@ -107,12 +108,9 @@ class WorldBench:
         fp = world.fingerprint()
         kb = KnowledgeBase.from_parquet(folder / "references.parquet")
         ents = kb.meta.get("entities") or []
-        if kb.meta.get("world") != fp or len(ents) != len(kb):
+        if kb.meta.get("world") != fp or len(ents) != len(kb) or ents != [s.entity for s in world.references]:
             raise ValueError(f"{folder / 'references.parquet'} does not belong to this world ({fp}); rebuild it")
-        rows: dict[str, list[int]] = {}
-        for i, eid in enumerate(ents):
-            rows.setdefault(eid, []).append(i)
-        return cls(folder, world, fp, kb.ids, kb.texts, kb.image_refs, rows)
+        return cls(folder, world, fp, kb.ids, kb.texts, kb.image_refs, world.reference_rows)
 
     @property
     def n_references(self) -> int:
@@ -235,18 +233,16 @@ def run_complete(run: str | Path) -> bool:
 # ----------------------------------------------------------------------------------------------
 def load_world_judge(path: str | Path | None = None, world_fingerprint: str | None = None):
     """(judge, info) from a judge folder (default: the shipped one); refused if trained on another world."""
-    from reimagen.toy.judge import load_judge
+    from reimagen.toy.judge import judge_info, load_judge
 
     path = Path(path) if path is not None else DEFAULT_JUDGE
     judge = load_judge(path)  # FileNotFoundError with a hint if absent
-    report = json.loads((path / "judge.json").read_text()) if (path / "judge.json").is_file() else {}
-    if world_fingerprint and report.get("world") and report["world"] != world_fingerprint:
-        raise ValueError(f"the judge at {path} was trained on world {report['world']}, the run is on world "
+    info = judge_info(path)
+    if world_fingerprint and info["world"] and info["world"] != world_fingerprint:
+        raise ValueError(f"the judge at {path} was trained on world {info['world']}, the run is on world "
                          f"{world_fingerprint}; train one on this world (`reimagen-eval toy judge`)")
-    digest = hashlib.sha256((path / "judge.safetensors").read_bytes()).hexdigest()[:16]
-    acc = report.get("test_accuracy") or {}
-    info = {"path": str(path.resolve()), "sha256": digest, "world": report.get("world"),
-            "min_test_accuracy": round(min(acc.values()), 4) if acc else None}
+    if info["min_test_accuracy"] is not None:
+        info["min_test_accuracy"] = round(info["min_test_accuracy"], 4)
     return judge, info
 
 
@@ -265,7 +261,7 @@ def judge_rows(judge, world, run: Path, rows: list[dict], batch_size: int = 64) 
     """Add look_ok, scene_ok, faithful, attributes_ok ("k/n": attributes read as asked, of 6 or 7), judge_match
     (attribute -> read as asked; pattern_colour only for patterned entities) and the judge's readings to ``rows``
     in place (None for rows whose image is missing)."""
-    from reimagen.toy.judge import verdicts
+    from reimagen.toy.judge import judged_attributes, verdicts
     from reimagen.toy.world import Scene, scene_attributes
 
     for r in rows:
@@ -277,7 +273,7 @@ def judge_rows(judge, world, run: Path, rows: list[dict], batch_size: int = 64) 
         for r, s, v in zip(batch, scenes, verdicts(judge, world, _load_images([run / r["image"] for r in batch]),
                                                    scenes)):
             truth = scene_attributes(world, s)
-            keys = [a for a in truth if not (a == "pattern_colour" and truth["pattern"] == "plain")]
+            keys = judged_attributes(truth)
             match = {a: bool(v.readings[a] == truth[a]) for a in keys}
             r.update(look_ok=bool(v.look_ok), scene_ok=bool(v.scene_ok), faithful=bool(v.faithful),
                      attributes_ok=f"{sum(match.values())}/{len(keys)}", judge_match=match,
@@ -332,14 +328,6 @@ def score_world_run(run: str | Path, judge_path: str | Path | None = None, judge
 # ----------------------------------------------------------------------------------------------
 # Summaries: Table 2 / Figure 5 per split
 # ----------------------------------------------------------------------------------------------
-def _mean_sem(values: Sequence[float]) -> tuple[float | None, float | None, int]:
-    v = [float(x) for x in values if x is not None]
-    if not v:
-        return None, None, 0
-    mean = float(np.mean(v))
-    return mean, (float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None), len(v)
-
-
 def summarize_world(runs: dict[str, list[dict]], judge_info: dict) -> dict[str, Any]:
     """Per model (run label), selection (best of N: one image per prompt; per image: all samples), group
     (frequent, infrequent, unseen, all) and metric (faithful, look_ok, scene_ok): rate, standard error, n."""
@@ -404,14 +392,6 @@ def world_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def write_world_summary(summary: dict[str, Any], stem: str | Path) -> list[Path]:
     """``<stem>.csv`` (long format), ``<stem>.md`` (tables) and ``<stem>.png`` (Figure 5-style bars)."""
     stem = Path(stem)
@@ -420,8 +400,8 @@ def write_world_summary(summary: dict[str, Any], stem: str | Path) -> list[Path]
                        lineterminator="\n")
     w.writeheader()
     w.writerows({**r, "kind": "toy-world judge"} for r in summary["records"])
-    return [_atomic_text(stem.with_suffix(".csv"), buf.getvalue()),
-            _atomic_text(stem.with_suffix(".md"), world_markdown(summary)),
+    return [write_text(stem.with_suffix(".csv"), buf.getvalue()),
+            write_text(stem.with_suffix(".md"), world_markdown(summary)),
             plot_world_summary(summary, stem.with_suffix(".png"))]
 
 
@@ -543,9 +523,8 @@ def _write_sweep_table(table: list[dict], param: str, out: Path, figure: str, ju
     md += [f"| {r[param]} | " + " | ".join(" / ".join("-" if r.get(f"{m}_{g}") is None else f"{r[f'{m}_{g}']:.2f}"
                                                       for m in ("look_ok", "scene_ok", "faithful"))
                                           for g in SPLITS) + " |" for r in table]
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out / f"sweep_{param}.csv", buf.getvalue())
-    _atomic_text(out / f"sweep_{param}.md", "\n".join(md) + "\n")
+    write_text(out / f"sweep_{param}.csv", buf.getvalue())
+    write_text(out / f"sweep_{param}.md", "\n".join(md) + "\n")
 
 
 def _plot_sweep(table: list[dict], param: str, path: Path, figure: str) -> Path:

@@ -245,7 +245,7 @@ def judge_dir() -> Path:
     env = os.environ.get(JUDGE_ENV)
     if env:
         return Path(env).expanduser()
-    from reimagen.toy.cli import WEIGHTS
+    from reimagen.toy import WEIGHTS
 
     return WEIGHTS / "judge"
 

@@ -160,9 +160,10 @@ def simulate_cmd(study: Path = STUDY_OPT,
 
     Stored with source 'simulated' and raters sim-judge-<k>; `rate report` labels them; reruns skip rated tasks.
     """
-    from reimagen.toy.cli import WEIGHTS
+    from reimagen.toy import WEIGHTS
+    from reimagen.toy.build import load_world
 
-    from .simulate import JudgeReader, load_world, simulate
+    from .simulate import JudgeReader, simulate
     from .tasks import Study
 
     s = Study.load(study)

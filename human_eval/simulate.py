@@ -80,13 +80,6 @@ def sim_raters(n: int) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- the world
 
-def load_world(root: str | Path):
-    """The world of a folder written by ``reimagen-eval toy build`` (its ``world.json``; or that file itself)."""
-    from reimagen.toy.build import load_world as _load
-
-    return _load(root)
-
-
 def _fold(text: str) -> str:
     return " ".join(str(text).split()).casefold()
 
@@ -127,14 +120,6 @@ class SceneIndex:
 
 # ---------------------------------------------------------------------------------------------- the judge
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 class JudgeReader:
     """Readings from the judge CNN: faithfulness from ``verdicts``, photorealism from its calibrated confidence."""
 
@@ -152,16 +137,13 @@ class JudgeReader:
 
     @classmethod
     def from_path(cls, path: str | Path, world, **kwargs) -> "JudgeReader":
-        from reimagen.toy.judge import load_judge
+        from reimagen.toy.judge import judge_info, load_judge
 
-        path = Path(path)
         judge = load_judge(path)  # FileNotFoundError with the command that trains one
-        info: dict[str, Any] = {"judge": str(path.resolve()), "judge_sha256": _sha256(path / "judge.safetensors")}
-        report = path / "judge.json"
-        if report.is_file():
-            acc = json.loads(report.read_text()).get("test_accuracy") or {}
-            if acc:
-                info["judge_min_test_accuracy"] = min(acc.values())
+        ji = judge_info(path)
+        info: dict[str, Any] = {"judge": ji["path"], "judge_sha256": ji["sha256"]}
+        if ji["min_test_accuracy"] is not None:
+            info["judge_min_test_accuracy"] = ji["min_test_accuracy"]
         return cls(judge, world, info=info, **kwargs)
 
     def _tensor(self, images: np.ndarray):

@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 
 from human_eval.cli import rate_app
 from human_eval.report import write_report
-from human_eval.simulate import JudgeReader, Reading, SceneIndex, load_world, simulate
+from human_eval.simulate import JudgeReader, Reading, SceneIndex, simulate
 from human_eval.store import SIM_SOURCE, RatingStore, read_rows
 from human_eval.tasks import build_study, make_raters, read_raters
+from reimagen.toy.build import load_world
 from reimagen.toy.world import Scene, World, WorldSpec, render_many
 
 SPEC = WorldSpec(n_entities=24, n_unseen=4, corpus_size=600, zipf_s=1.3, zipf_q=3.0)  # a steep tail: all three splits

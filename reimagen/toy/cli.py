@@ -7,12 +7,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from . import WEIGHTS
+
 console = Console(stderr=True)
 toy_app = typer.Typer(no_args_is_help=True, help="The synthetic long-tail world: build it, train its judge, "
                       "run the paper's measurements on it.")
-
-#: Where the shipped weights live (inside the package, so an installed copy finds them).
-WEIGHTS = Path(__file__).parent / "weights"
 
 
 @toy_app.command()

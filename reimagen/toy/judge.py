@@ -95,6 +95,12 @@ class Verdict:
         return self.look_ok and self.scene_ok
 
 
+def judged_attributes(truth: dict[str, object]) -> list[str]:
+    """The attributes an image of a scene with ground truth ``truth`` (``scene_attributes``) is judged on: all of
+    them, except the pattern colour of a plain entity, which has none."""
+    return [a for a in ATTRIBUTES if not (a == "pattern_colour" and truth["pattern"] == "plain")]
+
+
 def verdicts(judge: Judge, world: World, images: Tensor, scenes: Sequence[Scene]) -> list[Verdict]:
     """Judge ``images`` (B, 3, H, W in [0, 1]) against the scenes their prompts asked for (Sec. 4.2's faithfulness:
     the entity looks like its reference AND the scene is as the text says)."""
@@ -103,10 +109,9 @@ def verdicts(judge: Judge, world: World, images: Tensor, scenes: Sequence[Scene]
     for i, s in enumerate(scenes):
         truth = scene_attributes(world, s)
         r = {a: reads[a][i] for a in ATTRIBUTES}
-        look = all(r[a] == truth[a] for a in ("shape", "body", "pattern"))
-        if truth["pattern"] != "plain":
-            look = look and r["pattern_colour"] == truth["pattern_colour"]
-        scene = all(r[a] == truth[a] for a in SCENE_ATTRIBUTES)
+        ok = {a: r[a] == truth[a] for a in judged_attributes(truth)}
+        look = all(v for a, v in ok.items() if a in LOOK_ATTRIBUTES)
+        scene = all(v for a, v in ok.items() if a in SCENE_ATTRIBUTES)
         out.append(Verdict(look, scene, r))
     return out
 
@@ -208,6 +213,23 @@ def save_judge(judge: Judge, path: str | Path, report: dict) -> Path:
     (path / "judge.json.tmp").write_text(json.dumps(report, indent=2))
     os.replace(path / "judge.json.tmp", path / "judge.json")
     return path
+
+
+def judge_info(path: str | Path) -> dict:
+    """What identifies a judge folder in results: its resolved path, the sha256 (16 hex digits) of its weights,
+    and from its ``judge.json`` (if any) the world it was trained on and its minimum per-attribute test accuracy
+    (None when unknown)."""
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256()
+    with open(path / "judge.safetensors", "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    report = json.loads((path / "judge.json").read_text()) if (path / "judge.json").is_file() else {}
+    acc = report.get("test_accuracy") or {}
+    return {"path": str(path.resolve()), "sha256": h.hexdigest()[:16], "world": report.get("world"),
+            "min_test_accuracy": min(acc.values()) if acc else None}
 
 
 def load_judge(path: str | Path) -> Judge:
