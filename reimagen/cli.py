@@ -103,6 +103,10 @@ def train(
     grad_clip: float = typer.Option(1.0, help="Max gradient norm (0 disables)."),
     p_drop_text: float = typer.Option(0.1, help="Probability of dropping the text (Sec. 3.2: 0.1)."),
     p_drop_neighbours: float = typer.Option(0.1, help="Probability of dropping the neighbours (Sec. 3.2: 0.1)."),
+    max_aug_level: float = typer.Option(1.0, min=0.0, max=1.0, help="Super-resolution stages: the low-resolution "
+                                        "input is noised to a level ~ U[0, this] (Imagen's noise-conditioning "
+                                        "augmentation). Sampling uses level 0 by default; a short run trained with "
+                                        "1.0 spends most steps on inputs it will never see (README, toy world)."),
     ckpt_every: int = typer.Option(500, min=1, help="Checkpoint every N steps."),
     seed: int = typer.Option(0, help="Seed: every step's randomness is a function of (seed, step)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
@@ -126,7 +130,7 @@ def train(
     tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, optimizer=optimizer,
                      ema_decay=ema_decay, ema_warmup=ema_warmup,
                      grad_clip=grad_clip, p_drop_text=p_drop_text, p_drop_neighbours=p_drop_neighbours,
-                     ckpt_every=ckpt_every, seed=seed)
+                     max_aug_level=max_aug_level, ckpt_every=ckpt_every, seed=seed)
     trainer = Trainer(ReImagenUNet(cfg), enc, data, tc, out_dir=out, device=device)
     hist = trainer.fit()
     if hist:

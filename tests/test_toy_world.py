@@ -125,6 +125,50 @@ def test_neighbour_probe_runs_on_the_shipped_base():
     assert len(probe_table(rows).splitlines()) == 2 + 3  # header, rule, one row per split
 
 
+
+def test_stage_decomposition_cascade_source_is_the_cascade():
+    """``base+sr`` is what the cascade draws for the same prompts, neighbours, seeds and settings, image for image."""
+    from reimagen.cascade import Cascade, Stage
+    from reimagen.guidance import InterleavedGuidance, JointGuidance
+    from reimagen.sampling import SamplerSettings
+    from reimagen.toy.cli import WEIGHTS
+    from reimagen.toy.diagnose import decomposition_images
+    from reimagen.train import load_stage
+
+    prompts, sidx, nbrs, images = decomposition_images(WEIGHTS / "base", WEIGHTS / "sr", per_split=1, samples=2,
+                                                       steps=3, sr_steps=2, sources=("render", "base+sr"))
+    assert len(prompts) == 6 and sidx == [0, 1] * 3 and set(images) == {"render", "base+sr"}
+    (base, enc), (sr, _) = load_stage(WEIGHTS / "base"), load_stage(WEIGHTS / "sr")
+    cascade = Cascade([Stage(base, InterleavedGuidance(w_p=3.0, w_n=3.0, eta=0.5), SamplerSettings(3, "ddim")),
+                       Stage(sr, JointGuidance(w=3.0, use_neighbours=True), SamplerSettings(2, "ddim"))], enc)
+    out = cascade.sample([p.text for p in prompts], nbrs, seed=0, prompt_ids=[p.id for p in prompts],
+                         sample_indices=sidx).images
+    assert torch.allclose(out, ((images["base+sr"] + 1) / 2).clamp(0, 1), atol=1e-5)
+    assert not torch.allclose(images["base+sr"][0], images["base+sr"][1])  # two samples of one prompt differ
+
+
+def test_stage_decomposition_rows_and_the_truth_reads_right():
+    from reimagen.toy.cli import WEIGHTS
+    from reimagen.toy.diagnose import decomposition_table, stage_decomposition
+
+    sources = ("render", "render32+bilinear", "render32+sr")
+    rows = stage_decomposition(WEIGHTS / "base", WEIGHTS / "sr", WEIGHTS / "judge", per_split=2, samples=1,
+                               sr_steps=2, sources=sources)
+    attrs = {"shape", "body", "pattern", "pattern_colour", "background", "count", "position", "look", "faithful"}
+    assert {(r["source"], r["split"], r["attribute"]) for r in rows} == {
+        (s, sp, a) for s in sources for sp in ("frequent", "infrequent", "unseen") for a in attrs}
+    assert all(r["n"] == 2 for r in rows if r["attribute"] != "pattern_colour")  # one per prompt and sample
+    rate = {(r["source"], r["attribute"]): [] for r in rows}
+    for r in rows:
+        rate[r["source"], r["attribute"]] += [r["rate"]] * r["n"]
+    # the judge reads the real renders, also at the base stage's 32 px upsampled, as the truth
+    for src in ("render", "render32+bilinear"):
+        assert np.mean(rate[src, "faithful"]) >= 0.8, src
+    table = decomposition_table(rows, "unseen").splitlines()
+    assert len(table) == 2 + len(sources) and table[2].startswith("| render |")
+    with pytest.raises(ValueError, match="unknown sources"):
+        stage_decomposition(WEIGHTS / "base", WEIGHTS / "sr", WEIGHTS / "judge", sources=("bogus",))
+
 def test_validation_is_held_out_from_corpus_images():
     w = World(SMALL)
     v = render_many(w, w.validation[:10], "validation")

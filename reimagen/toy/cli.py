@@ -81,6 +81,36 @@ def probe(checkpoint: Path = typer.Option(WEIGHTS / "base", help="Base-stage che
         tmp.replace(out)
 
 
+
+@toy_app.command()
+def decompose(base: Path = typer.Option(WEIGHTS / "base", help="Base-stage checkpoint."),
+              sr: Path = typer.Option(WEIGHTS / "sr", help="Super-resolution checkpoint."),
+              judge: Path = typer.Option(WEIGHTS / "judge", help="Judge folder."),
+              per_split: int = typer.Option(12, min=1, help="Bench prompts per frequency split."),
+              samples: int = typer.Option(2, min=1, help="Samples per prompt."),
+              k: int = typer.Option(2, min=1, help="Neighbours per prompt (the entity's reference pairs)."),
+              steps: int = typer.Option(25, min=1, help="Base-stage DDIM steps."),
+              sr_steps: int = typer.Option(10, min=1, help="Super-resolution DDIM steps."),
+              w: float = typer.Option(3.0, min=0.0, help="Base-stage guidance weight (w_p = w_n)."),
+              sr_w: float = typer.Option(3.0, min=0.0, help="Super-resolution guidance weight."),
+              eta: float = typer.Option(0.5, min=0.0, max=1.0, help="Interleave ratio of the base stage (Eq. 6)."),
+              out: Path = typer.Option(None, help="Also write the rows as JSON here.")) -> None:
+    """Where is faithfulness lost? Judge rates per attribute when each stage is fed the truth instead of the
+    stage before it (real 32px renders into the SR stage, real renders upsampled), next to the cascade."""
+    import json
+
+    from .diagnose import decomposition_table, stage_decomposition
+
+    rows = stage_decomposition(base, sr, judge, per_split=per_split, samples=samples, k=k, steps=steps,
+                               sr_steps=sr_steps, w=w, sr_w=sr_w, eta=eta)
+    for sp in (None, "frequent", "infrequent", "unseen"):
+        print(decomposition_table(rows, sp) + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(out)
+
 def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 100, per_split: int = 4,
                   samples: int = 4) -> list[list[str]]:
     """The main job as the `reimagen-eval` command lines it runs (printed as they run, so it can be redone by hand)."""

@@ -17,12 +17,16 @@ err(none) is. It runs in seconds, so it can follow a training run.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .world import World, entity_masks, render_many
+from .world import BenchPrompt, World, entity_masks, render_many, scene_attributes
+
+if TYPE_CHECKING:
+    from ..cascade import Neighbours
 
 
 def _images(world: World, scenes, key: str, size: int) -> torch.Tensor:
@@ -102,4 +106,152 @@ def probe_table(rows: list[dict]) -> str:
         img = {c: v["image", c] for c in ("right", "wrong")}
         out.append(f"| {t:g} | {sp} | {ent['right']:.4f} | {ent['wrong']:.4f} | {ent['none']:.4f} | {gain(ent):+.1%} "
                    f"| {img['right']:.4f} | {gain(img):+.1%} |")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Where is faithfulness lost? Each stage fed the truth in place of the stage before it.
+# ----------------------------------------------------------------------------------------------
+#: The sources of ``stage_decomposition``: how the 64x64 image the judge reads was made.
+SOURCES: tuple[str, ...] = (
+    "render",                 # the real render of the prompt's scene: the judge's ceiling
+    "render32+bilinear",      # the render at the base stage's size, upsampled: a perfect base stage, no SR
+    "render32+sr",            # the SR stage on the real low-res render, with the entity's references
+    "render32+sr(text)",      # ... and without them
+    "base+bilinear",          # the base stage's samples with retrieval, upsampled without the SR stage
+    "base+sr",                # the whole cascade with retrieval (what EntityDrawBench runs)
+    "base(text)+sr(text)",    # the whole cascade without retrieval
+)
+
+
+@torch.no_grad()
+def decomposition_images(base: str | Path, sr: str | Path, world: World | None = None, per_split: int = 12,
+                         samples: int = 2, k: int = 2, seed: int = 0, steps: int = 25, sr_steps: int = 10,
+                         w: float = 3.0, sr_w: float = 3.0, eta: float = 0.5, sources: tuple[str, ...] = SOURCES
+                         ) -> tuple[list[BenchPrompt], list[int], Neighbours, dict[str, torch.Tensor]]:
+    """The bench prompts (each repeated ``samples`` times), their sample indices, their neighbours (the entity's
+    first ``k`` reference pairs, freshly rendered) and, per source, their 64x64 images in [-1, 1] (see
+    ``stage_decomposition``)."""
+    from ..cascade import Neighbours
+    from ..guidance import JointGuidance, make_guidance
+    from ..sampling import SamplerSettings, make_generators, sample_stage
+    from ..train import load_stage
+
+    unknown = set(sources) - set(SOURCES)
+    if unknown:
+        raise ValueError(f"unknown sources {sorted(unknown)}; choose from {list(SOURCES)}")
+    world = world or World()
+    base_model, enc = load_stage(base)
+    sr_model, sr_enc = load_stage(sr)
+    if base_model.cfg.is_super_resolution or not sr_model.cfg.is_super_resolution:
+        raise ValueError("give a base (text-to-image) checkpoint and a super-resolution checkpoint, in that order")
+    if sr_model.cfg.lowres_size != base_model.cfg.image_size:
+        raise ValueError(f"the SR stage takes {sr_model.cfg.lowres_size}px, the base makes {base_model.cfg.image_size}px")
+    refs = world.reference_rows
+    if k > min(len(v) for v in refs.values()):
+        raise ValueError(f"k = {k} exceeds the {world.spec.n_references} reference pairs per entity")
+    prompts = [p for p in world.bench_prompts(per_split=per_split, seed=seed) for _ in range(samples)]
+    sidx = [i % samples for i in range(len(prompts))]
+    pids = [p.id for p in prompts]
+    scenes = [p.scene for p in prompts]
+    low = base_model.cfg.image_size
+    truth = torch.from_numpy(render_many(world, scenes, "decompose")).permute(0, 3, 1, 2).float() / 127.5 - 1
+    truth_low = F.interpolate(truth, size=(low, low), mode="bilinear", antialias=True, align_corners=False)
+    nbr64 = torch.from_numpy(render_many(world, [world.references[i] for p in prompts for i in refs[p.entity][:k]],
+                                         "decompose-ref")).permute(0, 3, 1, 2).float() / 127.5 - 1
+    nbrs = Neighbours(nbr64.reshape(len(prompts), k, *nbr64.shape[1:]),
+                      [[world.reference_caption(p.entity)] * k for p in prompts])
+
+    def run(model, encoder, stage: int, retrieval: bool, lowres=None) -> torch.Tensor:
+        text = encoder.encode([p.text for p in prompts])
+        tc = model.project_text(text.embeddings, text.mask)
+        memory = None
+        if retrieval:
+            e = encoder.encode([t for row in nbrs.texts for t in row])
+            memory = model.encode_neighbours(nbrs.at_size(model.cfg.image_size), model.project_text(e.embeddings, e.mask))
+        if stage == 0:
+            g = (make_guidance("interleaved", w_p=w, w_n=w, eta=eta) if retrieval
+                 else JointGuidance(w=w, use_neighbours=False))
+        else:
+            g = JointGuidance(w=sr_w, use_neighbours=retrieval)
+        return sample_stage(model, tc, memory, g, SamplerSettings(steps=steps if stage == 0 else sr_steps,
+                                                                  sampler="ddim"),
+                            make_generators(seed, pids, sidx, stage, "noise"),
+                            make_generators(seed, pids, sidx, stage, "guidance"), lowres=lowres)
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+
+    images: dict[str, torch.Tensor] = {}
+    base_r = run(base_model, enc, 0, True) if {"base+bilinear", "base+sr"} & set(sources) else None
+    for src in sources:
+        if src == "render":
+            images[src] = truth
+        elif src == "render32+bilinear":
+            images[src] = up(truth_low)
+        elif src in ("render32+sr", "render32+sr(text)"):
+            images[src] = run(sr_model, sr_enc, 1, src == "render32+sr", truth_low)
+        elif src == "base+bilinear":
+            images[src] = up(base_r)
+        elif src == "base+sr":
+            images[src] = run(sr_model, sr_enc, 1, True, base_r)
+        else:
+            images[src] = run(sr_model, sr_enc, 1, False, run(base_model, enc, 0, False))
+    return prompts, sidx, nbrs, images
+
+
+def stage_decomposition(base: str | Path, sr: str | Path, judge: str | Path, world: World | None = None,
+                        **kw) -> list[dict]:
+    """Judge-read attribute rates of the bench prompts' images made by each of ``SOURCES`` (keyword arguments:
+    ``decomposition_images``'s).
+
+    EntityDrawBench judges the cascade's output only; this feeds each stage the truth in place of the stage
+    before it, so a missing attribute can be pinned on the base stage (right in ``render32+sr``, wrong in
+    ``base+sr``), on the super-resolution stage (wrong in ``render32+sr``) or on the 32x32 resolution itself
+    (wrong in ``render32+bilinear`` too). Sampling is the toy world's EntityDrawBench default (DDIM, interleaved
+    guidance on the base stage, joint on the SR stage) and uses the same seeds per (prompt, sample, stage) as
+    the cascade, so ``base+sr`` is what ``Cascade.sample`` draws with these settings and neighbours (tested).
+    Rows: (source, split, attribute, rate, n), the attribute ``look`` being all four look attributes right and
+    ``faithful`` look and scene right (Sec. 4.2).
+    """
+    from .judge import judged_attributes, load_judge, verdicts
+
+    world = world or World()
+    jd = load_judge(judge)
+    prompts, _, _, images = decomposition_images(base, sr, world, **kw)
+    scenes = [p.scene for p in prompts]
+    split = np.array([p.split for p in prompts])
+    rows = []
+    for src, x in images.items():
+        vs = verdicts(jd, world, ((x + 1) / 2).clamp(0, 1), scenes)
+        hits: dict[str, list[bool]] = {}
+        for s, v in zip(scenes, vs):
+            t = scene_attributes(world, s)
+            for a in judged_attributes(t):
+                hits.setdefault(a, []).append(v.readings[a] == t[a])
+            hits.setdefault("look", []).append(v.look_ok)
+            hits.setdefault("faithful", []).append(v.faithful)
+        patterned = np.array([scene_attributes(world, s)["pattern"] != "plain" for s in scenes])
+        for a, h in hits.items():
+            sp_of = split[patterned] if a == "pattern_colour" else split
+            h = np.array(h)
+            for sp in ("frequent", "infrequent", "unseen"):
+                m = sp_of == sp
+                rows.append({"source": src, "split": sp, "attribute": a, "rate": float(h[m].mean()) if m.any()
+                             else float("nan"), "n": int(m.sum())})
+    return rows
+
+
+def decomposition_table(rows: list[dict], split: str | None = None) -> str:
+    """Markdown: one line per source, the judge's rate per attribute (pooled over splits, or one split)."""
+    attrs = list(dict.fromkeys(r["attribute"] for r in rows))
+    out = [f"| source ({split or 'all splits'}) | " + " | ".join(attrs) + " |",
+           "| --- |" + " ---: |" * len(attrs)]
+    for src in dict.fromkeys(r["source"] for r in rows):
+        cells = []
+        for a in attrs:
+            sel = [r for r in rows if r["source"] == src and r["attribute"] == a and (split is None or r["split"] == split)]
+            n = sum(r["n"] for r in sel)
+            cells.append(f"{sum(r['rate'] * r['n'] for r in sel if r['n']) / n:.2f}" if n else "-")
+        out.append(f"| {src} | " + " | ".join(cells) + " |")
     return "\n".join(out)
