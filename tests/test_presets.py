@@ -140,3 +140,20 @@ def test_presets_command_lists_small_32_eff_with_its_parameter_count():
     with torch.device("meta"):
         n = count_parameters(ReImagenUNet(get_preset("small-32-eff")))
     assert re.search(rf"small-32-eff\W+32\W+{re.escape(f'{n / 1e6:,.1f}M')}", res.output), res.output
+
+
+def test_toy_32_n16_is_toy_32_with_its_neighbour_attention_at_16x16():
+    """The attention-placement experiment of the toy world (README): one level fewer, so the DStack output where
+    the neighbours are attended to (Sec. 3.2) is 16x16; everything else as toy-32."""
+    toy, n16 = get_preset("toy-32"), get_preset("toy-32-n16")
+    assert (toy.feature_size, n16.feature_size) == (8, 16)
+    assert n16.attn_resolutions == (16,) and n16.neighbour_attention
+    differ = {f for f in toy.to_dict() if getattr(toy, f) != getattr(n16, f)}
+    assert differ == {"channel_mults", "num_res_blocks", "attn_resolutions"}
+    m = ReImagenUNet(n16).eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    text = m.project_text(torch.randn(2, 5, 384), torch.ones(2, 5, dtype=torch.bool))
+    mem = m.encode_neighbours(torch.randn(2, 2, 3, 32, 32), m.project_text(torch.randn(4, 5, 384),
+                                                                           torch.ones(4, 5, dtype=torch.bool)))
+    assert mem.num_tokens == 2 * 16 * 16  # K neighbours x 16 x 16 tokens
+    assert m(x, t, text, mem).shape == x.shape

@@ -378,3 +378,29 @@ def test_adafactor_trains_and_resumes_exactly(tmp_path):
     for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
     assert isinstance(resumed.opt, torch.optim.Adafactor)
+
+
+def test_ship_stage_packs_fp16_ema_weights_and_the_timed_command(tmp_path):
+    """``reimagen.toy.ship``: a trained run shipped into the package is small (fp16 EMA, no optimiser state),
+    loads as the EMA weights, and its provenance has the command that really ran (from /usr/bin/time -v)."""
+    from reimagen.toy.ship import ship_stage
+
+    tr = _trainer(tmp_path / "run", steps=4, ckpt_every=2)
+    tr.fit(progress=False)
+    cmd = "reimagen-eval train --preset tiny-16 --steps 4 --out run"
+    timelog = tmp_path / "train.out"
+    timelog.write_text(f'loss 1 -> 0.5\n\tCommand being timed: "{cmd}"\n\tUser time (seconds): 3.0\n'
+                       "\tElapsed (wall clock) time (h:mm:ss or m:ss): 1:02:03.5\n"
+                       "\tMaximum resident set size (kbytes): 204800\n")
+    dst = ship_stage(tmp_path / "run" / "last", tmp_path / "shipped" / "base", timelog)
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "ema.safetensors", "log.jsonl", "loss.png",
+                                                    "provenance.json"]
+    prov = json.loads((dst / "provenance.json").read_text())
+    assert prov["command"] == cmd and prov["step"] == 4
+    assert prov["wall_seconds"] == 3723.5 and prov["peak_rss_mb"] == 200.0
+    model, _ = load_stage(dst)
+    ema = tr.ema.state_dict()
+    assert all(torch.allclose(v, ema[k].float(), atol=1e-2 * (1 + ema[k].abs().max())) for k, v in model.state_dict().items())
+    # no time log: the documented command of the stage name, if any
+    assert json.loads((ship_stage(tmp_path / "run" / "last", tmp_path / "x" / "sr") / "provenance.json").read_text()
+                      )["command"].startswith("reimagen-eval train")

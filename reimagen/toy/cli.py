@@ -94,15 +94,22 @@ def decompose(base: Path = typer.Option(WEIGHTS / "base", help="Base-stage check
               w: float = typer.Option(3.0, min=0.0, help="Base-stage guidance weight (w_p = w_n)."),
               sr_w: float = typer.Option(3.0, min=0.0, help="Super-resolution guidance weight."),
               eta: float = typer.Option(0.5, min=0.0, max=1.0, help="Interleave ratio of the base stage (Eq. 6)."),
+              sources: str = typer.Option(None, help="Comma-separated image sources (default: all): render (the "
+                                          "real render), render32+bilinear (it at the base size, upsampled), "
+                                          "render32+sr / render32+sr(text) (it through the SR stage with / "
+                                          "without the references), base+bilinear, base+sr (the cascade with "
+                                          "retrieval), base(text)+sr(text) (the cascade without)."),
               out: Path = typer.Option(None, help="Also write the rows as JSON here.")) -> None:
     """Where is faithfulness lost? Judge rates per attribute when each stage is fed the truth instead of the
     stage before it (real 32px renders into the SR stage, real renders upsampled), next to the cascade."""
     import json
 
-    from .diagnose import decomposition_table, stage_decomposition
+    from .diagnose import SOURCES, decomposition_table, stage_decomposition
 
+    sources = sources or ",".join(SOURCES)
     rows = stage_decomposition(base, sr, judge, per_split=per_split, samples=samples, k=k, steps=steps,
-                               sr_steps=sr_steps, w=w, sr_w=sr_w, eta=eta)
+                               sr_steps=sr_steps, w=w, sr_w=sr_w, eta=eta,
+                               sources=tuple(s.strip() for s in sources.split(",") if s.strip()))
     for sp in (None, "frequent", "infrequent", "unseen"):
         print(decomposition_table(rows, sp) + "\n")
     if out:

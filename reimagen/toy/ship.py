@@ -31,11 +31,14 @@ PREPARE = ("reimagen-eval toy build --out runs/toyworld   # the world, its knowl
 
 
 def _time_log(path: Path | None) -> dict:
-    """Wall time and peak RSS from ``/usr/bin/time -v`` output, if given."""
+    """The command, wall time and peak RSS from ``/usr/bin/time -v`` output, if given."""
     if path is None or not path.is_file():
         return {}
     text = path.read_text(errors="replace")
     out: dict = {}
+    m = re.search(r'Command being timed: "(.*)"', text)
+    if m:
+        out["command"] = m.group(1)
     m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
     if m:
         parts = [float(p) for p in m.group(1).split(":")]
@@ -93,8 +96,9 @@ def ship_stage(src: Path, dst: Path, time_log: Path | None = None, weights: str 
         train_seconds = rows[-1]["seconds"] if rows else None
     else:
         train_seconds = None
-    prov = {"stage": dst.name, "step": meta.get("step"), "weights": weights, "prepare": PREPARE, "command": REPRODUCE.get(dst.name),
-            "train_loop_seconds_last_session": train_seconds, **_time_log(time_log)}
+    # the command that ran (from the time log), else the documented one
+    prov = {"stage": dst.name, "step": meta.get("step"), "weights": weights, "prepare": PREPARE,
+            "command": REPRODUCE.get(dst.name), "train_loop_seconds_last_session": train_seconds, **_time_log(time_log)}
     (tmp / "provenance.json").write_text(json.dumps(prov, indent=2))
     if dst.exists():
         shutil.rmtree(dst)
