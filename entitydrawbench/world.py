@@ -523,8 +523,16 @@ def _write_sweep_table(table: list[dict], param: str, out: Path, figure: str, ju
     md += [f"| {r[param]} | " + " | ".join(" / ".join("-" if r.get(f"{m}_{g}") is None else f"{r[f'{m}_{g}']:.2f}"
                                                       for m in ("look_ok", "scene_ok", "faithful"))
                                           for g in SPLITS) + " |" for r in table]
+    md += ["", "## Per attribute: the judge reads it as asked (per image; all splits, unseen in brackets)", "",
+           f"| {param} | " + " | ".join(ATTRIBUTES) + " |", "|---" * (1 + len(ATTRIBUTES)) + "|"]
+    md += [f"| {r[param]} | " + " | ".join(_attr_cell(r, a) for a in ATTRIBUTES) + " |" for r in table]
     write_text(out / f"sweep_{param}.csv", buf.getvalue())
     write_text(out / f"sweep_{param}.md", "\n".join(md) + "\n")
+
+
+def _attr_cell(row: dict, attr: str) -> str:
+    v, u = row.get(f"attr:{attr}_all"), row.get(f"attr:{attr}_unseen")
+    return "-" if v is None else f"{v:.2f}" + ("" if u is None else f" ({u:.2f})")
 
 
 def _plot_sweep(table: list[dict], param: str, path: Path, figure: str) -> Path:

@@ -268,7 +268,12 @@ def test_sweeps_over_eta_and_guidance(tw, tmp_path):
     table = pd.read_csv(out / "sweep_eta.csv")
     assert list(table["eta"]) == [0.0, 1.0] and list(table["prompts"]) == [3, 3]
     assert {"look_ok_all", "scene_ok_all", "faithful_all", "faithful_unseen_best"} <= set(table.columns)
-    assert (out / "sweep_eta.png").stat().st_size > 10_000 and "Figure 8" in (out / "sweep_eta.md").read_text()
+    md = (out / "sweep_eta.md").read_text()
+    assert (out / "sweep_eta.png").stat().st_size > 10_000 and "Figure 8" in md
+    # the per-attribute rates are in the markdown too: all splits, unseen in brackets, as in the CSV
+    attr_rows = md.split("## Per attribute")[1].strip().splitlines()[4:]
+    assert len(attr_rows) == 2 and attr_rows[0].startswith("| 0.0 | ")
+    assert f"{table['attr:body_all'][0]:.2f} ({table['attr:body_unseen'][0]:.2f})" in attr_rows[0]
     a, b = pixels(out / "eta=0.0"), pixels(out / "eta=1.0")
     assert a.keys() == b.keys() and any(not np.array_equal(a[k], b[k]) for k in a)  # eta reaches the sampler
     res = invoke(tw, "entitydraw-sweep", "--param", "guidance", "--values", "joint,weighted,interleaved",
