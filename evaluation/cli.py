@@ -97,8 +97,9 @@ def fid(
                                 "Inception preprocessing)."),
     mode: str = typer.Option("clean", "--mode", help="clean-fid mode: clean or legacy_tensorflow."),
     feature_extractor: str = typer.Option("inception", "--feature-extractor", help="inception (comparable with "
-                                          "published FIDs); random-conv-<dim> (offline tests only) or module:attr "
-                                          "(e.g. evaluation.synthetic:judge_features for --dataset synthetic)."),
+                                          "published FIDs); judge (the toy world's judge CNN, for --dataset synthetic); "
+                                          "random-conv-<dim> (offline tests only) or module:attr (a network of "
+                                          "your own, see evaluation/features.py)."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="Local Inception weights: "
                                                      "clean-fid inception-2015-12-05.pt, torch-fidelity "
                                                      "weights-inception-2015-12-05-6726825d.pth."),

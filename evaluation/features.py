@@ -7,6 +7,7 @@ backend's own custom-extractor API.
     "random-conv-<d>"    a fixed random conv net, seeded, ``(B, 3, 299, 299)`` float in [0, 255] -> ``(B, d)``;
                          "random-conv-<d>-seed<s>" picks the seed. Offline smoke tests and throughput
                          measurements only: its FIDs mean nothing.
+    "judge"              short for ``evaluation.synthetic:judge_features``: the toy world's judge CNN (``ALIASES``).
     "module:attr"        any ``nn.Module`` class or factory of the same contract (``attr()`` builds it; the
                          module must set ``feature_dim``).
 
@@ -87,12 +88,14 @@ class RandomConvFeatures(nn.Module):
 
 
 EXTRACTORS: dict[str, Callable[[], CustomExtractor]] = {}
+#: Short names for ``module:attr`` extractors (resolved lazily, so the module is imported only when used).
+ALIASES: dict[str, str] = {"judge": "evaluation.synthetic:judge_features"}
 _RANDOM_CONV = re.compile(r"^random-conv-(\d+)(?:-seed(\d+))?$")
 
 
 def register_feature_extractor(name: str, factory: Callable[[], CustomExtractor]) -> None:
     """Make ``--feature-extractor NAME`` available (``factory()`` returns a :class:`CustomExtractor`)."""
-    if name == INCEPTION or _RANDOM_CONV.match(name):
+    if name == INCEPTION or _RANDOM_CONV.match(name) or name in ALIASES:
         raise ValueError(f"feature extractor name {name!r} is reserved")
     EXTRACTORS[name] = factory
 
@@ -105,6 +108,7 @@ def random_conv(dim: int = 16, seed: int = 0) -> CustomExtractor:
 
 def resolve_extractor(name: str) -> str | CustomExtractor:
     """"inception" or the :class:`CustomExtractor` a name stands for (see the module docstring)."""
+    name = ALIASES.get(name, name)
     if name == INCEPTION:
         return INCEPTION
     m = _RANDOM_CONV.match(name)
@@ -231,7 +235,7 @@ def file_digest(path: str | os.PathLike, n: int = 12) -> str:
     return _SHA[key][:n]
 
 
-__all__ = ["INCEPTION", "CustomExtractor", "RandomConvFeatures", "EXTRACTORS", "register_feature_extractor",
+__all__ = ["INCEPTION", "CustomExtractor", "RandomConvFeatures", "EXTRACTORS", "ALIASES", "register_feature_extractor",
            "random_conv", "resolve_extractor", "InceptionWeights", "CLEANFID_WEIGHTS", "FIDELITY_WEIGHTS",
            "cache_root", "library_weights_path", "missing_weights_message", "resolve_inception_weights",
            "file_digest"]

@@ -7,7 +7,7 @@ same protocol, registered as a plugin of :mod:`evaluation.datasets`::
     reimagen-eval fid --dataset synthetic --dataset-root runs/toyworld --db synthetic-train \
         --model runs/toy-train/base/last --sr-model runs/toy-train/sr/last --num-prompts 64 \
         --guidance-64 1.0,3.0 --guidance-sr 1 --steps 25 --sampler ddim \
-        --feature-extractor evaluation.synthetic:judge_features --no-kid --out runs/fid-toy
+        --feature-extractor judge --no-kid --out runs/fid-toy
 
 * **Prompts**: ``--num-prompts`` (default 500: this runs on a CPU) captions drawn with ``--seed`` from the
   world's held-out validation scenes (``validation.parquet``, ids ``v00000`` ...).
@@ -15,7 +15,7 @@ same protocol, registered as a plugin of :mod:`evaluation.datasets`::
 * **In-domain database** ``synthetic-train``: the world's training collection (``corpus.parquet``), so
   ``--db synthetic-train`` gives the label FID and ``--db none`` the text-only ZS-FID row.
 * **Resolution**: the world is drawn at 64x64, so ``--resolution`` defaults to 64 for this dataset.
-* **Features**: Inception was trained on photographs; ``--feature-extractor evaluation.synthetic:judge_features``
+* **Features**: Inception was trained on photographs; ``--feature-extractor judge``
   uses the world's judge CNN (``reimagen/toy/judge.py``, 256-d penultimate features) instead. Its cache key
   carries the sha256 of the weights file, so judge statistics never collide with Inception ones (or with those
   of another judge). ``$REIMAGEN_TOY_JUDGE`` points at another judge folder (tests use an untrained one).

@@ -225,6 +225,9 @@ def test_random_conv_extractor_maps_299_images_to_fixed_features():
     assert not torch.equal(a(x), fx.resolve_extractor("random-conv-16-seed1").build()(x))
     with pytest.raises(ValueError, match="unknown feature extractor"):
         fx.resolve_extractor("vgg-nonsense")
+    for name in ("inception", "random-conv-8", *fx.ALIASES):  # built-in names cannot be taken by a plugin
+        with pytest.raises(ValueError, match="reserved"):
+            fx.register_feature_extractor(name, lambda: fx.random_conv(8))
 
 
 @pytest.mark.parametrize("backend, weights", [("clean-fid", fx.CLEANFID_WEIGHTS),

@@ -109,11 +109,13 @@ def test_a_new_folder_is_built_on_the_spot_validation_first_and_the_corpus_only_
 # ----------------------------------------------------------------------------------------------
 # The CLI
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("db, label", [("synthetic-train", "FID"), ("none", "ZS-FID")])
-def test_fid_cli_end_to_end_with_the_judge_features(toy, tmp_path, db, label):
+@pytest.mark.parametrize("db, label, extractor", [("synthetic-train", "FID", EXTRACTOR), ("none", "ZS-FID", "judge")])
+def test_fid_cli_end_to_end_with_the_judge_features(toy, tmp_path, db, label, extractor):
     out = tmp_path / "out"
-    res = runner.invoke(app, args(toy, out, "--db", db, "--sr-model", toy["sr"], "--guidance-64", "1.0,3.0",
-                                  "--guidance-sr", "1", "--steps", "2", "--sampler", "ddim"))
+    a = args(toy, out, "--db", db, "--sr-model", toy["sr"], "--guidance-64", "1.0,3.0",
+             "--guidance-sr", "1", "--steps", "2", "--sampler", "ddim")
+    a[a.index("--feature-extractor") + 1] = extractor  # "judge" is short for EXTRACTOR
+    res = runner.invoke(app, a)
     assert res.exit_code == 0, res.output
     rows = measured(out)
     assert sorted((r["w_64"], r["w_sr"]) for r in rows) == [("1.0", "1.0"), ("3.0", "1.0")]

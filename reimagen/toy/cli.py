@@ -125,7 +125,7 @@ def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 100, pe
     model = ["--model", f"{w}/base"]
     fid = ["fid", "--dataset", "synthetic", "--dataset-root", f"{o}/world", *model, "--sr-model", f"{w}/sr",
            "--num-prompts", str(fid_prompts), "--guidance-64", "3", "--guidance-sr", "1", "--steps", "25",
-           "--sr-steps", "10", "--sampler", "ddim", "--feature-extractor", "evaluation.synthetic:judge_features",
+           "--sr-steps", "10", "--sampler", "ddim", "--feature-extractor", "judge",
            "--no-kid"]
     draw = ["entitydraw", "--world", f"{o}/world", *model, "--model", f"{w}/sr", "--per-split", str(per_split),
             "--samples-per-prompt", str(samples)]
