@@ -164,7 +164,8 @@ def extract_features(backend, refs: Sequence[str], path: str | os.PathLike, root
 
     path = Path(path)
     meta_path = path.with_name(path.name + ".json")
-    want = {"fingerprint": fingerprint, "backend": backend.key(), "n": len(refs), "protocol": PROTOCOL_VERSION}
+    want = {"fingerprint": fingerprint, "backend": backend.key(), "resolution": backend.resolution, "n": len(refs),
+            "protocol": PROTOCOL_VERSION}
     if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == want:
         return path
     n = len(refs)
@@ -330,7 +331,8 @@ def stats_for(backend, refs: Sequence[str], folder: str | os.PathLike, fingerpri
     with file_lock(folder / ".lock"):
         feats = extract_features(backend, refs, folder / FEATURES, root, fingerprint, batch_size, workers, progress,
                                  description)
-        want = {"fingerprint": fingerprint, "backend": backend.key(), "n": len(refs), "protocol": PROTOCOL_VERSION}
+        want = {"fingerprint": fingerprint, "backend": backend.key(), "resolution": backend.resolution,
+                "n": len(refs), "protocol": PROTOCOL_VERSION}
         meta_path = folder / META
         stats_path = folder / STATS
         if stats_path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == want:

@@ -12,7 +12,7 @@ Layout of the output folder::
     OUT/neighbours.json               retrieved neighbour ids per prompt (computed once, shared by all points)
     OUT/base/w64_<w>/                 base-stage (64x64) images, made ONCE per 64-stage weight ...
     OUT/images/w64_<w>__wsr_<v>/      ... and reused by every super-resolution weight (the final images)
-    OUT/metrics/<point>/<backend>/    features, statistics and metrics.json of one sweep point
+    OUT/metrics/<point>/<backend>__<res>px/  features, statistics and metrics.json of one sweep point
     OUT/results.csv, results.md, fid_vs_guidance.png
 
 Every image folder is a ``reimagen.generate`` run folder (``<prompt_id>__0.png``, ``run.json``): images are
@@ -612,8 +612,9 @@ class FidSweep:
         for p in self.points:
             refs = self.image_paths(p)
             fp = mt.items_fingerprint(refs, with_mtime=True)
-            folder = self.out / "metrics" / p.name / mt.safe_name(b.key())
-            want = {"fingerprint": fp, "reference": str(ref.folder.name),
+            # one folder per backend and resolution: a rerun at another --resolution measures again
+            folder = self.out / "metrics" / p.name / f"{mt.safe_name(b.key())}__{self.resolution}px"
+            want = {"fingerprint": fp, "reference": str(ref.folder.name), "resolution": self.resolution,
                     "kid": [c.kid, c.kid_subsets, c.kid_subset_size, c.seed],
                     "clip": [c.clip_model, c.clip_pretrained] if self.clip_encoder else None}
             mpath = folder / "metrics.json"

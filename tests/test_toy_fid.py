@@ -189,3 +189,24 @@ def test_bad_input_is_one_red_line_exit_2_and_writes_nothing(toy, tmp_path, monk
     assert not out.exists() and not (tmp_path / "nowhere").exists()
     if case == "foreign-folder":
         assert sorted(p.name for p in (tmp_path / "coco").iterdir()) == ["annotations.json"]
+
+
+def test_a_rerun_at_another_resolution_measures_again(toy, tmp_path):
+    """--resolution changes every feature, not the images: a rerun in the same folder keeps the images and
+    measures at the new resolution instead of returning the cached numbers of the old one."""
+    out = tmp_path / "out"
+    a = args(toy, out, "--db", "none", "--guidance-64", "1", "--steps", "2")
+    assert runner.invoke(app, a).exit_code == 0
+    (r64,) = measured(out)
+    images = {p: p.stat().st_mtime_ns for p in (out / "base").rglob("*.png")}
+    res = runner.invoke(app, [*a, "--resolution", "32"])
+    assert res.exit_code == 0, res.output
+    (r32,) = measured(out)
+    assert (r64["resolution"], r32["resolution"]) == ("64", "32") and r32["fid"] != r64["fid"]
+    assert {p: p.stat().st_mtime_ns for p in (out / "base").rglob("*.png")} == images  # not redrawn
+    assert sorted(p.name.rsplit("__", 1)[1] for p in (out / "metrics").glob("*/*")) == ["32px", "64px"]
+    # the same numbers as a fresh run at 32 px: no features of the 64 px run were reused
+    fresh = tmp_path / "fresh"
+    assert runner.invoke(app, [*args(toy, fresh, "--db", "none", "--guidance-64", "1", "--steps", "2"),
+                               "--resolution", "32"]).exit_code == 0
+    assert float(measured(fresh)[0]["fid"]) == pytest.approx(float(r32["fid"]), rel=1e-6)
