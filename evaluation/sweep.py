@@ -195,24 +195,17 @@ class SuperResolutionGenerator(ImageGenerator):
 
     @torch.no_grad()
     def generate(self, jobs, neighbours, seed):
-        from reimagen.sampling import make_generators, sample_stage
+        from reimagen.cascade import Stage, run_stage
 
-        model = self.model.eval()
-        dev = next(model.parameters()).device
+        dev = next(self.model.parameters()).device
         low = torch.stack([self._lowres(j) for j in jobs]).to(dev)
         text = self.text_encoder.encode([j.prompt for j in jobs])
-        tc = model.project_text(text.embeddings.to(dev), text.mask.to(dev))
-        memory = None
-        if neighbours is not None and self.uses_neighbours and model.neighbour_attn is not None:
-            nt = self.text_encoder.encode([t for row in neighbours.texts for t in row])
-            ntc = model.project_text(nt.embeddings.to(dev), nt.mask.to(dev))
-            valid = None if neighbours.mask is None else neighbours.mask.to(dev)
-            memory = model.encode_neighbours(neighbours.at_size(model.cfg.image_size).to(dev), ntc, valid)
-        pids, sidx = [j.prompt_id for j in jobs], [j.sample_index for j in jobs]
-        x = sample_stage(model, tc, memory, self.guidance, self.settings,
-                         make_generators(seed, pids, sidx, self.stage_index, "noise", dev),
-                         make_generators(seed, pids, sidx, self.stage_index, "guidance", dev),
-                         lowres=low, stage_name=f"sr {self.model.cfg.lowres_size}->{self.model.cfg.image_size}")
+        nt = (self.text_encoder.encode([t for row in neighbours.texts for t in row])
+              if neighbours is not None and self.uses_neighbours else None)
+        stage = Stage(self.model, self.guidance, self.settings,
+                      name=f"sr {self.model.cfg.lowres_size}->{self.model.cfg.image_size}")
+        x = run_stage(stage, text, neighbours if nt is not None else None, nt, seed,
+                      [j.prompt_id for j in jobs], [j.sample_index for j in jobs], self.stage_index, lowres=low)
         return ((x + 1) / 2).clamp(0, 1).cpu()
 
     def describe(self) -> dict[str, Any]:

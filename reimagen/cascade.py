@@ -15,7 +15,7 @@ at its own resolution (the neighbour cache), before its denoising loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -199,25 +199,17 @@ class Cascade:
     def _sample_rows(self, rows: list[int], text: TextEncoding, nbr_text: TextEncoding | None,
                      neighbours: Neighbours | None, seed: int, prompt_ids: list, sample_indices: list,
                      progress: bool) -> list[Tensor]:
-        device = self.device
         pids = [prompt_ids[i] for i in rows]
         sidx = [sample_indices[i] for i in rows]
         k = neighbours.k if neighbours is not None else 0
         nbr_rows = [i * k + j for i in rows for j in range(k)]
         outs: list[Tensor] = []
         lowres = None
+        sub = neighbours.index(rows) if neighbours is not None else None
+        ptext = TextEncoding(text.embeddings[rows], text.mask[rows])
+        ntext = TextEncoding(nbr_text.embeddings[nbr_rows], nbr_text.mask[nbr_rows]) if nbr_text is not None else None
         for si, st in enumerate(self.stages):
-            model = st.model
-            was_training = model.training
-            model.eval()
-            tc = model.project_text(text.embeddings[rows].to(device), text.mask[rows].to(device))
-            memory = None
-            if neighbours is not None and model.neighbour_attn is not None and st.guidance.needs_neighbours:
-                sub = neighbours.index(rows)
-                ntc = model.project_text(nbr_text.embeddings[nbr_rows].to(device), nbr_text.mask[nbr_rows].to(device))
-                valid = None if sub.mask is None else sub.mask.to(device)
-                memory = model.encode_neighbours(sub.at_size(model.cfg.image_size).to(device), ntc, valid)  # the cache
-            cb = None
+            cb = prog = None
             if progress:
                 from rich.progress import Progress
 
@@ -226,14 +218,42 @@ class Cascade:
                 prog.start()
                 cb = lambda i, tot: prog.update(task, completed=i)  # noqa: E731
             try:
-                x = sample_stage(model, tc, memory, st.guidance, st.settings,
-                                 make_generators(seed, pids, sidx, si, "noise", device),
-                                 make_generators(seed, pids, sidx, si, "guidance", device),
-                                 lowres=lowres, stage_name=st.name, callback=cb)
+                x = run_stage(st, ptext, sub, ntext, seed, pids, sidx, si, lowres=lowres, callback=cb)
             finally:
-                if progress:
+                if prog is not None:
                     prog.stop()
-                model.train(was_training)
             outs.append(x.cpu())
             lowres = x
         return outs
+
+
+@torch.no_grad()
+def run_stage(stage: Stage, text: TextEncoding, neighbours: Neighbours | None, neighbour_text: TextEncoding | None,
+              seed: int, prompt_ids: Sequence[str | int], sample_indices: Sequence[int], stage_index: int,
+              lowres: Tensor | None = None, callback: Callable[[int, int], None] | None = None) -> Tensor:
+    """One stage for B rows, in [-1, 1]: project the prompts' text, encode the neighbours once through the
+    shared DStack at t = 0 (the neighbour cache, Sec. 3.2; only if the stage has neighbour attention and its
+    guidance uses it), then sample with the seeds of (prompt id, sample index, ``stage_index``, seed).
+
+    ``text`` holds the B prompts' encodings, ``neighbour_text`` the B*K neighbour texts' (row-major), ``lowres``
+    the previous stage's output for super-resolution stages. ``Cascade.sample`` chains it; the FID sweep's
+    super-resolution generator and the toy world's stage decomposition call it on images of their own."""
+    model = stage.model
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        tc = model.project_text(text.embeddings.to(device), text.mask.to(device))
+        memory = None
+        if neighbours is not None and model.neighbour_attn is not None and stage.guidance.needs_neighbours:
+            if neighbour_text is None:
+                raise ValueError("neighbours were given without their texts")
+            ntc = model.project_text(neighbour_text.embeddings.to(device), neighbour_text.mask.to(device))
+            valid = None if neighbours.mask is None else neighbours.mask.to(device)
+            memory = model.encode_neighbours(neighbours.at_size(model.cfg.image_size).to(device), ntc, valid)
+        return sample_stage(model, tc, memory, stage.guidance, stage.settings,
+                            make_generators(seed, prompt_ids, sample_indices, stage_index, "noise", device),
+                            make_generators(seed, prompt_ids, sample_indices, stage_index, "guidance", device),
+                            lowres=lowres, stage_name=stage.name, callback=callback)
+    finally:
+        model.train(was_training)

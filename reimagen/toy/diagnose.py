@@ -132,9 +132,9 @@ def decomposition_images(base: str | Path, sr: str | Path, world: World | None =
     """The bench prompts (each repeated ``samples`` times), their sample indices, their neighbours (the entity's
     first ``k`` reference pairs, freshly rendered) and, per source, their 64x64 images in [-1, 1] (see
     ``stage_decomposition``)."""
-    from ..cascade import Neighbours
+    from ..cascade import Neighbours, Stage, run_stage
     from ..guidance import JointGuidance, make_guidance
-    from ..sampling import SamplerSettings, make_generators, sample_stage
+    from ..sampling import SamplerSettings
     from ..train import load_stage
 
     unknown = set(sources) - set(SOURCES)
@@ -163,21 +163,15 @@ def decomposition_images(base: str | Path, sr: str | Path, world: World | None =
                       [[world.reference_caption(p.entity)] * k for p in prompts])
 
     def run(model, encoder, stage: int, retrieval: bool, lowres=None) -> torch.Tensor:
-        text = encoder.encode([p.text for p in prompts])
-        tc = model.project_text(text.embeddings, text.mask)
-        memory = None
-        if retrieval:
-            e = encoder.encode([t for row in nbrs.texts for t in row])
-            memory = model.encode_neighbours(nbrs.at_size(model.cfg.image_size), model.project_text(e.embeddings, e.mask))
         if stage == 0:
             g = (make_guidance("interleaved", w_p=w, w_n=w, eta=eta) if retrieval
                  else JointGuidance(w=w, use_neighbours=False))
         else:
             g = JointGuidance(w=sr_w, use_neighbours=retrieval)
-        return sample_stage(model, tc, memory, g, SamplerSettings(steps=steps if stage == 0 else sr_steps,
-                                                                  sampler="ddim"),
-                            make_generators(seed, pids, sidx, stage, "noise"),
-                            make_generators(seed, pids, sidx, stage, "guidance"), lowres=lowres)
+        st = Stage(model, g, SamplerSettings(steps=steps if stage == 0 else sr_steps, sampler="ddim"))
+        text = encoder.encode([p.text for p in prompts])
+        nt = encoder.encode([t for row in nbrs.texts for t in row]) if retrieval else None
+        return run_stage(st, text, nbrs if retrieval else None, nt, seed, pids, sidx, stage, lowres=lowres)
 
     def up(x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
