@@ -178,13 +178,9 @@ class WorldBench:
 
 def world_of_run(manifest: dict) -> Any:
     """The World a run was made on, rebuilt from its run.json (no world folder needed)."""
-    from reimagen.toy.world import World, WorldSpec
+    from reimagen.toy.world import rebuild_world
 
-    world = World(WorldSpec(**manifest["world_spec"]))
-    if world.fingerprint() != manifest.get("world"):
-        raise ValueError(f"the run was made on world {manifest.get('world')}, but its spec now gives "
-                         f"{world.fingerprint()} (the world code changed): rerun it")
-    return world
+    return rebuild_world(manifest["world_spec"], manifest.get("world"), "the run", "rerun it")
 
 
 def is_world_run(run: str | Path) -> bool:

@@ -271,3 +271,26 @@ def test_shipped_cascade_draws_a_frequent_entity_from_its_reference(judge):
     assert out.images.shape == (12, 3, 64, 64)
     v = verdicts(judge, w, out.images, [p.scene for p in prompts for _ in range(reps)])
     assert np.mean([x.faithful for x in v]) >= 0.25, [x.readings for x in v]
+
+
+def test_a_world_recorded_by_other_world_code_is_refused(tmp_path):
+    """A world folder's world.json and a run's run.json record the spec and its fingerprint; once the world code
+    changes, the same spec gives another world, and both are refused with what to redo."""
+    from dataclasses import asdict
+
+    from entitydrawbench.world import world_of_run
+    from reimagen.toy.build import load_world
+
+    w = World(SMALL)
+    good = {"spec": asdict(SMALL), "fingerprint": w.fingerprint()}
+    (tmp_path / "world.json").write_text(json.dumps(good))
+    assert load_world(tmp_path).fingerprint() == w.fingerprint()
+    (tmp_path / "world.json").write_text(json.dumps({**good, "fingerprint": "0" * 16}))
+    with pytest.raises(ValueError, match="world code changed.*toy build"):
+        load_world(tmp_path)
+    (tmp_path / "world.json").write_text(json.dumps({**good, "spec": {**good["spec"], "colour": 1}}))
+    with pytest.raises(ValueError, match="not a world manifest"):
+        load_world(tmp_path)
+    assert world_of_run({"world_spec": asdict(SMALL), "world": w.fingerprint()}).fingerprint() == w.fingerprint()
+    with pytest.raises(ValueError, match="the run was made on world 0+, .*rerun it"):
+        world_of_run({"world_spec": asdict(SMALL), "world": "0" * 16})

@@ -73,7 +73,7 @@ def _collection(world: World, out: Path, split: str, scenes: list[Scene], prefix
 def load_world(root: str | Path) -> World:
     """The world a folder was built from (its ``world.json``, or that file itself), checked against the world
     code: a folder written by another version of ``world.py`` (another fingerprint) is refused."""
-    from .world import WorldSpec
+    from .world import rebuild_world
 
     root = Path(root)
     path = root / "world.json" if root.is_dir() else root
@@ -81,13 +81,13 @@ def load_world(root: str | Path) -> World:
         raise FileNotFoundError(f"no world.json at {path}; build the world with `reimagen-eval toy build --out {root}`")
     try:
         manifest = json.loads(path.read_text())
-        world = World(WorldSpec(**manifest["spec"]))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        spec = dict(manifest["spec"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path} is not a world manifest ({err})") from None
-    if manifest.get("fingerprint") != world.fingerprint():
-        raise ValueError(f"{path} was written by another version of the world code (fingerprint "
-                         f"{manifest.get('fingerprint')}, now {world.fingerprint()}); rebuild it")
-    return world
+    try:
+        return rebuild_world(spec, manifest.get("fingerprint"), str(path), "rebuild it with `reimagen-eval toy build`")
+    except TypeError as err:  # a spec with unknown fields
+        raise ValueError(f"{path} is not a world manifest ({err})") from None
 
 
 def build_split(world: World, out: str | Path, split: str, progress: bool = True) -> "KnowledgeBase":

@@ -284,6 +284,16 @@ class World:
         return h.hexdigest()[:16]
 
 
+
+def rebuild_world(spec: dict, fingerprint: str | None, what: str, fix: str) -> World:
+    """The World of a recorded ``WorldSpec`` (a world folder's world.json, a run's run.json), checked against the
+    fingerprint recorded with it: the same spec gives another world once the world code changes."""
+    world = World(WorldSpec(**spec))
+    if world.fingerprint() != fingerprint:
+        raise ValueError(f"{what} was made on world {fingerprint}, but its spec now gives {world.fingerprint()} "
+                         f"(the world code changed): {fix}")
+    return world
+
 # ----------------------------------------------------------------------------------------------
 # Rendering
 # ----------------------------------------------------------------------------------------------
@@ -459,6 +469,6 @@ def render_many(world: World, scenes: Iterable[Scene], key: str, workers: int | 
     return np.concatenate(parts) if parts else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
 
 
-__all__ = ["World", "WorldSpec", "BenchPrompt", "Entity", "Look", "Scene", "render_scene", "render_many", "scene_attributes",
+__all__ = ["World", "WorldSpec", "rebuild_world", "BenchPrompt", "Entity", "Look", "Scene", "render_scene", "render_many", "scene_attributes",
            "SHAPES", "BODY_COLOURS", "PATTERNS", "PATTERN_COLOURS", "BACKGROUNDS", "POSITIONS", "COUNTS",
            "LOOK_ATTRIBUTES", "SCENE_ATTRIBUTES", "ATTRIBUTE_CLASSES", "IMAGE_SIZE"]
