@@ -127,12 +127,28 @@ def score_run(run: str | Path, encoder=None, clip_model: str = "ViT-B-32", pretr
 # ----------------------------------------------------------------------------------------------
 # Summaries (Table 2 and Figure 5 shapes)
 # ----------------------------------------------------------------------------------------------
-def _mean_sem(values: list[float]) -> tuple[float | None, float | None, int]:
-    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    if not v:
+def _mean_sem(values: list[float], clusters: list | None = None) -> tuple[float | None, float | None, int]:
+    """Mean, standard error and count of the non-missing values.
+
+    With ``clusters`` (e.g. the prompt id of each image) the standard error is cluster-robust: the 4 samples of
+    one prompt share its entity, references and template, so they are not 4 independent draws, and the i.i.d.
+    formula would understate the error of a per-image rate. This is the Liang-Zeger sandwich estimator with the
+    usual G / (G - 1) correction, sqrt(G / (G - 1) * sum_g (sum_{i in g} (x_i - mean))^2) / N, written out
+    because it is five lines (statsmodels is not a dependency); with one value per cluster it is exactly the
+    i.i.d. std / sqrt(N), and with G = 1 cluster it is undefined."""
+    keep = [i for i, x in enumerate(values) if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    v = np.array([values[i] for i in keep], dtype=float)
+    if not len(v):
         return None, None, 0
-    mean = float(np.mean(v))
-    sem = float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None  # undefined for one value
+    mean = float(v.mean())
+    if clusters is None:
+        sem = float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None  # undefined for one value
+        return mean, sem, len(v)
+    sums: dict = {}
+    for i, x in zip(keep, v):
+        sums[clusters[i]] = sums.get(clusters[i], 0.0) + (x - mean)
+    g = len(sums)
+    sem = math.sqrt(g / (g - 1) * sum(s * s for s in sums.values())) / len(v) if g > 1 else None
     return mean, sem, len(v)
 
 
@@ -154,7 +170,7 @@ def summarize(runs: dict[str, list[dict]], clip: dict[str, Any]) -> dict[str, An
                            for c in cats]
             for group_by, group, members in groups:
                 for metric in METRICS:
-                    mean, sem, n = _mean_sem([r.get(metric) for r in members])
+                    mean, sem, n = _mean_sem([r.get(metric) for r in members], [r["prompt_id"] for r in members])
                     records.append({"model": label, "selection": selection, "metric": metric, "group_by": group_by,
                                     "group": group, "mean": mean, "sem": sem, "n": n})
     return {"clip": clip, "note": proxy_label(clip), "records": records, "models": list(runs)}

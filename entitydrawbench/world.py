@@ -333,13 +333,14 @@ def summarize_world(runs: dict[str, list[dict]], judge_info: dict) -> dict[str, 
         for selection, subset in (("best_of_n", [r for r in scored if r.get("selected")]), ("per_image", scored)):
             for group in GROUPS:
                 members = subset if group == "all" else [r for r in subset if r.get("split") == group]
+                prompts = [r["prompt_id"] for r in members]  # a prompt's samples are not independent
                 for metric in METRICS:
-                    mean, sem, n = _mean_sem([r[metric] for r in members])
+                    mean, sem, n = _mean_sem([r[metric] for r in members], prompts)
                     records.append({"model": label, "selection": selection, "metric": metric, "split": group,
                                     "mean": mean, "sem": sem, "n": n})
                 if selection == "per_image":  # finer than faithfulness: which attributes come out right
                     for a in ATTRIBUTES:
-                        mean, sem, n = _mean_sem([(r.get("judge_match") or {}).get(a) for r in members])
+                        mean, sem, n = _mean_sem([(r.get("judge_match") or {}).get(a) for r in members], prompts)
                         records.append({"model": label, "selection": selection, "metric": f"attr:{a}",
                                         "split": group, "mean": mean, "sem": sem, "n": n})
     return {"judge": judge_info, "note": JUDGE_NOTE, "records": records, "models": list(runs)}

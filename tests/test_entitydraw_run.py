@@ -346,3 +346,21 @@ def test_neighbour_batches_carry_the_reference_images(world):
 
     expected = image_to_tensor(np.asarray(Image.open(pairs[chosen[0].id][0].path).convert("RGB")), 16)
     assert torch.allclose(nb.images[0, 0], expected)
+
+
+def test_mean_sem_is_cluster_robust_by_prompt():
+    """Per-image rates pool 4 samples per prompt; their standard error is clustered by prompt (Liang-Zeger)."""
+    from entitydrawbench.scoring import _mean_sem
+
+    a = [0.1, 0.9, 0.4, 0.7, 0.2]
+    # one value per cluster: the i.i.d. formula
+    assert _mean_sem(a, list(range(5)))[1] == pytest.approx(np.std(a, ddof=1) / np.sqrt(5))
+    assert _mean_sem(a)[1] == pytest.approx(np.std(a, ddof=1) / np.sqrt(5))
+    # every prompt's samples identical: duplicating the data does not shrink the error (the i.i.d. one shrinks)
+    dup, clusters = [x for x in a for _ in range(4)], [i for i in range(5) for _ in range(4)]
+    mean, sem, n = _mean_sem(dup, clusters)
+    assert (mean, n) == (pytest.approx(np.mean(a)), 20) and sem == pytest.approx(np.std(a, ddof=1) / np.sqrt(5))
+    assert _mean_sem(dup)[1] < 0.6 * sem
+    # missing values are dropped with their cluster labels; one cluster: undefined
+    assert _mean_sem([1.0, None, 0.0, float("nan")], [0, 1, 2, 3])[2] == 2
+    assert _mean_sem([1.0, 0.0], ["p", "p"])[1] is None
