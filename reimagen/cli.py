@@ -8,34 +8,20 @@ small configurations, with parameter counts). The benchmark commands (``fid``, `
 
 from __future__ import annotations
 
-import functools
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+
+from .retrieval.cli import _friendly  # bad input -> one red line, exit 2 (defined where no import cycle reaches)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Re-Imagen: retrieval-augmented text-to-image diffusion, benchmarks and evaluation.")
 console = Console(stderr=True)
-
-
-def _friendly(fn: Callable) -> Callable:
-    """Turn bad-input exceptions into a one-line red error and exit code 2 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, RuntimeError, ImportError) as err:
-            console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True, highlight=False)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 class TextEncoderName(str, Enum):

@@ -294,3 +294,20 @@ def test_a_world_recorded_by_other_world_code_is_refused(tmp_path):
     assert world_of_run({"world_spec": asdict(SMALL), "world": w.fingerprint()}).fingerprint() == w.fingerprint()
     with pytest.raises(ValueError, match="the run was made on world 0+, .*rerun it"):
         world_of_run({"world_spec": asdict(SMALL), "world": "0" * 16})
+
+
+def test_decompose_cli_writes_its_rows_and_refuses_unknown_sources(tmp_path):
+    from typer.testing import CliRunner
+
+    from reimagen.cli import app
+
+    out = tmp_path / "d" / "rows.json"
+    res = CliRunner().invoke(app, ["toy", "decompose", "--per-split", "1", "--samples", "1", "--sources",
+                                   "render,render32+bilinear", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())
+    assert {r["source"] for r in rows} == {"render", "render32+bilinear"} and not list(out.parent.glob("*.tmp"))
+    assert res.output.count("| source (") == 4  # all splits, then each split
+    res = CliRunner().invoke(app, ["toy", "decompose", "--sources", "render,base+magic", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "unknown sources" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "x").exists()

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from ..retrieval.cli import _friendly
 from . import WEIGHTS
 
 console = Console(stderr=True)
@@ -15,6 +16,7 @@ toy_app = typer.Typer(no_args_is_help=True, help="The synthetic long-tail world:
 
 
 @toy_app.command()
+@_friendly
 def build(out: Path = typer.Option(Path("runs/toyworld"), help="Folder for the world's image shards, knowledge "
                                    "bases and KNN-ImageText triples."),
           seed: int = typer.Option(0, help="World seed: the same seed gives the same world, byte for byte."),
@@ -29,6 +31,7 @@ def build(out: Path = typer.Option(Path("runs/toyworld"), help="Folder for the w
 
 
 @toy_app.command()
+@_friendly
 def judge(out: Path = typer.Option(WEIGHTS / "judge", help="Folder for judge.safetensors and judge.json."),
           seed: int = typer.Option(0, help="World seed."),
           n_train: int = typer.Option(16_000, min=256, help="Fresh training renders."),
@@ -46,6 +49,7 @@ def judge(out: Path = typer.Option(WEIGHTS / "judge", help="Folder for judge.saf
 
 
 @toy_app.command()
+@_friendly
 def ship(base: Path = typer.Option(Path("runs/toy-train/base/last"), help="Trained base-stage checkpoint."),
          sr: Path = typer.Option(Path("runs/toy-train/sr/last"), help="Trained super-resolution checkpoint."),
          out: Path = typer.Option(WEIGHTS, help="Where the shipped checkpoints go (OUT/base, OUT/sr)."),
@@ -62,27 +66,23 @@ def ship(base: Path = typer.Option(Path("runs/toy-train/base/last"), help="Train
 
 
 @toy_app.command()
+@_friendly
 def probe(checkpoint: Path = typer.Option(WEIGHTS / "base", help="Base-stage checkpoint to probe."),
           per_split: int = typer.Option(12, min=1, help="Bench prompts per frequency split."),
           k: int = typer.Option(2, min=1, help="Neighbours per prompt."),
           ema: bool = typer.Option(True, help="Use the EMA weights when the checkpoint has them."),
           out: Path = typer.Option(None, help="Also write the rows as JSON here.")) -> None:
     """Does the stage use its neighbours' content? x0 error with right / wrong / no neighbours, per split."""
-    import json
-
     from .diagnose import neighbour_probe, probe_table
 
     rows = neighbour_probe(checkpoint, per_split=per_split, k=k, ema=ema)
+    _write_rows(out, rows)  # before printing: a closed pipe (| head) must not lose them
     print(probe_table(rows))
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.replace(out)
 
 
 
 @toy_app.command()
+@_friendly
 def decompose(base: Path = typer.Option(WEIGHTS / "base", help="Base-stage checkpoint."),
               sr: Path = typer.Option(WEIGHTS / "sr", help="Super-resolution checkpoint."),
               judge: Path = typer.Option(WEIGHTS / "judge", help="Judge folder."),
@@ -102,21 +102,27 @@ def decompose(base: Path = typer.Option(WEIGHTS / "base", help="Base-stage check
               out: Path = typer.Option(None, help="Also write the rows as JSON here.")) -> None:
     """Where is faithfulness lost? Judge rates per attribute when each stage is fed the truth instead of the
     stage before it (real 32px renders into the SR stage, real renders upsampled), next to the cascade."""
-    import json
-
     from .diagnose import SOURCES, decomposition_table, stage_decomposition
 
     sources = sources or ",".join(SOURCES)
     rows = stage_decomposition(base, sr, judge, per_split=per_split, samples=samples, k=k, steps=steps,
                                sr_steps=sr_steps, w=w, sr_w=sr_w, eta=eta,
                                sources=tuple(s.strip() for s in sources.split(",") if s.strip()))
+    _write_rows(out, rows)
     for sp in (None, "frequent", "infrequent", "unseen"):
         print(decomposition_table(rows, sp) + "\n")
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.replace(out)
+
+
+def _write_rows(out: Path | None, rows: list[dict]) -> None:
+    """Rows as JSON at ``out`` (if given), atomically."""
+    if out is None:
+        return
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=1))
+    tmp.replace(out)
 
 def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 100, per_split: int = 4,
                   samples: int = 4) -> list[list[str]]:
@@ -144,6 +150,7 @@ def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 100, pe
 
 
 @toy_app.command()
+@_friendly
 def demo(out: Path = typer.Option(Path("runs/toy"), help="Output folder (rerun to resume: every step resumes)."),
          fid_prompts: int = typer.Option(100, min=10, help="Prompts of each FID run (judge-feature FID; the "
                                          "sample-size floor is ~500 at n = 64 and ~66 at n = 500)."),
