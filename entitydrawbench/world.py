@@ -368,8 +368,8 @@ def world_markdown(summary: dict[str, Any]) -> str:
     lines = ["# EntityDrawBench on the toy world: judged faithfulness", "", f"**{summary['note']}**", "",
              f"Judge: {j.get('path', '?')} (sha256 {j.get('sha256', '?')}, min. attribute accuracy on fresh "
              f"renders {j.get('min_test_accuracy', '?')}). Rate ± standard error (n). Per-image standard errors "
-             "treat the N samples of a prompt as independent, which understates the uncertainty; best-of-N ones "
-             "are over prompts.", ""]
+             "are clustered by prompt (a prompt's N samples are not independent); best-of-N ones are over "
+             "prompts.", ""]
     for selection, what in (("best_of_n", "best of N samples per prompt (the paper rates the best of 4)"),
                             ("per_image", "every sample")):
         for metric in METRICS:

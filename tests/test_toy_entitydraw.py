@@ -192,6 +192,7 @@ def test_judge_scoring_adds_fields_and_the_per_split_tables_add_up(tw, run, tmp_
     assert shape["mean"].item() == pytest.approx(np.mean([r["judge_match"]["shape"] for r in rows]))
     md = (out / "summary.md").read_text()
     assert "| Model | Frequent | Infrequent | Unseen | All |" in md and "not human raters" in md
+    assert "clustered by prompt" in md
     assert (out / "summary.png").stat().st_size > 10_000
     scores = json.loads((out / "scores.json").read_text())
     assert scores["n_scored"] == len(rows) and scores["judge"]["world"] == tw["world"].fingerprint()
