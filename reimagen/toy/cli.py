@@ -72,12 +72,13 @@ def probe(checkpoint: Path = typer.Option(WEIGHTS / "base", help="Base-stage che
           k: int = typer.Option(2, min=1, help="Neighbours per prompt."),
           ema: bool = typer.Option(True, help="Use the EMA weights when the checkpoint has them."),
           out: Path = typer.Option(None, help="Also write the rows as JSON here.")) -> None:
-    """Does the stage use its neighbours' content? x0 error with right / wrong / no neighbours, per split."""
-    from .diagnose import neighbour_probe, probe_table
+    """Does the stage use its neighbours' content? x0 error with right / wrong / no neighbours, per split; and
+    does it read the caption's position and background words (x0 error with them swapped)?"""
+    from .diagnose import caption_table, neighbour_probe, probe_table
 
     rows = neighbour_probe(checkpoint, per_split=per_split, k=k, ema=ema)
     _write_rows(out, rows)  # before printing: a closed pipe (| head) must not lose them
-    print(probe_table(rows))
+    print(probe_table(rows) + "\n\n" + caption_table(rows))
 
 
 

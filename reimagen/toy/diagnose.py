@@ -12,10 +12,15 @@ and reports the x0 mean squared error per frequency split, over the whole image 
 tell about ~13x). A model that copies the look from its neighbours has err(right) < err(wrong) on unseen
 entities (their look is nowhere else); a model that ignores them has err(right) = err(wrong), whatever
 err(none) is. It runs in seconds, so it can follow a training run.
+
+The same probe also asks whether the stage reads the caption's words: with the right neighbours, the caption
+of the same scene with left and right swapped (``swap:position``) or with another background
+(``swap:background``). A stage that reads a word predicts worse x0 with it swapped (``caption_table``).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .world import BenchPrompt, World, entity_masks, render_many, scene_attributes
+from .world import BACKGROUNDS, BenchPrompt, World, entity_masks, render_many, scene_attributes
 
 if TYPE_CHECKING:
     from ..cascade import Neighbours
@@ -70,14 +75,24 @@ def neighbour_probe(checkpoint: str | Path, world: World | None = None, per_spli
     for name in ("right", "wrong"):
         e = enc.encode(texts[name])
         memories[name] = model.encode_neighbours(nbrs[name], model.project_text(e.embeddings, e.mask))
+    # the caption of the same scene with left and right swapped, or with another background (variant 0, as the
+    # bench prompts): does the stage read the words at all? (the right neighbours)
+    swapped = {"swap:position": [replace(p.scene, position="right" if p.scene.position == "left" else "left")
+                                 for p in prompts],
+               "swap:background": [replace(p.scene, background=BACKGROUNDS[(BACKGROUNDS.index(p.scene.background) + 2)
+                                                                           % len(BACKGROUNDS)]) for p in prompts]}
+    tcs = {"caption": tc}
+    for name, scenes in swapped.items():
+        e = enc.encode([world.caption(sc, 0) for sc in scenes])
+        tcs[name] = model.project_text(e.embeddings, e.mask)
     for t in levels:
         tt = torch.full((b,), float(t))
         lt = log_snr(tt)
         x_t = q_sample(x0, lt, torch.randn(x0.shape, generator=g))
-        for cond in ("right", "wrong", "none"):
-            mem = memories["right" if cond == "none" else cond]
+        for cond in ("right", "wrong", "none", *swapped):
+            mem = memories["wrong" if cond == "wrong" else "right"]
             drop = torch.full((b,), cond == "none")
-            pred = model(x_t, tt, tc, mem, torch.zeros(b, dtype=torch.bool), drop)
+            pred = model(x_t, tt, tcs.get(cond, tc), mem, torch.zeros(b, dtype=torch.bool), drop)
             sq = (to_x0(pred, x_t, lt, model.cfg.prediction).clamp(-1, 1) - x0) ** 2
             err = {"image": sq.mean(dim=(1, 2, 3)).numpy(),
                    "entity": ((sq * mask).sum(dim=(1, 2, 3)) / (3 * mask.sum(dim=(1, 2, 3)))).numpy()}
@@ -87,6 +102,29 @@ def neighbour_probe(checkpoint: str | Path, world: World | None = None, per_spli
                     rows.append({"t": t, "condition": cond, "split": sp, "region": region,
                                  "x0_mse": float(e[m].mean()), "n": int(m.sum())})
     return rows
+
+
+def caption_table(rows: list[dict]) -> str:
+    """Markdown: one line per t (splits pooled), the x0 error with the prompt's own caption and with its position
+    or background word swapped (right neighbours), on the entity's pixels and on the whole image."""
+    out = ["| t | entity: caption | left/right swapped | gain | background swapped | gain "
+           "| image: caption | left/right swapped | gain | background swapped | gain |",
+           "| ---: |" + " ---: |" * 10]
+
+    def pooled(t, cond, region):
+        sel = [r for r in rows if r["t"] == t and r["condition"] == cond and r["region"] == region]
+        return sum(r["x0_mse"] * r["n"] for r in sel) / sum(r["n"] for r in sel)
+
+    for t in sorted({r["t"] for r in rows}):
+        cells = []
+        for region in ("entity", "image"):
+            own = pooled(t, "right", region)
+            cells.append(f"{own:.4f}")
+            for cond in ("swap:position", "swap:background"):
+                other = pooled(t, cond, region)
+                cells += [f"{other:.4f}", f"{(other - own) / other:+.1%}"]
+        out.append(f"| {t:g} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def probe_table(rows: list[dict]) -> str:
