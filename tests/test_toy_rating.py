@@ -232,7 +232,7 @@ def test_load_world_checks_the_manifest(tmp_path, tiny):
     with pytest.raises(FileNotFoundError, match="toy build"):
         load_world(tmp_path / "nowhere")
     (root / "world.json").write_text(json.dumps({"spec": asdict(world.spec), "fingerprint": "0" * 16}))
-    with pytest.raises(ValueError, match="another version"):
+    with pytest.raises(ValueError, match="the world code changed"):
         load_world(root)
 
 
