@@ -162,6 +162,12 @@ SOURCES: tuple[str, ...] = (
 )
 
 
+def _check_sources(sources: tuple[str, ...]) -> None:
+    unknown = set(sources) - set(SOURCES)
+    if unknown:
+        raise ValueError(f"unknown sources {sorted(unknown)}; choose from {list(SOURCES)}")
+
+
 @torch.no_grad()
 def decomposition_images(base: str | Path, sr: str | Path, world: World | None = None, per_split: int = 12,
                          samples: int = 2, k: int = 2, seed: int = 0, steps: int = 25, sr_steps: int = 10,
@@ -175,9 +181,7 @@ def decomposition_images(base: str | Path, sr: str | Path, world: World | None =
     from ..sampling import SamplerSettings
     from ..train import load_stage
 
-    unknown = set(sources) - set(SOURCES)
-    if unknown:
-        raise ValueError(f"unknown sources {sorted(unknown)}; choose from {list(SOURCES)}")
+    _check_sources(sources)
     world = world or World()
     base_model, enc = load_stage(base)
     sr_model, sr_enc = load_stage(sr)
@@ -248,6 +252,7 @@ def stage_decomposition(base: str | Path, sr: str | Path, judge: str | Path, wor
     """
     from .judge import judged_attributes, load_judge, verdicts
 
+    _check_sources(kw.get("sources", SOURCES))  # before anything is loaded
     world = world or World()
     jd = load_judge(judge)
     prompts, _, _, images = decomposition_images(base, sr, world, **kw)
