@@ -7,7 +7,7 @@ the safetensors weights, and loading refuses weights saved under another configu
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 
@@ -117,6 +117,10 @@ class Preset:
     note: str = ""
 
 
+_TOY_32 = UNetConfig(image_size=32, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=(1, 2, 2),
+                     attn_resolutions=(8,), head_dim=32, text_dim=384, cond_dim=192, text_width=192,
+                     neighbour_heads=4, prediction="v", norm_groups=8, neighbour_film=True)
+
 PRESETS: dict[str, Preset] = {
     # The paper's stages.
     "paper-64": Preset(
@@ -156,18 +160,11 @@ PRESETS: dict[str, Preset] = {
                    attn_resolutions=(), head_dim=32, text_dim=384, cond_dim=256, text_width=256,
                    neighbour_heads=4), note="CPU-sized 32 -> 64 super-resolution stage"),
     # The toy world's shipped cascade (issue [toy]): sized to train in ~90 CPU minutes and ship in fp16 under 30 MB.
-    "toy-32": Preset(
-        UNetConfig(image_size=32, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=(1, 2, 2),
-                   attn_resolutions=(8,), head_dim=32, text_dim=384, cond_dim=192, text_width=192,
-                   neighbour_heads=4, prediction="v", norm_groups=8, neighbour_film=True),
-        note="toy world 32x32 base stage (v-prediction, pooled neighbour FiLM)"),
+    "toy-32": Preset(_TOY_32, note="toy world 32x32 base stage (v-prediction, pooled neighbour FiLM)"),
     # toy-32 with one level fewer: the DStack output, where the neighbour attention runs (Sec. 3.2), is 16x16
     # instead of 8x8, and so are self- and text cross-attention. ~1.6x the CPU time per step of toy-32.
-    "toy-32-n16": Preset(
-        UNetConfig(image_size=32, base_channels=32, channel_mults=(1, 2), num_res_blocks=(1, 2),
-                   attn_resolutions=(16,), head_dim=32, text_dim=384, cond_dim=192, text_width=192,
-                   neighbour_heads=4, prediction="v", norm_groups=8, neighbour_film=True),
-        note="toy world 32x32 base stage, neighbour attention at 16x16 (experiment, README)"),
+    "toy-32-n16": Preset(replace(_TOY_32, channel_mults=(1, 2), num_res_blocks=(1, 2), attn_resolutions=(16,)),
+                         note="toy world 32x32 base stage, neighbour attention at 16x16 (experiment, README)"),
     "toy-sr64": Preset(
         UNetConfig(image_size=64, lowres_size=32, base_channels=24, channel_mults=(1, 2, 2), num_res_blocks=(1, 1, 1),
                    attn_resolutions=(), head_dim=32, text_dim=384, cond_dim=128, text_width=128,

@@ -192,8 +192,8 @@ class NeighbourAttention(nn.Module):
         tells a query that cannot yet see where the entity is (high noise) is global, its colours. Attention
         that does not know where to look returns nearly the same vector at every position, and a spatially
         constant shift is what GroupNorm removes (exactly so when a group holds one channel, as in a
-        32-64-channel toy U-Net with 32 groups), so the UStack can hardly see it or send gradient back. Large U-Nets have many channels per group and
-        are less exposed. The toy world's first base stage, trained without it, ignored its neighbours'
+        32-64-channel toy U-Net with 32 groups), so the UStack can hardly see it or send gradient back. Large
+        U-Nets have many channels per group and are less exposed. The toy world's first base stage, trained without it, ignored its neighbours'
         content (``reimagen.toy.diagnose``); the FiLM path, like the pooled text embedding's, cannot be
         normalised away."""
         b, d, fh, fw = h.shape

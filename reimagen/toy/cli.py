@@ -81,7 +81,6 @@ def probe(checkpoint: Path = typer.Option(WEIGHTS / "base", help="Base-stage che
     print(probe_table(rows) + "\n\n" + caption_table(rows))
 
 
-
 @toy_app.command()
 @_friendly
 def decompose(base: Path = typer.Option(WEIGHTS / "base", help="Base-stage checkpoint."),
@@ -116,14 +115,11 @@ def decompose(base: Path = typer.Option(WEIGHTS / "base", help="Base-stage check
 
 def _write_rows(out: Path | None, rows: list[dict]) -> None:
     """Rows as JSON at ``out`` (if given), atomically."""
-    if out is None:
-        return
-    import json
+    if out is not None:
+        from entitydrawbench.entities import write_json
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    tmp.replace(out)
+        write_json(out, rows)
+
 
 def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 100, per_split: int = 4,
                   samples: int = 4) -> list[list[str]]:

@@ -81,7 +81,7 @@ def neighbour_probe(checkpoint: str | Path, world: World | None = None, per_spli
                                  for p in prompts],
                "swap:background": [replace(p.scene, background=BACKGROUNDS[(BACKGROUNDS.index(p.scene.background) + 2)
                                                                            % len(BACKGROUNDS)]) for p in prompts]}
-    tcs = {"caption": tc}
+    tcs = {}  # condition -> projected caption; the others use the prompt's own (tc)
     for name, scenes in swapped.items():
         e = enc.encode([world.caption(sc, 0) for sc in scenes])
         tcs[name] = model.project_text(e.embeddings, e.mask)
@@ -204,16 +204,21 @@ def decomposition_images(base: str | Path, sr: str | Path, world: World | None =
     nbrs = Neighbours(nbr64.reshape(len(prompts), k, *nbr64.shape[1:]),
                       [[world.reference_caption(p.entity)] * k for p in prompts])
 
+    encoded: dict[int, tuple] = {}  # id(encoder) -> (prompt texts, neighbour texts), each encoded once
+
     def run(model, encoder, stage: int, retrieval: bool, lowres=None) -> torch.Tensor:
+        if id(encoder) not in encoded:
+            encoded[id(encoder)] = (encoder.encode([p.text for p in prompts]),
+                                    encoder.encode([t for row in nbrs.texts for t in row]))
+        text, nt = encoded[id(encoder)]
         if stage == 0:
             g = (make_guidance("interleaved", w_p=w, w_n=w, eta=eta) if retrieval
                  else JointGuidance(w=w, use_neighbours=False))
         else:
             g = JointGuidance(w=sr_w, use_neighbours=retrieval)
         st = Stage(model, g, SamplerSettings(steps=steps if stage == 0 else sr_steps, sampler="ddim"))
-        text = encoder.encode([p.text for p in prompts])
-        nt = encoder.encode([t for row in nbrs.texts for t in row]) if retrieval else None
-        return run_stage(st, text, nbrs if retrieval else None, nt, seed, pids, sidx, stage, lowres=lowres)
+        return run_stage(st, text, nbrs if retrieval else None, nt if retrieval else None, seed, pids, sidx, stage,
+                         lowres=lowres)
 
     def up(x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
@@ -259,16 +264,16 @@ def stage_decomposition(base: str | Path, sr: str | Path, judge: str | Path, wor
     scenes = [p.scene for p in prompts]
     split = np.array([p.split for p in prompts])
     rows = []
+    truths = [scene_attributes(world, s) for s in scenes]
+    patterned = np.array([t["pattern"] != "plain" for t in truths])
     for src, x in images.items():
         vs = verdicts(jd, world, ((x + 1) / 2).clamp(0, 1), scenes)
         hits: dict[str, list[bool]] = {}
-        for s, v in zip(scenes, vs):
-            t = scene_attributes(world, s)
+        for t, v in zip(truths, vs):
             for a in judged_attributes(t):
                 hits.setdefault(a, []).append(v.readings[a] == t[a])
             hits.setdefault("look", []).append(v.look_ok)
             hits.setdefault("faithful", []).append(v.faithful)
-        patterned = np.array([scene_attributes(world, s)["pattern"] != "plain" for s in scenes])
         for a, h in hits.items():
             sp_of = split[patterned] if a == "pattern_colour" else split
             h = np.array(h)
