@@ -93,6 +93,9 @@ def train(
                                         "input is noised to a level ~ U[0, this] (Imagen's noise-conditioning "
                                         "augmentation). Sampling uses level 0 by default; a short run trained with "
                                         "1.0 spends most steps on inputs it will never see (README, toy world)."),
+    min_snr_gamma: float = typer.Option(0.0, min=0.0, help="Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is "
+                                        "their default): caps the weight of low-noise steps at gamma. 0 trains "
+                                        "with the paper's loss. The logged loss is the weighted one."),
     ckpt_every: int = typer.Option(500, min=1, help="Checkpoint every N steps."),
     seed: int = typer.Option(0, help="Seed: every step's randomness is a function of (seed, step)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
@@ -116,7 +119,7 @@ def train(
     tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, optimizer=optimizer,
                      ema_decay=ema_decay, ema_warmup=ema_warmup,
                      grad_clip=grad_clip, p_drop_text=p_drop_text, p_drop_neighbours=p_drop_neighbours,
-                     max_aug_level=max_aug_level, ckpt_every=ckpt_every, seed=seed)
+                     max_aug_level=max_aug_level, min_snr_gamma=min_snr_gamma, ckpt_every=ckpt_every, seed=seed)
     trainer = Trainer(ReImagenUNet(cfg), enc, data, tc, out_dir=out, device=device)
     hist = trainer.fit()
     if hist:

@@ -165,6 +165,27 @@ def diffusion_loss(
     return per_sample.mean()
 
 
+def min_snr_weight(log_snr: Tensor, gamma: float, prediction: Prediction) -> Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy", Sec. 3.4), per sample, as multipliers of the MSE in the network's own parameterisation.
+
+    In Eq. 2's x0 terms the weight is w_t = min(SNR_t, gamma), SNR_t = exp(lambda(t)): the low-noise steps, where
+    the simple loss puts almost all its weight on fine texture, are capped at gamma. Since
+    ||x0_hat - x0||^2 = ||eps_hat - eps||^2 / SNR = ||v_hat - v||^2 / (SNR + 1), the multiplier is
+    min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v and min(SNR, gamma) for x0.
+    (diffusers' ``compute_snr`` needs a discrete scheduler; the schedules here are continuous in t.)
+    """
+    snr = torch.exp(log_snr.float())
+    capped = torch.clamp(snr, max=gamma)
+    if prediction == "eps":
+        return capped / snr
+    if prediction == "v":
+        return capped / (snr + 1)
+    if prediction == "x0":
+        return capped
+    raise ValueError(f"unknown prediction type {prediction!r}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling steps
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import UNetConfig
 from .data import TripleData
-from .diffusion import diffusion_loss, get_schedule, q_sample
+from .diffusion import diffusion_loss, get_schedule, min_snr_weight, q_sample
 from .sampling import sample_seed
 from .text import TextEncoder, TextEncoding, build_text_encoder
 from .unet import ReImagenUNet
@@ -49,6 +49,7 @@ class TrainConfig:
     p_drop_text: float = 0.1          # Sec. 3.2: drop c_p with 10% probability ...
     p_drop_neighbours: float = 0.1    # ... and c_n independently with 10%
     max_aug_level: float = 1.0        # SR stages: training augmentation level ~ U[0, max_aug_level]
+    min_snr_gamma: float = 0.0        # 0: the paper's loss; > 0: Min-SNR-gamma weighting (diffusion.min_snr_weight)
     seed: int = 0
     log_every: int = 25
     ckpt_every: int = 500
@@ -60,6 +61,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.min_snr_gamma < 0:
+            raise ValueError(f"min_snr_gamma must be >= 0 (0 disables), got {self.min_snr_gamma}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
 
@@ -207,7 +210,8 @@ class Trainer:
             aug_t = (torch.rand(b, generator=g) * cfg.max_aug_level).to(dev)
             lowres = m.lowres_input(low, aug_t, torch.randn(x0.shape, generator=g).to(dev))
         pred = m(x_t, t, text, memory, drop_text, drop_nbr, lowres, aug_t)
-        return diffusion_loss(pred, x0, noise, lt, m.cfg.prediction)  # Eq. 2
+        weight = min_snr_weight(lt, cfg.min_snr_gamma, m.cfg.prediction) if cfg.min_snr_gamma > 0 else None
+        return diffusion_loss(pred, x0, noise, lt, m.cfg.prediction, weight)  # Eq. 2
 
     def lr_at(self, step: int) -> float:
         if self.cfg.warmup_steps and step < self.cfg.warmup_steps:

@@ -281,3 +281,31 @@ def test_sampling_times_endpoints_and_strictly_decreasing():
         assert torch.all(ts[1:] < ts[:-1])
     with pytest.raises(ValueError):
         D.sampling_times(0)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_min_snr_weight_is_min_snr_gamma_in_x0_terms(prediction):
+    """Weighted own-parameterisation MSE == min(SNR, gamma) * ||x0_hat - x0||^2 for every parameterisation,
+    with a perturbed prediction (so the errors are not zero)."""
+    from reimagen.diffusion import diffusion_loss, min_snr_weight, to_x0, v_from
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 3, 8, 8, generator=g), torch.randn(6, 3, 8, 8, generator=g)
+    lt = torch.linspace(-6, 6, 6)  # SNR from 0.0025 to 403: both sides of gamma = 5
+    x_t = D.q_sample(x0, lt, noise)
+    target = {"eps": noise, "x0": x0, "v": v_from(x0, noise, lt)}[prediction]
+    pred = target + 0.1 * torch.randn(target.shape, generator=g)
+    w = min_snr_weight(lt, 5.0, prediction)
+    x0_err = ((to_x0(pred, x_t, lt, prediction) - x0) ** 2).flatten(1).mean(1)
+    expected = (torch.clamp(lt.exp(), max=5.0) * x0_err).mean()
+    torch.testing.assert_close(diffusion_loss(pred, x0, noise, lt, prediction, w), expected, rtol=1e-4, atol=1e-6)
+    uncapped = min_snr_weight(lt, 1e9, prediction)
+    torch.testing.assert_close(w[:3], uncapped[:3])  # SNR < gamma: untouched
+    torch.testing.assert_close(w[-1] / uncapped[-1], 5.0 / lt[-1].exp())  # SNR > gamma: capped
+
+
+def test_min_snr_gamma_must_not_be_negative():
+    from reimagen.train import TrainConfig
+
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        TrainConfig(min_snr_gamma=-1.0)
