@@ -173,34 +173,24 @@ def select(entities: Sequence[Entity], categories: Sequence[str] = CATEGORIES,
     return out
 
 
+# Atomic writes (temporary name, then rename) in this package's JSON format, by reimagen.atomic. It is imported
+# when a file is written, not at the top: ``import reimagen`` loads torch, which importing this package does not.
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    """Write JSON lines atomically (temporary file, then rename)."""
-    import os
+    from reimagen import atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_jsonl(path, rows, ensure_ascii=False)
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """Write UTF-8 text atomically (temporary file, then rename)."""
-    import os
+    from reimagen import atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, text)
 
 
 def write_json(path: str | Path, obj) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str))
+    from reimagen import atomic
+
+    return atomic.write_json(path, obj, indent=2, ensure_ascii=False, default=str)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -211,4 +201,5 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 __all__ = ["CATEGORIES", "EXPECTED_COUNTS", "CATEGORY_TITLES", "WIKIS", "Entity", "slug", "load_entities",
-           "validate", "parse_categories", "select", "write_jsonl", "write_json", "read_jsonl"]
+           "validate", "parse_categories", "select", "write_jsonl", "write_text", "write_json",
+           "read_jsonl"]

@@ -16,12 +16,11 @@ import csv
 import hashlib
 import io
 import json
-import os
 import unicodedata
 from pathlib import Path
 from typing import Sequence
 
-from .entities import CATEGORIES, Entity, write_jsonl
+from .entities import CATEGORIES, Entity, write_jsonl, write_text
 from .frequency import frequency_scores, frequency_split
 
 TEMPLATES_PER_CATEGORY = 5
@@ -105,10 +104,7 @@ def export_prompts(rows: Sequence[dict], out: str | Path) -> list[Path]:
             w = csv.DictWriter(buf, fieldnames=list(PROMPT_COLUMNS), extrasaction="ignore", lineterminator="\n")
             w.writeheader()
             w.writerows(rows)
-            t.parent.mkdir(parents=True, exist_ok=True)
-            tmp = t.with_name(f".{t.name}.tmp{os.getpid()}")
-            tmp.write_text(buf.getvalue(), encoding="utf-8")
-            os.replace(tmp, t)
+            write_text(t, buf.getvalue())
     return targets
 
 

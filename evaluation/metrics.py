@@ -35,6 +35,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from reimagen.atomic import save_npz, write_json
+
 from .features import cache_root
 from .protocol import PROTOCOL_VERSION, is_plain_file
 
@@ -46,27 +48,8 @@ META = "meta.json"
 # ----------------------------------------------------------------------------------------------
 # Small file helpers
 # ----------------------------------------------------------------------------------------------
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write to a temporary name in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-    return path
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    return write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
-
-
-def save_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+#: The format of evaluation's JSON files (manifests, cache meta, cached metrics), for ``reimagen.atomic.write_json``.
+JSON_FORMAT: dict[str, Any] = {"indent": 2, "sort_keys": True, "default": str}
 
 
 @contextlib.contextmanager
@@ -179,7 +162,7 @@ def extract_features(backend, refs: Sequence[str], path: str | os.PathLike, root
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial.write_bytes(b"")
-        write_json_atomic(pmeta, want)
+        write_json(pmeta, want, **JSON_FORMAT)
     with open(partial, "r+b") as fh:
         fh.truncate(off + done * 4 * d if d else 0)
         fh.seek(0, os.SEEK_END)
@@ -204,7 +187,7 @@ def extract_features(backend, refs: Sequence[str], path: str | os.PathLike, root
             finally:
                 bar(None)
     os.replace(partial, path)
-    write_json_atomic(meta_path, want)
+    write_json(meta_path, want, **JSON_FORMAT)
     pmeta.unlink(missing_ok=True)
     return path
 
@@ -339,8 +322,9 @@ def stats_for(backend, refs: Sequence[str], folder: str | os.PathLike, fingerpri
             z = np.load(stats_path)
             return Stats(z["mu"], z["sigma"], int(z["n"]), feats, folder)
         mu, sigma, n = feature_stats(feats)
-        save_npz_atomic(stats_path, mu=mu, sigma=sigma, n=np.array(n))
-        write_json_atomic(meta_path, {"key": want, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {})})
+        save_npz(stats_path, mu=mu, sigma=sigma, n=np.array(n))
+        write_json(meta_path, {"key": want, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {})},
+                   **JSON_FORMAT)
         return Stats(mu, sigma, n, feats, folder)
 
 
@@ -375,7 +359,6 @@ def clip_score(encoder, refs: Sequence[str], texts: Sequence[str], resolution: i
     return total / max(n, 1)
 
 
-__all__ = ["write_atomic", "write_json_atomic", "save_npz_atomic", "file_lock", "items_fingerprint",
-           "stats_cache_dir", "safe_name", "reference_key", "read_header", "extract_features", "iter_feature_chunks",
-           "feature_stats", "read_rows", "kid_from_files", "frechet_distance_scipy", "Stats", "stats_for",
-           "reference_stats", "clip_score"]
+__all__ = ["JSON_FORMAT", "file_lock", "items_fingerprint", "stats_cache_dir", "safe_name", "reference_key",
+           "read_header", "extract_features", "iter_feature_chunks", "feature_stats", "read_rows", "kid_from_files",
+           "frechet_distance_scipy", "Stats", "stats_for", "reference_stats", "clip_score"]

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .metrics import write_atomic
+from reimagen.atomic import write_bytes, write_text
 
 COLUMNS = ("source", "dataset", "split", "model", "db", "retriever", "k", "w_64", "w_sr", "metric", "fid", "kid",
            "kid_std", "clip_score", "n", "n_ref", "backend", "mode", "feature_extractor", "resolution", "point",
@@ -180,7 +180,7 @@ def plot_fid_vs_guidance(rows: Sequence[dict[str, Any]], path: str | os.PathLike
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    return write_atomic(path, buf.getvalue())
+    return write_bytes(path, buf.getvalue())
 
 
 def write_results(out: str | os.PathLike, measured: Sequence[dict[str, Any]], title: str, notes: Sequence[str] = (),
@@ -188,8 +188,8 @@ def write_results(out: str | os.PathLike, measured: Sequence[dict[str, Any]], ti
     """results.csv, results.md and fid_vs_guidance.png in ``out``, each written atomically."""
     out = Path(out)
     rows = tidy_rows(measured)
-    paths = {"csv": write_atomic(out / "results.csv", to_csv(rows)),
-             "md": write_atomic(out / "results.md", to_markdown(rows, title, notes, protocol))}
+    paths = {"csv": write_text(out / "results.csv", to_csv(rows)),
+             "md": write_text(out / "results.md", to_markdown(rows, title, notes, protocol))}
     png = plot_fid_vs_guidance(rows, out / "fid_vs_guidance.png", show_reported=comparable)
     if png is not None:
         paths["png"] = png

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from reimagen.atomic import write_json, write_jsonl
 from reimagen.generate import ImageGenerator, Job, image_name
 
 from . import metrics as mt
@@ -476,9 +477,8 @@ class FidSweep:
         if not self.validated:
             self.validate()
         self.out.mkdir(parents=True, exist_ok=True)
-        mt.write_json_atomic(self.out / MANIFEST, self.manifest)
-        mt.write_atomic(self.out / PROMPTS, "".join(json.dumps({"prompt_id": j.prompt_id, "text": j.prompt}) + "\n"
-                                                   for j in self.jobs))
+        write_json(self.out / MANIFEST, self.manifest, **mt.JSON_FORMAT)
+        write_jsonl(self.out / PROMPTS, ({"prompt_id": j.prompt_id, "text": j.prompt} for j in self.jobs))
         if self.kind != "folder":
             self._generate()
         if self.rank != 0:
@@ -509,7 +509,7 @@ class FidSweep:
         if missing:
             raise ValueError(f"the retriever returned {len(missing)} ids that are not in database {self.db.name} "
                              f"(e.g. {sorted(missing)[:3]}); was --index built over another knowledge base?")
-        mt.write_json_atomic(path, {"key": want, "rows": rows})
+        write_json(path, {"key": want, "rows": rows}, **mt.JSON_FORMAT)
         return {pid: (r[0], r[1]) for pid, r in rows.items()}
 
     def _retriever(self):
@@ -623,7 +623,7 @@ class FidSweep:
                         b, ref.features, st.features, c.kid_subsets, c.kid_subset_size, c.seed)
                 if self.clip_encoder is not None:
                     m["clip_score"] = mt.clip_score(self.clip_encoder, refs, texts, self.resolution)
-                mt.write_json_atomic(mpath, {"key": want, "metrics": m})
+                write_json(mpath, {"key": want, "metrics": m}, **mt.JSON_FORMAT)
             rows.append(self._row(p, m))
         return rows
 

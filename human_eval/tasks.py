@@ -106,12 +106,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """``reimagen.atomic.write_text``, imported here rather than at the top: ``import reimagen`` loads torch,
+    which the rating app (it imports this module) does without."""
+    from reimagen import atomic
+
+    return atomic.write_text(path, text)
 
 
 def _run_tasks(model: str, run: Path, mode: str, secret: str, images: dict[str, str]) -> list[dict[str, Any]]:

@@ -62,6 +62,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..atomic import write_json
 from .base import CorruptImageError, KnowledgeBase, Retriever, SearchResult, register_retriever
 
 INDEX_TYPES = ("flat", "ivfpq", "hnsw")
@@ -241,12 +242,6 @@ def _fingerprint(kb: KnowledgeBase, encoder: ClipEncoder, embed: str) -> str:
     return h.hexdigest()
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
 def _load_preprocessed(kb: KnowledgeBase, i: int, preprocess) -> tuple[Any, str | None]:
     try:
         return preprocess(kb.image(i)), None
@@ -296,7 +291,7 @@ def embed_knowledge_base(kb: KnowledgeBase, encoder: ClipEncoder, embed: str = "
                 p.unlink()  # unlink, never truncate in place: a saved index may share the file
         mm = np.lib.format.open_memmap(emb_path, mode="w+", dtype=np.float32, shape=(n, dim))
         state = {"fingerprint": fp, "shape": [n, dim], "done": 0, "failed": {}}
-        _write_json_atomic(state_path, state)
+        write_json(state_path, state)
     done = int(state["done"])
     failed = {int(r): reason for r, reason in state["failed"].items()}
     resumed_from = done
@@ -335,7 +330,7 @@ def embed_knowledge_base(kb: KnowledgeBase, encoder: ClipEncoder, embed: str = "
                 mm.flush()  # rows on disk before the state says they are done
                 state["done"] = start + len(rows)
                 state["failed"] = {str(r): reason for r, reason in sorted(failed.items())}
-                _write_json_atomic(state_path, state)
+                write_json(state_path, state)
                 prog.advance(task, len(rows))
     finally:
         if pool is not None:
