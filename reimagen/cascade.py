@@ -230,13 +230,15 @@ class Cascade:
 @torch.no_grad()
 def run_stage(stage: Stage, text: TextEncoding, neighbours: Neighbours | None, neighbour_text: TextEncoding | None,
               seed: int, prompt_ids: Sequence[str | int], sample_indices: Sequence[int], stage_index: int,
-              lowres: Tensor | None = None, callback: Callable[[int, int], None] | None = None) -> Tensor:
+              lowres: Tensor | None = None, callback: Callable[[int, int], None] | None = None,
+              init: Tensor | None = None) -> Tensor:
     """One stage for B rows, in [-1, 1]: project the prompts' text, encode the neighbours once through the
     shared DStack at t = 0 (the neighbour cache, Sec. 3.2; only if the stage has neighbour attention and its
     guidance uses it), then sample with the seeds of (prompt id, sample index, ``stage_index``, seed).
 
     ``text`` holds the B prompts' encodings, ``neighbour_text`` the B*K neighbour texts' (row-major), ``lowres``
-    the previous stage's output for super-resolution stages. ``Cascade.sample`` chains it; the FID sweep's
+    the previous stage's output for super-resolution stages, ``init`` the images an SDEdit run starts from
+    (``SamplerSettings.start_t``). ``Cascade.sample`` chains it; the FID sweep's
     super-resolution generator and the toy world's stage decomposition call it on images of their own."""
     model = stage.model
     device = next(model.parameters()).device
@@ -254,6 +256,6 @@ def run_stage(stage: Stage, text: TextEncoding, neighbours: Neighbours | None, n
         return sample_stage(model, tc, memory, stage.guidance, stage.settings,
                             make_generators(seed, prompt_ids, sample_indices, stage_index, "noise", device),
                             make_generators(seed, prompt_ids, sample_indices, stage_index, "guidance", device),
-                            lowres=lowres, stage_name=stage.name, callback=callback)
+                            lowres=lowres, stage_name=stage.name, callback=callback, init=init)
     finally:
         model.train(was_training)

@@ -251,8 +251,10 @@ def ddim_step(
     return out
 
 
-def sampling_times(num_steps: int, device: torch.device | str = "cpu") -> Tensor:
-    """The num_steps + 1 times 1 = t_N > ... > t_0 = 0 of a sampling run (uniform in t)."""
+def sampling_times(num_steps: int, device: torch.device | str = "cpu", start: float = 1.0) -> Tensor:
+    """The num_steps + 1 times start = t_N > ... > t_0 = 0 of a sampling run (uniform in t; start < 1 for SDEdit)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    return torch.linspace(1.0, 0.0, num_steps + 1, device=device)
+    if not 0.0 < start <= 1.0:
+        raise ValueError(f"start must be in (0, 1], got {start}")
+    return torch.linspace(start, 0.0, num_steps + 1, device=device)

@@ -20,8 +20,8 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from .diffusion import (ddim_step, ddpm_step, dynamic_threshold, eps_to_x0, get_schedule, sampling_times, to_eps,
-                        x0_to_eps)
+from .diffusion import (ddim_step, ddpm_step, dynamic_threshold, eps_to_x0, get_schedule, q_sample, sampling_times,
+                        to_eps, x0_to_eps)
 from .guidance import GuidanceStrategy, branch_drop_masks
 from .unet import NeighbourMemory, ReImagenUNet, TextCond
 
@@ -68,6 +68,7 @@ class SamplerSettings:
     threshold: float = 0.995  # dynamic thresholding percentile p (>= 1: static clipping to [-1, 1])
     aug_level: float = 0.0  # super-resolution stages: noise level of the low-res conditioning at sampling
     ddim_eta: float = 0.0
+    start_t: float = 1.0  # < 1: start from given images noised to this time (SDEdit, Meng et al. 2022), not pure noise
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -78,6 +79,8 @@ class SamplerSettings:
             raise ValueError(f"aug_level must be in [0, 1], got {self.aug_level}")
         if not (0.0 <= self.ddim_eta <= 1.0):
             raise ValueError(f"ddim_eta must be in [0, 1], got {self.ddim_eta}")
+        if not (0.0 < self.start_t <= 1.0):
+            raise ValueError(f"start_t must be in (0, 1], got {self.start_t}")
 
 
 def sample_stage(
@@ -91,12 +94,15 @@ def sample_stage(
     lowres: Tensor | None = None,
     stage_name: str = "stage",
     callback: Callable[[int, int], None] | None = None,
+    init: Tensor | None = None,
 ) -> Tensor:
     """Sample B images in [-1, 1] from one stage.
 
     ``text`` and ``neighbours`` are the once-per-sample projections (``model.project_text`` and
     ``model.encode_neighbours``, the neighbour cache); ``lowres`` (B, C, s, s) in [-1, 1] is the previous
     stage's output for super-resolution stages. ``callback(step, total)`` is called after every step.
+    With ``settings.start_t`` < 1, ``init`` (B, C, size, size) in [-1, 1] is noised to that time by Eq. 1 (with
+    the row's own initial noise) and the loop runs from there to t = 0 in ``settings.steps`` steps (SDEdit).
     """
     cfg = model.cfg
     device = text.tokens.device
@@ -110,6 +116,12 @@ def sample_stage(
     log_snr = get_schedule(cfg.schedule)
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     x = randn_rows(noise_gens, shape, device)
+    if (init is None) != (settings.start_t == 1.0):
+        raise ValueError(f"{stage_name}: give init images exactly when start_t < 1 (start_t = {settings.start_t})")
+    if init is not None:
+        if tuple(init.shape) != (b, *shape):
+            raise ValueError(f"{stage_name}: init images must be {(b, *shape)}, got {tuple(init.shape)}")
+        x = q_sample(init.to(device, x.dtype), log_snr(torch.full((b,), settings.start_t, device=device)), x)
 
     # 1. Low-resolution conditioning (super-resolution stages), noise-augmented once to aug_level.
     lowres_in = aug_t = None
@@ -130,7 +142,7 @@ def sample_stage(
     aug_rep = aug_t[rep] if aug_t is not None else None
 
     # 3. The denoising loop.
-    times = sampling_times(settings.steps, device)
+    times = sampling_times(settings.steps, device, start=settings.start_t)
     for i in range(settings.steps):
         t, s = times[i].expand(b), times[i + 1].expand(b)
         lt, ls = log_snr(t), log_snr(s)

@@ -341,6 +341,43 @@ def test_one_step_sample_is_the_thresholded_x0_prediction_from_pure_noise(base, 
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
 
 
+def test_sdedit_one_step_is_the_x0_prediction_from_the_init_noised_by_eq1(base, enc):
+    """start_t < 1: x_t = Eq. 1 of the init image at start_t with the sample's own initial noise; one step lands
+    on the (thresholded) x0 prediction at start_t. Init images and start_t come together, of the stage's shape."""
+    from reimagen.diffusion import dynamic_threshold, eps_to_x0, get_schedule, q_sample
+    e = enc.encode(PROMPTS)
+    with torch.no_grad():
+        tc = base.project_text(e.embeddings, e.mask)
+    pids, idx = ["p0", "p1", "p2"], [0, 0, 0]
+    init = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 1.6 - 0.8
+    g = JointGuidance(w=1.0, use_neighbours=False)
+
+    def run(settings, init):
+        return sample_stage(base, tc, None, g, settings, make_generators(3, pids, idx, 0, "noise"),
+                            make_generators(3, pids, idx, 0, "guidance"), init=init)
+
+    out = run(SamplerSettings(steps=1, threshold=0.9, start_t=0.3), init)
+    z = torch.stack([torch.randn(3, 16, 16, generator=gen) for gen in make_generators(3, pids, idx, 0, "noise")])
+    t = torch.full((3,), 0.3)
+    lt = get_schedule(base.cfg.schedule)(t)
+    x_t = q_sample(init, lt, z)
+    with torch.no_grad():
+        eps = base(x_t, t, tc, None, drop_neighbours=torch.ones(3, dtype=torch.bool))
+    torch.testing.assert_close(out, dynamic_threshold(eps_to_x0(x_t, eps, lt), 0.9), atol=ATOL, rtol=0)
+    # from a time near 0 the image is barely touched; from t = 1 (no init) it is not the init at all
+    near = run(SamplerSettings(steps=2, sampler="ddim", start_t=0.02), init)
+    assert (near - init).abs().mean() < 0.05
+    assert (run(SamplerSettings(steps=2, sampler="ddim"), None) - init).abs().mean() > 0.3
+    with pytest.raises(ValueError, match="init images exactly when start_t < 1"):
+        run(SamplerSettings(steps=2, start_t=0.5), None)
+    with pytest.raises(ValueError, match="init images exactly when start_t < 1"):
+        run(SamplerSettings(steps=2), init)
+    with pytest.raises(ValueError, match="init images must be"):
+        run(SamplerSettings(steps=2, start_t=0.5), init[:, :, :8, :8])
+    with pytest.raises(ValueError, match="start_t"):
+        SamplerSettings(start_t=0.0)
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_samples_lie_in_unit_box_after_thresholding(base, enc, sampler):
     e = enc.encode(PROMPTS)

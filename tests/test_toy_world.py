@@ -318,3 +318,29 @@ def test_decompose_cli_writes_its_rows_and_refuses_unknown_sources(tmp_path):
     res = CliRunner().invoke(app, ["toy", "decompose", "--sources", "render,base+magic", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "unknown sources" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_recover_cli_the_shipped_base_keeps_looks_from_low_noise_not_from_pure_noise(tmp_path):
+    """`toy recover` (SDEdit from the true 32 px render): from t = 0.2 the shipped base stage keeps most looks and
+    every left/right; from t = 1 (ordinary sampling) it does not. Bad --times are refused before loading."""
+    from typer.testing import CliRunner
+
+    from reimagen.cli import app
+
+    out = tmp_path / "rec.json"
+    res = CliRunner().invoke(app, ["toy", "recover", "--per-split", "2", "--samples", "1", "--times", "0.2,1",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())
+    assert {(r["t"], r["retrieval"]) for r in rows} == {(0.2, True), (0.2, False), (1.0, True), (1.0, False)}
+
+    def rate(t, attr):
+        sel = [r for r in rows if r["t"] == t and r["retrieval"] and r["attribute"] == attr]
+        return sum(r["rate"] * r["n"] for r in sel) / sum(r["n"] for r in sel)
+
+    assert rate(0.2, "position") == 1.0 and rate(0.2, "look") >= 0.5
+    assert rate(1.0, "look") < rate(0.2, "look")
+    assert "| render32 noised to t=0.2 -> base (text only) |" in res.output
+    for bad in ("0,0.5", "x"):
+        res = CliRunner().invoke(app, ["toy", "recover", "--times", bad])
+        assert res.exit_code == 2 and "times" in res.output and "Traceback" not in res.output

@@ -81,14 +81,21 @@ def probe(checkpoint: Path = typer.Option(WEIGHTS / "base", help="Base-stage che
     print(probe_table(rows) + "\n\n" + caption_table(rows))
 
 
+# options shared by the stage diagnostics (decompose, recover)
+_JUDGE = typer.Option(WEIGHTS / "judge", help="Judge folder.")
+_PER_SPLIT = typer.Option(12, min=1, help="Bench prompts per frequency split.")
+_SAMPLES = typer.Option(2, min=1, help="Samples per prompt.")
+_REF_K = typer.Option(2, min=1, help="Neighbours per prompt (the entity's reference pairs).")
+
+
 @toy_app.command()
 @_friendly
 def decompose(base: Path = typer.Option(WEIGHTS / "base", help="Base-stage checkpoint."),
               sr: Path = typer.Option(WEIGHTS / "sr", help="Super-resolution checkpoint."),
-              judge: Path = typer.Option(WEIGHTS / "judge", help="Judge folder."),
-              per_split: int = typer.Option(12, min=1, help="Bench prompts per frequency split."),
-              samples: int = typer.Option(2, min=1, help="Samples per prompt."),
-              k: int = typer.Option(2, min=1, help="Neighbours per prompt (the entity's reference pairs)."),
+              judge: Path = _JUDGE,
+              per_split: int = _PER_SPLIT,
+              samples: int = _SAMPLES,
+              k: int = _REF_K,
               steps: int = typer.Option(25, min=1, help="Base-stage DDIM steps."),
               sr_steps: int = typer.Option(10, min=1, help="Super-resolution DDIM steps."),
               w: float = typer.Option(3.0, min=0.0, help="Base-stage guidance weight (w_p = w_n)."),
@@ -102,13 +109,46 @@ def decompose(base: Path = typer.Option(WEIGHTS / "base", help="Base-stage check
               out: Path = typer.Option(None, help="Also write the rows as JSON here.")) -> None:
     """Where is faithfulness lost? Judge rates per attribute when each stage is fed the truth instead of the
     stage before it (real 32px renders into the SR stage, real renders upsampled), next to the cascade."""
-    from .diagnose import SOURCES, decomposition_table, stage_decomposition
+    from .diagnose import SOURCES, stage_decomposition
 
     sources = sources or ",".join(SOURCES)
     rows = stage_decomposition(base, sr, judge, per_split=per_split, samples=samples, k=k, steps=steps,
                                sr_steps=sr_steps, w=w, sr_w=sr_w, eta=eta,
                                sources=tuple(s.strip() for s in sources.split(",") if s.strip()))
     _write_rows(out, rows)
+    _print_split_tables(rows)
+
+
+@toy_app.command()
+@_friendly
+def recover(base: Path = typer.Option(WEIGHTS / "base", help="Base-stage checkpoint."),
+            judge: Path = _JUDGE,
+            times: str = typer.Option("0.2,0.4,0.5,0.6,0.8,1", help="Comma-separated times t in (0, 1] to noise the "
+                                      "true 32 px render to (cosine schedule: SNR about 9.5, 1.9, 1, 0.53, 0.1, 0)."),
+            per_split: int = _PER_SPLIT,
+            samples: int = _SAMPLES,
+            k: int = _REF_K,
+            steps: int = typer.Option(25, min=1, help="DDIM steps of a run from t = 1 (a run from t takes t of them)."),
+            w: float = typer.Option(3.0, min=0.0, help="Guidance weight (w_p = w_n)."),
+            eta: float = typer.Option(0.5, min=0.0, max=1.0, help="Interleave ratio with retrieval (Eq. 6)."),
+            out: Path = typer.Option(None, help="Also write the rows as JSON here.")) -> None:
+    """Where in the noise range does the base stage lose an attribute? It denoises the true 32 px render noised
+    to each t (SDEdit), with retrieval and text only; judge rates per attribute (t = 1: ordinary sampling)."""
+    from .diagnose import noise_recovery
+
+    try:
+        ts = tuple(float(t) for t in times.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"--times must be comma-separated numbers, got {times!r}") from None
+    rows = noise_recovery(base, judge, times=ts, per_split=per_split, samples=samples, k=k, steps=steps, w=w, eta=eta)
+    _write_rows(out, rows)
+    _print_split_tables(rows)
+
+
+def _print_split_tables(rows: list[dict]) -> None:
+    """The judge-rate table pooled over splits, then one per frequency split."""
+    from .diagnose import decomposition_table
+
     for sp in (None, "frequent", "infrequent", "unseen"):
         print(decomposition_table(rows, sp) + "\n")
 

@@ -168,6 +168,51 @@ def _check_sources(sources: tuple[str, ...]) -> None:
         raise ValueError(f"unknown sources {sorted(unknown)}; choose from {list(SOURCES)}")
 
 
+def _bench_rows(world: World, per_split: int, samples: int, k: int, seed: int
+                ) -> tuple[list[BenchPrompt], list[int], Neighbours, torch.Tensor]:
+    """The bench prompts, each repeated ``samples`` times, their sample indices, their neighbours (the entity's
+    first ``k`` reference pairs, freshly rendered) and their scenes' true 64x64 renders, in [-1, 1]."""
+    from ..cascade import Neighbours
+
+    refs = world.reference_rows
+    if k > min(len(v) for v in refs.values()):
+        raise ValueError(f"k = {k} exceeds the {world.spec.n_references} reference pairs per entity")
+    prompts = [p for p in world.bench_prompts(per_split=per_split, seed=seed) for _ in range(samples)]
+    sidx = [i % samples for i in range(len(prompts))]
+    truth = _images(world, [p.scene for p in prompts], "decompose", 64)
+    nbr64 = _images(world, [world.references[i] for p in prompts for i in refs[p.entity][:k]], "decompose-ref", 64)
+    nbrs = Neighbours(nbr64.reshape(len(prompts), k, *nbr64.shape[1:]),
+                      [[world.reference_caption(p.entity)] * k for p in prompts])
+    return prompts, sidx, nbrs, truth
+
+
+def _judged_rates(jd, world: World, prompts: list[BenchPrompt], x: torch.Tensor) -> list[dict]:
+    """Rows (split, attribute, rate, n): the judge's readings of images ``x`` (B, 3, 64, 64) in [-1, 1] against
+    the prompts' scenes; ``look`` is all four look attributes right and ``faithful`` look and scene right
+    (Sec. 4.2). The pattern colour counts on patterned entities only."""
+    from .judge import judged_attributes, verdicts
+
+    scenes = [p.scene for p in prompts]
+    split = np.array([p.split for p in prompts])
+    truths = [scene_attributes(world, s) for s in scenes]
+    patterned = np.array([t["pattern"] != "plain" for t in truths])
+    hits: dict[str, list[bool]] = {}
+    for t, v in zip(truths, verdicts(jd, world, ((x + 1) / 2).clamp(0, 1), scenes)):
+        for a in judged_attributes(t):
+            hits.setdefault(a, []).append(v.readings[a] == t[a])
+        hits.setdefault("look", []).append(v.look_ok)
+        hits.setdefault("faithful", []).append(v.faithful)
+    rows = []
+    for a, h in hits.items():
+        sp_of = split[patterned] if a == "pattern_colour" else split
+        h = np.array(h)
+        for sp in ("frequent", "infrequent", "unseen"):
+            m = sp_of == sp
+            rows.append({"split": sp, "attribute": a, "rate": float(h[m].mean()) if m.any() else float("nan"),
+                         "n": int(m.sum())})
+    return rows
+
+
 @torch.no_grad()
 def decomposition_images(base: str | Path, sr: str | Path, world: World | None = None, per_split: int = 12,
                          samples: int = 2, k: int = 2, seed: int = 0, steps: int = 25, sr_steps: int = 10,
@@ -176,7 +221,7 @@ def decomposition_images(base: str | Path, sr: str | Path, world: World | None =
     """The bench prompts (each repeated ``samples`` times), their sample indices, their neighbours (the entity's
     first ``k`` reference pairs, freshly rendered) and, per source, their 64x64 images in [-1, 1] (see
     ``stage_decomposition``)."""
-    from ..cascade import Neighbours, Stage, run_stage
+    from ..cascade import Stage, run_stage
     from ..guidance import JointGuidance, make_guidance
     from ..sampling import SamplerSettings
     from ..train import load_stage
@@ -189,20 +234,10 @@ def decomposition_images(base: str | Path, sr: str | Path, world: World | None =
         raise ValueError("give a base (text-to-image) checkpoint and a super-resolution checkpoint, in that order")
     if sr_model.cfg.lowres_size != base_model.cfg.image_size:
         raise ValueError(f"the SR stage takes {sr_model.cfg.lowres_size}px, the base makes {base_model.cfg.image_size}px")
-    refs = world.reference_rows
-    if k > min(len(v) for v in refs.values()):
-        raise ValueError(f"k = {k} exceeds the {world.spec.n_references} reference pairs per entity")
-    prompts = [p for p in world.bench_prompts(per_split=per_split, seed=seed) for _ in range(samples)]
-    sidx = [i % samples for i in range(len(prompts))]
+    prompts, sidx, nbrs, truth = _bench_rows(world, per_split, samples, k, seed)
     pids = [p.id for p in prompts]
-    scenes = [p.scene for p in prompts]
     low = base_model.cfg.image_size
-    truth = torch.from_numpy(render_many(world, scenes, "decompose")).permute(0, 3, 1, 2).float() / 127.5 - 1
     truth_low = F.interpolate(truth, size=(low, low), mode="bilinear", antialias=True, align_corners=False)
-    nbr64 = torch.from_numpy(render_many(world, [world.references[i] for p in prompts for i in refs[p.entity][:k]],
-                                         "decompose-ref")).permute(0, 3, 1, 2).float() / 127.5 - 1
-    nbrs = Neighbours(nbr64.reshape(len(prompts), k, *nbr64.shape[1:]),
-                      [[world.reference_caption(p.entity)] * k for p in prompts])
 
     encoded: dict[int, tuple] = {}  # id(encoder) -> (prompt texts, neighbour texts), each encoded once
 
@@ -255,32 +290,60 @@ def stage_decomposition(base: str | Path, sr: str | Path, judge: str | Path, wor
     Rows: (source, split, attribute, rate, n), the attribute ``look`` being all four look attributes right and
     ``faithful`` look and scene right (Sec. 4.2).
     """
-    from .judge import judged_attributes, load_judge, verdicts
+    from .judge import load_judge
 
     _check_sources(kw.get("sources", SOURCES))  # before anything is loaded
     world = world or World()
     jd = load_judge(judge)
     prompts, _, _, images = decomposition_images(base, sr, world, **kw)
-    scenes = [p.scene for p in prompts]
-    split = np.array([p.split for p in prompts])
+    return [{"source": src, **r} for src, x in images.items() for r in _judged_rates(jd, world, prompts, x)]
+
+
+@torch.no_grad()
+def noise_recovery(base: str | Path, judge: str | Path, world: World | None = None,
+                   times: tuple[float, ...] = (0.2, 0.4, 0.5, 0.6, 0.8, 1.0), per_split: int = 12, samples: int = 2,
+                   k: int = 2, seed: int = 0, steps: int = 25, w: float = 3.0, eta: float = 0.5) -> list[dict]:
+    """Where in the noise range does the base stage lose an attribute? Judge rates of the base stage's output
+    (upsampled bilinearly) when it starts from the scene's true 32 px render noised to time t by Eq. 1 (SDEdit,
+    ``SamplerSettings.start_t``), instead of from pure noise, with retrieval (interleaved guidance) and text only.
+
+    At t = 1 this is ordinary sampling (``base+bilinear`` of the decomposition); at small t the answer is still
+    in x_t and a good denoiser keeps it. An attribute that is already lost from a t where the true image is
+    plainly visible (the cosine schedule's SNR at t = 0.5 is 1) is not a matter of guidance or of composing the
+    scene from noise but of how well the denoiser was trained at that noise level. DDIM with
+    max(1, round(``steps`` t)) steps, so the step size is that of a ``steps``-step run. Rows (source, t,
+    retrieval, split, attribute, rate, n); ``decomposition_table`` prints them.
+    """
+    from ..cascade import Stage, run_stage
+    from ..guidance import JointGuidance, make_guidance
+    from ..sampling import SamplerSettings
+    from ..train import load_stage
+    from .judge import load_judge
+
+    if not times or not all(0.0 < t <= 1.0 for t in times):
+        raise ValueError(f"times must be in (0, 1], got {list(times)}")
+    world = world or World()
+    model, enc = load_stage(base)
+    if model.cfg.is_super_resolution:
+        raise ValueError("noise recovery takes a base (text-to-image) checkpoint")
+    jd = load_judge(judge)
+    prompts, sidx, nbrs, truth = _bench_rows(world, per_split, samples, k, seed)
+    pids = [p.id for p in prompts]
+    size = model.cfg.image_size
+    init = F.interpolate(truth, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    text, nt = enc.encode([p.text for p in prompts]), enc.encode([t for row in nbrs.texts for t in row])
     rows = []
-    truths = [scene_attributes(world, s) for s in scenes]
-    patterned = np.array([t["pattern"] != "plain" for t in truths])
-    for src, x in images.items():
-        vs = verdicts(jd, world, ((x + 1) / 2).clamp(0, 1), scenes)
-        hits: dict[str, list[bool]] = {}
-        for t, v in zip(truths, vs):
-            for a in judged_attributes(t):
-                hits.setdefault(a, []).append(v.readings[a] == t[a])
-            hits.setdefault("look", []).append(v.look_ok)
-            hits.setdefault("faithful", []).append(v.faithful)
-        for a, h in hits.items():
-            sp_of = split[patterned] if a == "pattern_colour" else split
-            h = np.array(h)
-            for sp in ("frequent", "infrequent", "unseen"):
-                m = sp_of == sp
-                rows.append({"source": src, "split": sp, "attribute": a, "rate": float(h[m].mean()) if m.any()
-                             else float("nan"), "n": int(m.sum())})
+    for t in times:
+        for retrieval in (True, False):
+            g = (make_guidance("interleaved", w_p=w, w_n=w, eta=eta) if retrieval
+                 else JointGuidance(w=w, use_neighbours=False))
+            st = Stage(model, g, SamplerSettings(steps=max(1, round(steps * t)), sampler="ddim", start_t=t))
+            x = run_stage(st, text, nbrs if retrieval else None, nt if retrieval else None, seed, pids, sidx, 0,
+                          init=init if t < 1 else None)
+            x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+            src = f"render32 noised to t={t:g} -> base" + ("" if retrieval else " (text only)")
+            rows += [{"source": src, "t": t, "retrieval": retrieval, **r}
+                     for r in _judged_rates(jd, world, prompts, x)]
     return rows
 
 
