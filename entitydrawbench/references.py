@@ -35,7 +35,6 @@ import html
 import json
 import os
 import re
-import shutil
 import time
 import urllib.error
 import urllib.parse
@@ -317,6 +316,8 @@ def _fetch_batch(batch: Sequence[Entity], api: str, wiki: str, out: Path, get: F
         for eid in files:
             report.missing[eid] = f"image info lookup failed: {err}"
         return
+    from reimagen import atomic  # here, not at the top: ``import reimagen`` loads torch
+
     by_id = {e.id: e for e in batch}
     for eid, title in files.items():
         e = by_id[eid]
@@ -346,9 +347,7 @@ def _fetch_batch(batch: Sequence[Entity], api: str, wiki: str, out: Path, get: F
         if ext not in IMAGE_EXTS:
             ext = {"image/png": ".png", "image/gif": ".gif", "image/webp": ".webp"}.get(mime, ".jpg")
         rel = f"images/{eid}{ext}"
-        tmp = out / f"images/.{eid}.tmp{os.getpid()}"
-        tmp.write_bytes(data)
-        os.replace(tmp, out / rel)
+        atomic.write_bytes(out / rel, data)
         artist, credit = _text(meta, "Artist"), _text(meta, "Credit")
         attribution = artist + (f" ({credit})" if credit and credit != artist else "") if artist else credit
         db["references"][eid] = {
@@ -442,6 +441,8 @@ def import_reference_folder(entities: Sequence[Entity], folder: str | Path, out:
     (out / "images").mkdir(parents=True, exist_ok=True)
     db = _read_db(out)
     report = FetchReport(missing=dict(missing))
+    from reimagen import atomic  # here, not at the top: ``import reimagen`` loads torch
+
     for e in entities:
         if e.id not in pairs:
             continue
@@ -454,9 +455,7 @@ def import_reference_folder(entities: Sequence[Entity], folder: str | Path, out:
                 report.missing[e.id] = f"{pair.path}: {err}"
                 break
             rel = f"images/{e.id}{'' if j == 0 else f'__{j}'}{pair.path.suffix.lower()}"
-            tmp = out / f"images/.{e.id}.{j}.tmp{os.getpid()}"
-            shutil.copyfile(pair.path, tmp)
-            os.replace(tmp, out / rel)
+            atomic.write_bytes(out / rel, data)
             images.append({"path": rel, "file_title": "", "url": "", "original_url": "",
                            "file_page": str(pair.path), "licence": "user-supplied", "licence_url": "",
                            "non_free": False, "attribution": "user-supplied", "attribution_required": False,

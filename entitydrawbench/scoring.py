@@ -230,11 +230,10 @@ def write_summary(summary: dict[str, Any], stem: str | Path) -> list[Path]:
 
 
 def _savefig(fig, path: Path) -> Path:
-    import os
+    from reimagen.atomic import replacing_path  # here, not at the top: ``import reimagen`` loads torch
 
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with replacing_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     return path
 
 

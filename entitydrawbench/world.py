@@ -37,7 +37,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -45,6 +44,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import reimagen.toy as _toy
+from reimagen import atomic
 from reimagen.toy.world import LOOK_ATTRIBUTES, SCENE_ATTRIBUTES
 
 from .entities import read_jsonl, write_json, write_jsonl, write_text
@@ -162,9 +162,7 @@ class WorldBench:
                 dest = ref_dir / f"{self.ref_ids[i]}.png"
                 if dest.is_file():
                     continue
-                tmp = ref_dir / f".{dest.name}.tmp{os.getpid()}"
-                tmp.write_bytes(self._bytes(i))
-                os.replace(tmp, dest)
+                atomic.write_bytes(dest, self._bytes(i))
 
     def references_digest(self, entity_ids: Sequence[str]) -> str:
         """Digest of the entities' reference ids, texts and image bytes (as ``references_fingerprint``)."""

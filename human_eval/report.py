@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -296,11 +295,11 @@ def figure5(t2: list[dict], path: Path, spl: Sequence[str] = ("frequent", "infre
     ax.set_title(title + (" (SIMULATED raters)" if simulated else ""), fontsize=10)
     ax.legend(frameon=False)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from reimagen.atomic import replacing_path  # here, not at the top: ``import reimagen`` loads torch
+
+    with replacing_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
     return path
 
 

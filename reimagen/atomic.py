@@ -3,9 +3,14 @@
 The rule of this project's developers' guide: results are written to a temporary name and renamed, so nothing
 is ever half-written. A run killed mid-write, a full disk or an object json cannot serialise leaves the
 destination as it was (its previous content, or no file), never a truncated file that a rerun or a resumed run
-would take for finished. ``os.replace`` within one folder is atomic; the temporary file ``.{name}.tmp{pid}``
-sits next to the destination (same file system), is hidden, and differs between processes, so two writers
-never share one. If writing fails, the temporary file is removed and the error passes on.
+would take for finished. ``os.replace`` within one folder is atomic; the temporary file
+``.{stem}.tmp{pid}{suffix}`` sits next to the destination (same file system), is hidden, differs between
+processes, so two writers never share one, and keeps the destination's suffix, so a library that picks its
+format by the file name (PIL ``save``, matplotlib ``savefig``) writes the right one. If writing fails, the
+temporary file is removed and the error passes on.
+
+``replacing_path`` yields that temporary name for a library that writes the file itself (PIL, matplotlib,
+pyarrow, safetensors, tarfile); the other helpers write through a file handle on it.
 
 Text is written as UTF-8 bytes (no newline translation). ``write_json`` and ``write_jsonl`` pass their keyword
 arguments to ``json.dumps`` unchanged, so each caller keeps its own format (``indent``, ``sort_keys``,
@@ -24,19 +29,26 @@ import numpy as np
 
 
 @contextlib.contextmanager
-def _replacing(path: str | os.PathLike) -> Iterator[IO[bytes]]:
-    """A binary file handle on the temporary name; renamed to ``path`` when the block ends without an error."""
+def replacing_path(path: str | os.PathLike) -> Iterator[Path]:
+    """The temporary name ``.{stem}.tmp{pid}{suffix}`` in ``path``'s folder (made if missing), for a library to
+    write the file; renamed to ``path`` when the block ends without an error, removed (if it exists) otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
-        with open(tmp, "wb") as fh:
-            yield fh
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def _replacing(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A binary file handle on ``replacing_path``'s temporary name (closed before the rename)."""
+    with replacing_path(path) as tmp, open(tmp, "wb") as fh:
+        yield fh
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -70,4 +82,4 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     return Path(path)
 
 
-__all__ = ["write_bytes", "write_text", "write_json", "write_jsonl", "save_npz"]
+__all__ = ["replacing_path", "write_bytes", "write_text", "write_json", "write_jsonl", "save_npz"]

@@ -13,7 +13,6 @@ of the same entity, standing in for the text-BM25 retrieval of the [retrieval] i
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import replacing_path, write_json
 from .cascade import Cascade, Neighbours, Stage
 from .config import get_preset
 from .data import TripleData
@@ -140,9 +140,7 @@ def run_demo(out: Path, steps: int = 400, sample_steps: int = 50, seed: int = 0,
         "grid": str(out / "samples.png"), "grid_rows": ["reference neighbour", "with retrieval", "without retrieval"],
         "prompts": prompts,
     }
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / "summary.json")
+    write_json(out / "summary.json", summary, indent=2)
     return summary
 
 
@@ -152,6 +150,5 @@ def _save_grid(path: Path, rows: list[torch.Tensor], scale: int = 4) -> None:
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (3, rows*H, cols*W)
     arr = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     im = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
-    tmp = path.with_suffix(".tmp.png")
-    im.save(tmp)
-    tmp.replace(path)
+    with replacing_path(path) as tmp:
+        im.save(tmp)

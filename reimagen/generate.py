@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .atomic import replacing_path, write_json
 from .cascade import Cascade, Neighbours, to_uint8
 
 Tensor = torch.Tensor
@@ -188,10 +189,7 @@ def check_run_manifest(out: str | Path, manifest: dict[str, Any]) -> bool:
 
 def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
     if not check_run_manifest(out, manifest):
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (MANIFEST + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, out / MANIFEST)
+        write_json(out / MANIFEST, manifest, indent=2, sort_keys=True, default=str)
 
 
 def generate_run(
@@ -232,9 +230,8 @@ def generate_run(
             nbrs = neighbours_for(batch) if (neighbours_for is not None and generator.uses_neighbours) else None
             images = to_uint8(generator.generate(batch, nbrs, seed))
             for i, arr in zip(rows, images):
-                tmp = out / f".{names[i]}.tmp{os.getpid()}.png"
-                Image.fromarray(arr).save(tmp)
-                os.replace(tmp, out / names[i])
+                with replacing_path(out / names[i]) as tmp:
+                    Image.fromarray(arr).save(tmp)
             counts["made"] += len(rows)
             prog.update(task, advance=len(rows))
     return counts

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .atomic import write_jsonl
 from .config import UNetConfig
 from .data import TripleData
 from .diffusion import diffusion_loss, get_schedule, min_snr_weight, q_sample
@@ -283,9 +284,7 @@ class Trainer:
         rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
         keep = [r for r in rows if r["step"] <= self.step]
         if len(keep) != len(rows):
-            tmp = log.with_name(log.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-            os.replace(tmp, log)
+            write_jsonl(log, keep)
         return float(keep[-1]["seconds"]) if keep and self.step else 0.0
 
     def fit(self, progress: bool = True, on_log: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:

@@ -1,6 +1,7 @@
 """reimagen.atomic: the bytes are those the four helpers it replaced wrote (evaluation.metrics, entitydrawbench.
-entities, human_eval.tasks, reimagen.retrieval.clip), no temporary file stays behind, and a write that fails
-midway leaves the destination's previous content."""
+entities, human_eval.tasks, reimagen.retrieval.clip), no temporary file stays behind, a write that fails
+midway leaves the destination's previous content, and ``replacing_path`` lets a library that picks its format by
+the file name (PIL) write to the temporary name."""
 
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def test_jsonl_failure_midway_keeps_previous_content_and_removes_temporary_file(
 
     with pytest.raises(RuntimeError, match="source broke"):
         entities.write_jsonl(path, rows())
-    assert seen == [f".out.json.tmp{os.getpid()}", "out.json"]
+    assert seen == [f".out.tmp{os.getpid()}.json", "out.json"]
     assert path.read_bytes() == b"previous\n"
     assert os.listdir(tmp_path) == ["out.json"]
 
@@ -109,6 +110,37 @@ def test_text_failure_leaves_no_file(tmp_path):
     with pytest.raises(UnicodeEncodeError):
         atomic.write_text(path, "lone surrogate \ud800")
     assert os.listdir(tmp_path) == []
+
+
+def test_replacing_path_lets_a_library_write_by_suffix(tmp_path):
+    """PIL picks the format by the file name: the temporary name keeps the destination's suffix."""
+    from PIL import Image
+
+    path = tmp_path / "new" / "grid.png"  # the parent folder is made
+    seen = []
+    for colour in ((255, 0, 0), (0, 0, 255)):  # a new file, then replacing it
+        with atomic.replacing_path(path) as tmp:
+            assert tmp.parent == path.parent and tmp.suffix == ".png" and tmp.name.startswith(".")
+            Image.new("RGB", (3, 2), colour).save(tmp)
+            seen.append(tmp.name)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as im:
+            assert (im.format, im.size, im.getpixel((0, 0))) == ("PNG", (3, 2), colour)
+        assert os.listdir(path.parent) == ["grid.png"]
+    assert seen == [f".grid.tmp{os.getpid()}.png"] * 2
+
+
+@pytest.mark.parametrize("written", [True, False], ids=["written", "not written"])
+def test_replacing_path_error_keeps_previous_content(tmp_path, written):
+    path = tmp_path / "plot.png"
+    path.write_bytes(b"previous\n")
+    with pytest.raises(RuntimeError, match="library broke"):
+        with atomic.replacing_path(path) as tmp:
+            if written:
+                tmp.write_bytes(b"half")
+            raise RuntimeError("library broke")
+    assert path.read_bytes() == b"previous\n"
+    assert os.listdir(tmp_path) == ["plot.png"]
 
 
 def test_entitydrawbench_and_human_eval_tasks_import_without_reimagen():

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -41,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import replacing_path, write_json
 from .base import KnowledgeBase, Retriever
 
 FORMAT_VERSION = 1
@@ -117,9 +117,8 @@ def _retriever_settings(retriever: Retriever | None) -> dict[str, Any]:
 def _atomic_write_table(table, path: Path) -> None:
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with replacing_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,9 +364,7 @@ def _prepare_parts(parts: Path, settings: dict[str, Any], resume: bool) -> None:
             raise ValueError(f"{parts} holds chunks but no manifest.json, so their settings are unknown; delete it "
                              "or pass resume=False to start over")
     parts.mkdir(parents=True, exist_ok=True)
-    tmp = manifest.with_name(manifest.name + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True))
-    os.replace(tmp, manifest)
+    write_json(manifest, settings, indent=2, sort_keys=True)
 
 
 __all__ = ["build_triples", "triples_report", "TriplesReport", "kb_fingerprint"]

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..atomic import replacing_path, write_json
 from .world import Scene, World, render_many
 
 if TYPE_CHECKING:
@@ -34,8 +34,7 @@ if TYPE_CHECKING:
 def _write_tar(path: Path, names: list[str], images: np.ndarray) -> None:
     from PIL import Image
 
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w") as tar:
+    with replacing_path(path) as tmp, tarfile.open(tmp, "w") as tar:
         for name, arr in zip(names, images):
             buf = io.BytesIO()
             Image.fromarray(arr).save(buf, format="PNG", optimize=False, compress_level=1)
@@ -44,7 +43,6 @@ def _write_tar(path: Path, names: list[str], images: np.ndarray) -> None:
             info.mtime = 0  # byte-identical shards for the same world
             buf.seek(0)
             tar.addfile(info, buf)
-    os.replace(tmp, path)
 
 
 def _collection(world: World, out: Path, split: str, scenes: list[Scene], prefix: str, texts: list[str],
@@ -132,8 +130,6 @@ def build_world_files(world: World, out: str | Path, k: int = 2, progress: bool 
                 "entities": [{"id": e.id, "name": e.name, "seen": e.seen, "corpus_count": world.corpus_counts[e.id],
                               "shape": e.look.shape, "body": e.look.body, "pattern": e.look.pattern,
                               "pattern_colour": e.look.pattern_colour} for e in world.entities]}
-    tmp = out / "world.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "world.json")
+    write_json(out / "world.json", manifest, indent=1)
     return {"corpus": out / "corpus.parquet", "references": out / "references.parquet",
             "validation": out / "validation.parquet", "kb": kb_path, "triples": triples, "world": out / "world.json"}

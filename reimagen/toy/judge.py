@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..atomic import replacing_path, write_json
 from .world import ATTRIBUTE_CLASSES, LOOK_ATTRIBUTES, SCENE_ATTRIBUTES, Scene, World, render_many, scene_attributes
 
 Tensor = torch.Tensor
@@ -201,17 +202,13 @@ def train_judge(world: World, n_train: int = 16_000, n_test: int = 3_000, epochs
 
 def save_judge(judge: Judge, path: str | Path, report: dict) -> Path:
     """``path/judge.safetensors`` (fp16) + ``path/judge.json`` (the report), written atomically."""
-    import os
-
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     sd = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in judge.state_dict().items()}
-    save_file(sd, str(path / "judge.safetensors.tmp"))
-    os.replace(path / "judge.safetensors.tmp", path / "judge.safetensors")
-    (path / "judge.json.tmp").write_text(json.dumps(report, indent=2))
-    os.replace(path / "judge.json.tmp", path / "judge.json")
+    with replacing_path(path / "judge.safetensors") as tmp:
+        save_file(sd, str(tmp))
+    write_json(path / "judge.json", report, indent=2)
     return path
 
 

@@ -15,6 +15,8 @@ import re
 import shutil
 from pathlib import Path
 
+from ..atomic import replacing_path
+
 REPRODUCE = {  # the documented commands; a shipped stage records the command that really ran (its time log)
     "base": "reimagen-eval train --triples runs/toyworld/triples.parquet --preset toy-32 --text-encoder minilm "
             "--out runs/toy-train/base --steps 5000 --batch-size 32 --lr 8e-4 --warmup-steps 200 --ckpt-every 250 "
@@ -61,10 +63,9 @@ def plot_loss(log: Path, out: Path, title: str) -> Path:
     ax.set_yscale("log")
     ax.set_title(title)
     fig.tight_layout()
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    with replacing_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)
     return out
 
 
