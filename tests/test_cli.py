@@ -59,6 +59,23 @@ def test_train_resumes_from_last_checkpoint(triples, tmp_path):
     assert steps == [3, 5]  # the second run continued from step 3 instead of starting over
 
 
+def test_train_min_snr_gamma_is_recorded_and_weights_the_loss(triples, tmp_path):
+    """--min-snr-gamma reaches the trainer: the checkpoint records it, and the same seed's first logged loss
+    differs from the paper's loss (the weights are not all 1)."""
+    losses = {}
+    for gamma in ("0", "5"):
+        out = tmp_path / f"run{gamma}"
+        res = runner.invoke(app, ["train", "--triples", str(triples), "--out", str(out), "--preset", "tiny-16",
+                                  "--steps", "1", "--batch-size", "4", "--min-snr-gamma", gamma])
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "last" / "config.json").read_text())["train"]["min_snr_gamma"] == float(gamma)
+        losses[gamma] = json.loads((out / "log.jsonl").read_text().splitlines()[0])["loss"]
+    assert abs(losses["5"] - losses["0"]) > 1e-3 * losses["0"], losses
+    res = runner.invoke(app, ["train", "--triples", str(triples), "--out", str(tmp_path / "bad"), "--preset",
+                              "tiny-16", "--steps", "1", "--min-snr-gamma", "-1"])
+    assert res.exit_code == 2 and not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--eta", "1.5"], "eta must be in [0, 1]"),
     (["--w-p", "-1"], "must be a finite number >= 0"),
