@@ -19,8 +19,8 @@ from ..atomic import replacing_path
 
 REPRODUCE = {  # the documented commands; a shipped stage records the command that really ran (its time log)
     "base": "reimagen-eval train --triples runs/toyworld/triples.parquet --preset toy-32 --text-encoder minilm "
-            "--out runs/toy-train/base --steps 5000 --batch-size 32 --lr 8e-4 --warmup-steps 200 --ckpt-every 250 "
-            "--seed 0",
+            "--out runs/toy-train/base --steps 3750 --batch-size 32 --lr 8e-4 --warmup-steps 200 --ckpt-every 250 "
+            "--seed 0 --min-snr-gamma 5",
     "sr": "reimagen-eval train --triples runs/toyworld/triples.parquet --preset toy-sr64 --prediction v "
           "--max-aug-level 0.25 --text-encoder minilm --out runs/toy-train/sr --steps 2500 --batch-size 16 --lr 8e-4 "
           "--warmup-steps 100 --ckpt-every 250 --seed 0",
