@@ -166,8 +166,8 @@ def diffusion_loss(
 
 
 def min_snr_weight(log_snr: Tensor, gamma: float, prediction: Prediction) -> Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
-    Strategy", Sec. 3.4), per sample, as multipliers of the MSE in the network's own parameterisation.
+    """Min-SNR-gamma loss weights (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy",
+    ICCV 2023), per sample, as multipliers of the MSE in the network's own parameterisation.
 
     In Eq. 2's x0 terms the weight is w_t = min(SNR_t, gamma), SNR_t = exp(lambda(t)): the low-noise steps, where
     the simple loss puts almost all its weight on fine texture, are capped at gamma. Since
