@@ -156,9 +156,9 @@ def _print_split_tables(rows: list[dict]) -> None:
 def _write_rows(out: Path | None, rows: list[dict]) -> None:
     """Rows as JSON at ``out`` (if given), atomically."""
     if out is not None:
-        from entitydrawbench.entities import write_json
+        from ..atomic import write_json
 
-        write_json(out, rows)
+        write_json(out, rows, indent=2)
 
 
 def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 100, per_split: int = 4,

@@ -36,7 +36,25 @@ if TYPE_CHECKING:
 
 def _images(world: World, scenes, key: str, size: int) -> torch.Tensor:
     x = torch.from_numpy(render_many(world, scenes, key)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False) if size != 64 else x
+    return _down(x, size) if size != 64 else x
+
+
+def _down(x: torch.Tensor, size: int) -> torch.Tensor:
+    """64 px renders at a stage's size (bilinear, antialiased: what the trainer does to the corpus)."""
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def _up64(x: torch.Tensor) -> torch.Tensor:
+    """A stage's images at the judge's 64 px (bilinear): an upsampler that adds nothing."""
+    return F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+
+
+def _base_guidance(retrieval: bool, w: float, eta: float):
+    """The base stage's guidance in the toy world's EntityDrawBench default: interleaved (Eq. 6) with
+    retrieval, joint on the text alone without."""
+    from ..guidance import JointGuidance, make_guidance
+
+    return make_guidance("interleaved", w_p=w, w_n=w, eta=eta) if retrieval else JointGuidance(w=w, use_neighbours=False)
 
 
 @torch.no_grad()
@@ -222,7 +240,7 @@ def decomposition_images(base: str | Path, sr: str | Path, world: World | None =
     first ``k`` reference pairs, freshly rendered) and, per source, their 64x64 images in [-1, 1] (see
     ``stage_decomposition``)."""
     from ..cascade import Stage, run_stage
-    from ..guidance import JointGuidance, make_guidance
+    from ..guidance import JointGuidance
     from ..sampling import SamplerSettings
     from ..train import load_stage
 
@@ -237,7 +255,7 @@ def decomposition_images(base: str | Path, sr: str | Path, world: World | None =
     prompts, sidx, nbrs, truth = _bench_rows(world, per_split, samples, k, seed)
     pids = [p.id for p in prompts]
     low = base_model.cfg.image_size
-    truth_low = F.interpolate(truth, size=(low, low), mode="bilinear", antialias=True, align_corners=False)
+    truth_low = _down(truth, low)
 
     encoded: dict[int, tuple] = {}  # id(encoder) -> (prompt texts, neighbour texts), each encoded once
 
@@ -246,17 +264,10 @@ def decomposition_images(base: str | Path, sr: str | Path, world: World | None =
             encoded[id(encoder)] = (encoder.encode([p.text for p in prompts]),
                                     encoder.encode([t for row in nbrs.texts for t in row]))
         text, nt = encoded[id(encoder)]
-        if stage == 0:
-            g = (make_guidance("interleaved", w_p=w, w_n=w, eta=eta) if retrieval
-                 else JointGuidance(w=w, use_neighbours=False))
-        else:
-            g = JointGuidance(w=sr_w, use_neighbours=retrieval)
+        g = _base_guidance(retrieval, w, eta) if stage == 0 else JointGuidance(w=sr_w, use_neighbours=retrieval)
         st = Stage(model, g, SamplerSettings(steps=steps if stage == 0 else sr_steps, sampler="ddim"))
         return run_stage(st, text, nbrs if retrieval else None, nt if retrieval else None, seed, pids, sidx, stage,
                          lowres=lowres)
-
-    def up(x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
 
     images: dict[str, torch.Tensor] = {}
     base_r = run(base_model, enc, 0, True) if {"base+bilinear", "base+sr"} & set(sources) else None
@@ -264,11 +275,11 @@ def decomposition_images(base: str | Path, sr: str | Path, world: World | None =
         if src == "render":
             images[src] = truth
         elif src == "render32+bilinear":
-            images[src] = up(truth_low)
+            images[src] = _up64(truth_low)
         elif src in ("render32+sr", "render32+sr(text)"):
             images[src] = run(sr_model, sr_enc, 1, src == "render32+sr", truth_low)
         elif src == "base+bilinear":
-            images[src] = up(base_r)
+            images[src] = _up64(base_r)
         elif src == "base+sr":
             images[src] = run(sr_model, sr_enc, 1, True, base_r)
         else:
@@ -315,7 +326,6 @@ def noise_recovery(base: str | Path, judge: str | Path, world: World | None = No
     retrieval, split, attribute, rate, n); ``decomposition_table`` prints them.
     """
     from ..cascade import Stage, run_stage
-    from ..guidance import JointGuidance, make_guidance
     from ..sampling import SamplerSettings
     from ..train import load_stage
     from .judge import load_judge
@@ -329,18 +339,15 @@ def noise_recovery(base: str | Path, judge: str | Path, world: World | None = No
     jd = load_judge(judge)
     prompts, sidx, nbrs, truth = _bench_rows(world, per_split, samples, k, seed)
     pids = [p.id for p in prompts]
-    size = model.cfg.image_size
-    init = F.interpolate(truth, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    init = _down(truth, model.cfg.image_size)
     text, nt = enc.encode([p.text for p in prompts]), enc.encode([t for row in nbrs.texts for t in row])
     rows = []
     for t in times:
         for retrieval in (True, False):
-            g = (make_guidance("interleaved", w_p=w, w_n=w, eta=eta) if retrieval
-                 else JointGuidance(w=w, use_neighbours=False))
-            st = Stage(model, g, SamplerSettings(steps=max(1, round(steps * t)), sampler="ddim", start_t=t))
-            x = run_stage(st, text, nbrs if retrieval else None, nt if retrieval else None, seed, pids, sidx, 0,
-                          init=init if t < 1 else None)
-            x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+            st = Stage(model, _base_guidance(retrieval, w, eta),
+                       SamplerSettings(steps=max(1, round(steps * t)), sampler="ddim", start_t=t))
+            x = _up64(run_stage(st, text, nbrs if retrieval else None, nt if retrieval else None, seed, pids, sidx, 0,
+                                init=init if t < 1 else None))
             src = f"render32 noised to t={t:g} -> base" + ("" if retrieval else " (text only)")
             rows += [{"source": src, "t": t, "retrieval": retrieval, **r}
                      for r in _judged_rates(jd, world, prompts, x)]
