@@ -8,13 +8,18 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # (oversubscribed) 2-core machine turns each into a busy-wait and the suite becomes ~20x slower.
 # Must be set before torch (and its OpenMP runtime) is loaded.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# CLI output is rendered at one fixed width whatever the terminal (rich fixes a console's width from COLUMNS when
+# the console is made, so this must precede every project import): tests never see text wrapped by the terminal.
+os.environ["COLUMNS"] = "200"
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-torch.set_num_threads(2)
+# The machine's 2 cores, unless OMP_NUM_THREADS says otherwise (.ci/run runs the suite with 1 thread, so that a
+# test which holds only for one thread count fails here, not on another machine).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
 
 from reimagen.config import get_preset  # noqa: E402
 from reimagen.data import TripleData  # noqa: E402

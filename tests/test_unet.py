@@ -358,6 +358,11 @@ def test_sr_stage_rejects_aug_t_of_wrong_batch_length(rsr, enc):
             rsr(x, t, tc, None, drop_neighbours=drop, lowres=low, aug_t=bad)
 
 
+#: Tolerance between two float32 computations of one value by different kernel sequences (batch shapes): a few
+#: hundred ulps of outputs of order 1, far below what a wrong row (errors of order 0.1) would give.
+F32 = {"rtol": 1e-5, "atol": 1e-5}
+
+
 @pytest.mark.parametrize("preset", ["tiny-16", "tiny-sr32"])
 @torch.no_grad()
 def test_shared_dstack_for_branches_of_one_sample_gives_identical_outputs(preset, enc):
@@ -383,7 +388,9 @@ def test_shared_dstack_for_branches_of_one_sample_gives_identical_outputs(preset
     plain = m(x[rep], t[rep], tc.index(rep), mem.index(rep), drop_text, drop_nbr, **kw)
     shared = m(x[rep], t[rep], tc.index(rep), mem.index(rep), drop_text, drop_nbr, source=rep, **kw)
     hook.remove()
-    assert torch.equal(plain, shared)
+    # 6 and 5 rows through the DStack are different kernel calls, whose float32 sums some CPUs order differently
+    # (seen: not bitwise equal on an AMD EPYC): equal within float32 rounding, ~1e-7 relative per op
+    torch.testing.assert_close(shared, plain, **F32)
     assert calls == [6, 5]  # the TEXT_ONLY row of sample 0 reuses sample 0's FULL DStack pass
 
 
@@ -452,7 +459,7 @@ def test_efficient_ustack_runs_and_shares_the_dstack_like_the_default(up, enc):
     drop_text, drop_nbr = branch_drop_masks(torch.tensor([0, 0, 0, 2, 1, 3]))
     plain = m(x[rep], t[rep], tc.index(rep), mem.index(rep), drop_text, drop_nbr)
     shared = m(x[rep], t[rep], tc.index(rep), mem.index(rep), drop_text, drop_nbr, source=rep)
-    assert torch.equal(plain, shared)
+    torch.testing.assert_close(shared, plain, **F32)  # 6 vs 5 DStack rows: float32 rounding only (see above)
     # a row still depends on its neighbours and its text
     yes = torch.ones(3, dtype=torch.bool)
     assert (out - m(x, t, tc, mem, drop_neighbours=yes)).abs().max() > 1e-4
