@@ -103,7 +103,7 @@ def cascade_generator(checkpoints: Sequence[str | Path], cfg: RunConfig):
     from reimagen.generate import CascadeGenerator
     from reimagen.guidance import JointGuidance, make_guidance
     from reimagen.sampling import SamplerSettings
-    from reimagen.train import load_stage
+    from reimagen.train import checkpoint_digest, load_stage
 
     if not checkpoints:
         raise ValueError("no model: pass --model CHECKPOINT (repeat for super-resolution stages)")
@@ -128,19 +128,9 @@ def cascade_generator(checkpoints: Sequence[str | Path], cfg: RunConfig):
         use_n = cfg.retrieval and model.neighbour_attn is not None
         stages.append(Stage(model, JointGuidance(w=cfg.sr_guidance[i], use_neighbours=use_n),
                             SamplerSettings(steps=cfg.sr_steps[i], sampler=cfg.sampler, aug_level=cfg.sr_aug_level)))
-    gen = CascadeGenerator(Cascade(stages, enc), settings={"checkpoints": [_checkpoint_digest(p) for p in checkpoints]})
+    gen = CascadeGenerator(Cascade(stages, enc), settings={"checkpoints": [checkpoint_digest(p) for p in checkpoints]})
     gen.provenance = {"checkpoints": [str(Path(p).resolve()) for p in checkpoints]}  # not compared on resume
     return gen
-
-
-def _checkpoint_digest(path: str | Path) -> str:
-    """A location-independent digest of a checkpoint: its config.json (configuration, text encoder, training
-    step) and the names and sizes of its weight files. Moving or copying the folder keeps it."""
-    path = Path(path)
-    h = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").is_file() else b"")
-    for f in sorted(path.glob("*.safetensors")):
-        h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
-    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,14 +197,35 @@ def plan_neighbours(prompts: Sequence[dict], pairs: dict[str, list[ReferencePair
 
 class NeighbourProvider:
     """``neighbours_for(jobs)`` for ``generate_run``: each prompt's planned neighbours as a ``Neighbours``
-    batch at ``size`` px, loaded once per prompt and cached (the 4 samples of a prompt share them)."""
+    batch at ``size`` px, loaded once per prompt and kept for the last ``CACHE`` prompts (the samples of a prompt
+    are consecutive jobs; memory stays bounded at 1024 px)."""
+
+    CACHE = 64
 
     def __init__(self, plan: NeighbourPlan, k: int, size: int):
         self.plan, self.k, self.size = plan, k, size
         self._cache: dict[str, tuple] = {}
 
+    def check(self) -> None:
+        """Decode every planned neighbour image once, before any sampling: a missing or corrupt file is refused
+        with its name (``CorruptImageError`` / ``FileNotFoundError``), not found after hours of generation."""
+        from reimagen.retrieval.base import load_image
+
+        bad = []
+        for prompt_id, row in self.plan.rows.items():
+            for n in row[: self.k]:
+                try:
+                    load_image(n["image"])
+                except (OSError, ValueError) as err:
+                    bad.append(f"{n['image']} ({str(err).splitlines()[0][:120]})")
+        if bad:
+            raise ValueError(f"{len(bad)} neighbour images cannot be read: {'; '.join(bad[:5])}; re-fetch them "
+                             "(entitydraw-fetch), replace them, or remove them so that their entities are skipped")
+
     def _row(self, prompt_id: str):
         if prompt_id not in self._cache:
+            if len(self._cache) >= self.CACHE:
+                self._cache.pop(next(iter(self._cache)))  # the oldest prompt
             import torch
 
             from reimagen.cascade import image_to_tensor
@@ -309,7 +320,7 @@ def run_prompts(generator, out: str | Path, cfg: RunConfig, prompts: Sequence[di
     ``benchmark`` replaces the benchmark's identity in run.json (default: the open EntityDrawBench);
     ``references_digest`` identifies the reference pairs (their contents); ``prepare(out)`` runs after the run
     folder has been checked, before any image is made (the toy world writes its reference images there)."""
-    from reimagen.generate import FolderGenerator, Job, check_run_manifest, generate_run, image_name
+    from reimagen.generate import FolderGenerator, Job, check_run_manifest, generate_run, image_name, run_manifest
 
     cfg.check()
     say = log or (lambda msg: None)
@@ -334,10 +345,15 @@ def run_prompts(generator, out: str | Path, cfg: RunConfig, prompts: Sequence[di
         settings.update(k=cfg.k, neighbours=_plan_digest(plan), references=references_digest,
                         topup_query=cfg.topup_query if cfg.kb else None)
     rows = _image_rows(prompts, pairs, plan, cfg)
-    check_run_manifest(out, {"seed": cfg.seed, **generator.describe(), **settings})  # before writing anything
+    check_run_manifest(out, run_manifest(generator, cfg.seed, settings, cfg.batch_size))  # before writing anything
+    provider = NeighbourProvider(plan, cfg.k, size) if needs_refs else None
+    if provider is not None and prepare is None:  # (prepare writes the toy world's references: checked after it)
+        provider.check()
     out.mkdir(parents=True, exist_ok=True)
     if prepare is not None:
         prepare(out)
+        if provider is not None:
+            provider.check()
     write_jsonl(out / PROMPTS_FILE, prompts)
     write_json(out / SKIPPED_FILE, skipped)
     write_json(out / "provenance.json", {**getattr(generator, "provenance", {}), **(provenance or {}),
@@ -348,7 +364,6 @@ def run_prompts(generator, out: str | Path, cfg: RunConfig, prompts: Sequence[di
         say(f"skipped {len(skipped)} entities without a reference image (listed in {out / SKIPPED_FILE})")
     if plan.short:
         say(f"{len(plan.short)} prompts have fewer than k = {cfg.k} neighbours (empty slots are masked)")
-    provider = NeighbourProvider(plan, cfg.k, size) if needs_refs else None
     counts = generate_run(generator, jobs, out, seed=cfg.seed, neighbours_for=provider, batch_size=cfg.batch_size,
                           settings=settings, shard=shard, progress=progress)
     return RunResult(out, counts, skipped, len(prompts), dict(plan.short))

@@ -130,7 +130,7 @@ def train(
 @_friendly
 def sample(
     checkpoint: list[Path] = typer.Option(..., help="Stage checkpoint folders, base stage first (repeat the option)."),
-    prompt: list[str] = typer.Option(..., help="Prompt(s) (repeat the option)."),
+    prompt: list[str] = typer.Option(..., help="Prompt(s) (repeat the option); prompt i gets the id p0000 + i."),
     neighbour_image: list[Path] = typer.Option([], help="Neighbour image for every prompt (repeat for K > 1)."),
     neighbour_text: list[str] = typer.Option([], help="Text of each neighbour image, in the same order."),
     guidance: GuidanceName = typer.Option(GuidanceName.interleaved, help="Base-stage guidance (Eq. 5 / Eq. 6)."),
@@ -141,47 +141,60 @@ def sample(
     steps: int = typer.Option(64, min=1, help="Sampling steps of every stage."),
     sampler: SamplerName = typer.Option(SamplerName.ddpm, help="ddpm (Eq. 4) or ddim."),
     num_samples: int = typer.Option(1, min=1, help="Samples per prompt (sample indices 0..N-1)."),
-    seed: int = typer.Option(0, help="Image = f(prompt, sample index, seed)."),
-    out: Path = typer.Option(Path("runs/samples"), help="Output folder for PNGs."),
+    batch_size: int = typer.Option(8, min=1, help="Images per sampling batch: jobs are cut into fixed blocks of this "
+                                   "size (recorded in run.json; a resume must use the same)."),
+    seed: int = typer.Option(0, help="Image = f(prompt id, sample index, seed)."),
+    out: Path = typer.Option(Path("runs/samples"), help="Run folder: <prompt id>__<sample index>.png, run.json, "
+                             "prompts.json. Rerun to resume; RANK / WORLD_SIZE (torchrun) shard it."),
     device: str = typer.Option("cpu", help="torch device."),
 ) -> None:
     """Sample images from a cascade of trained stages, with retrieved neighbours given as files."""
-    from PIL import Image
+    import hashlib
 
-    from .cascade import Cascade, Neighbours, Stage, to_uint8
+    from .atomic import write_json
+    from .cascade import Cascade, Neighbours, Stage
+    from .generate import CascadeGenerator, Job, generate_run, shard_from_env
     from .guidance import JointGuidance, make_guidance
+    from .retrieval.base import load_image
     from .sampling import SamplerSettings
-    from .train import load_stage
+    from .train import checkpoint_digest, load_stage, read_checkpoint_config
 
+    # 1. Every argument and input file is checked before a model is loaded or a file written.
     if len(neighbour_image) != len(neighbour_text):
         raise ValueError(f"{len(neighbour_image)} neighbour images but {len(neighbour_text)} neighbour texts")
-    loaded = [load_stage(p, device=device) for p in checkpoint]
-    enc = loaded[0][1]
-    settings = SamplerSettings(steps=steps, sampler=sampler.value)
+    for p in checkpoint:
+        read_checkpoint_config(p)
+    shard_from_env()
     has_nbrs = bool(neighbour_image)
     base_g = make_guidance(guidance.value, w=w_p if guidance == GuidanceName.joint else None, w_p=w_p, w_n=w_n,
                            eta=eta, use_neighbours=has_nbrs)
-    stages = [Stage(loaded[0][0], base_g, settings)]
-    stages += [Stage(m, JointGuidance(w=sr_guidance, use_neighbours=has_nbrs), settings) for m, _ in loaded[1:]]
-    cascade = Cascade(stages, enc)
+    sr_g = JointGuidance(w=sr_guidance, use_neighbours=has_nbrs)
     pairs = []
     for p in neighbour_image:
         if not p.is_file():
             raise FileNotFoundError(f"neighbour image {p} does not exist")
-        pairs.append(Image.open(p).convert("RGB"))
-    prompts = [p for p in prompt for _ in range(num_samples)]
-    idx = [i for _ in prompt for i in range(num_samples)]
-    nbrs = None
+        pairs.append(load_image(str(p)))  # CorruptImageError names the file
+    # 2. The cascade and the jobs.
+    loaded = [load_stage(p, device=device) for p in checkpoint]
+    settings = SamplerSettings(steps=steps, sampler=sampler.value)
+    stages = [Stage(loaded[0][0], base_g, settings)] + [Stage(m, sr_g, settings) for m, _ in loaded[1:]]
+    cascade = Cascade(stages, loaded[0][1])
+    ids = [f"p{i:04d}" for i in range(len(prompt))]
+    jobs = [Job(pid, text, s) for pid, text in zip(ids, prompt) for s in range(num_samples)]
+    neighbours_for = None
+    digest = hashlib.sha256(json.dumps(list(zip(ids, prompt))).encode())
     if has_nbrs:
         size = max(m.cfg.image_size for m, _ in loaded)
-        nbrs = Neighbours.from_pairs([list(zip(pairs, neighbour_text))] * len(prompts), size=size)
-    result = cascade.sample(prompts, nbrs, seed=seed, sample_indices=idx, progress=True)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, arr in enumerate(to_uint8(result.images)):
-        name = out / f"p{i // num_samples:04d}_s{idx[i]}.png"
-        Image.fromarray(arr).save(name)
-    (out / "prompts.json").write_text(json.dumps(list(prompt), indent=2))
-    console.print(f"wrote {len(prompts)} images to {out}")
+        row = Neighbours.from_pairs([list(zip(pairs, neighbour_text))], size=size)
+        neighbours_for = lambda batch: row.index([0] * len(batch))  # noqa: E731  (every prompt: the same files)
+        for p, text in zip(neighbour_image, neighbour_text):
+            digest.update(hashlib.sha256(p.read_bytes()).digest() + text.encode() + b"\0")
+    gen = CascadeGenerator(cascade, settings={"checkpoints": [checkpoint_digest(p) for p in checkpoint]})
+    # 3. Generate (resumable, sharded by blocks), then the prompt table.
+    counts = generate_run(gen, jobs, out, seed=seed, neighbours_for=neighbours_for, batch_size=batch_size,
+                          settings={"prompts": digest.hexdigest()[:16], "samples_per_prompt": num_samples})
+    write_json(out / "prompts.json", [{"prompt_id": pid, "prompt": text} for pid, text in zip(ids, prompt)], indent=2)
+    console.print(f"made {counts['made']}, skipped {counts['skipped']} (existing) of {counts['total']} images in {out}")
 
 
 @app.command()

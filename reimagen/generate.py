@@ -4,8 +4,11 @@ A run folder holds one PNG per (prompt id, sample index), named ``<prompt_id>__<
 ``run.json`` manifest of every setting that affects the images. Images are written as they are made (to a
 temporary name, then renamed), so a killed run loses at most the batch in flight; a rerun skips what exists;
 a rerun with different settings is refused. Several processes (``torchrun`` / ``accelerate launch`` set
-RANK and WORLD_SIZE) split the work by row and, because every image is a function of (prompt id, sample
-index, seed) alone (see ``reimagen.sampling``), produce exactly the images one process would.
+RANK and WORLD_SIZE) split the work into fixed blocks of ``batch_size`` consecutive jobs and each takes whole
+blocks: a block is always sampled as one batch, whatever the world size and whatever a resumed run already
+made, so the float kernels (not bitwise equal across batch shapes on every CPU) see the same inputs and every
+PNG has the same bytes as in one uninterrupted process. Every image is a function of (prompt id, sample index,
+seed) alone (see ``reimagen.sampling``) up to that rounding; the block size is recorded in ``run.json``.
 
 Generators behind one interface (``ImageGenerator.generate``):
     CascadeGenerator   a Re-Imagen cascade, with retrieved neighbours
@@ -21,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -50,10 +53,24 @@ class Job:
     sample_index: int
 
 
-def shard_from_env() -> tuple[int, int]:
-    """(rank, world size) from torchrun / accelerate environment variables, else (0, 1)."""
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def shard_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(rank, world size) from the RANK and WORLD_SIZE that torchrun / accelerate launch set, else (0, 1).
+    A half-set launcher environment (one of the two) or a value that is not an integer is refused."""
+    env = os.environ if environ is None else environ
+    given = [k for k in ("RANK", "WORLD_SIZE") if k in env]
+    if not given:
+        return 0, 1
+    if len(given) == 1:
+        other = "WORLD_SIZE" if given[0] == "RANK" else "RANK"
+        raise ValueError(f"{given[0]}={env[given[0]]} is set but {other} is not: a launcher (torchrun, accelerate "
+                         "launch) sets both; set both or neither")
+    values = {}
+    for k in given:
+        try:
+            values[k] = int(env[k])
+        except ValueError:
+            raise ValueError(f"{k}={env[k]!r} is not an integer") from None
+    rank, world = values["RANK"], values["WORLD_SIZE"]
     if not 0 <= rank < world:
         raise ValueError(f"RANK {rank} outside WORLD_SIZE {world}")
     return rank, world
@@ -187,6 +204,11 @@ def check_run_manifest(out: str | Path, manifest: dict[str, Any]) -> bool:
     return True
 
 
+def run_manifest(generator: ImageGenerator, seed: int, settings: dict[str, Any] | None, batch_size: int) -> dict[str, Any]:
+    """What ``run.json`` holds: the seed, the generator's description, the caller's settings and the block size."""
+    return {"seed": seed, **generator.describe(), **(settings or {}), "block_size": batch_size}
+
+
 def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
     if not check_run_manifest(out, manifest):
         write_json(out / MANIFEST, manifest, indent=2, sort_keys=True, default=str)
@@ -207,31 +229,47 @@ def generate_run(
 
     ``neighbours_for(jobs)`` returns the retrieved neighbours of a batch (or None without retrieval).
     ``settings`` (JSON-serialisable) join the generator's description in ``run.json``. ``shard`` =
-    (rank, world size), default from the environment: this process makes jobs i with i % world == rank.
+    (rank, world size), default from the environment: this process makes the blocks b of ``batch_size`` jobs
+    with b % world == rank (see ``job_blocks``); a block with any image missing is sampled whole and its missing
+    images are written.
     """
     out = Path(out)
     names = [image_name(j.prompt_id, j.sample_index) for j in jobs]
     if len(set(names)) != len(names):
         raise ValueError("duplicate (prompt id, sample index) among the jobs")
-    manifest = {"seed": seed, **generator.describe(), **(settings or {})}
-    _check_manifest(out, manifest)
     rank, world = shard or shard_from_env()
-    mine = [i for i in range(len(jobs)) if i % world == rank]
-    todo = [i for i in mine if not (out / names[i]).exists()]
-    counts = {"made": 0, "skipped": len(mine) - len(todo), "total": len(mine)}
+    _check_manifest(out, run_manifest(generator, seed, settings, batch_size))
+    mine = job_blocks(len(jobs), batch_size, rank, world)
+    todo = [{i for i in block if not (out / names[i]).exists()} for block in mine]
+    total = sum(len(block) for block in mine)
+    counts = {"made": 0, "skipped": total - sum(len(t) for t in todo), "total": total}
     from PIL import Image
     from rich.progress import Progress
 
     with Progress(disable=not progress, transient=False) as prog:
-        task = prog.add_task(f"generating (shard {rank}/{world})", total=len(mine), completed=counts["skipped"])
-        for start in range(0, len(todo), batch_size):
-            rows = todo[start:start + batch_size]
-            batch = [jobs[i] for i in rows]
+        task = prog.add_task(f"generating (shard {rank}/{world})", total=total, completed=counts["skipped"])
+        for block, missing in zip(mine, todo):
+            if not missing:
+                continue
+            batch = [jobs[i] for i in block]
             nbrs = neighbours_for(batch) if (neighbours_for is not None and generator.uses_neighbours) else None
             images = to_uint8(generator.generate(batch, nbrs, seed))
-            for i, arr in zip(rows, images):
-                with replacing_path(out / names[i]) as tmp:
-                    Image.fromarray(arr).save(tmp)
-            counts["made"] += len(rows)
-            prog.update(task, advance=len(rows))
+            for i, arr in zip(block, images):
+                if i in missing:
+                    with replacing_path(out / names[i]) as tmp:
+                        Image.fromarray(arr).save(tmp)
+            counts["made"] += len(missing)
+            prog.update(task, advance=len(missing))
     return counts
+
+
+def job_blocks(n_jobs: int, block_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """The blocks of job indices process ``rank`` of ``world`` makes: jobs are cut into consecutive blocks of
+    ``block_size`` (the last may be shorter) and block b goes to rank b % world. A block's composition depends
+    only on (n_jobs, block_size), never on the world size or on what exists already."""
+    if block_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {block_size}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world size {world}")
+    starts = range(0, n_jobs, block_size)
+    return [list(range(s, min(s + block_size, n_jobs))) for b, s in enumerate(starts) if b % world == rank]

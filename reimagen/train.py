@@ -13,6 +13,7 @@ of step s (batch indices, t, noise, dropout) comes from a generator seeded by (s
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import time
@@ -113,7 +114,24 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} is not a reimagen checkpoint folder (no config.json)")
-    return json.loads(cfg_file.read_text())
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{cfg_file} is not valid JSON ({err}); the checkpoint is damaged: copy it again or "
+                         "resume training from an earlier one") from None
+    if not isinstance(meta, dict) or "unet" not in meta:
+        raise ValueError(f"{cfg_file} has no 'unet' entry: not a reimagen stage checkpoint")
+    return meta
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """A location-independent digest of a checkpoint: its config.json (configuration, text encoder, training
+    step) and the names and sizes of its weight files. Moving or copying the folder keeps it."""
+    path = Path(path)
+    h = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").is_file() else b"")
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+    return h.hexdigest()[:16]
 
 
 def load_weights(model: ReImagenUNet, path: str | Path, ema: bool = True) -> None:
@@ -125,7 +143,17 @@ def load_weights(model: ReImagenUNet, path: str | Path, ema: bool = True) -> Non
         raise ValueError(f"checkpoint {path} was saved with another stage configuration; differing fields: "
                          + ", ".join(f"{d} (checkpoint {getattr(saved, d)!r}, model {getattr(model.cfg, d)!r})" for d in diff))
     f = Path(path) / ("ema.safetensors" if ema and (Path(path) / "ema.safetensors").exists() else "model.safetensors")
-    model.load_state_dict(load_file(str(f)))
+    model.load_state_dict(_read_safetensors(f))
+
+
+def _read_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} does not exist: the checkpoint folder is incomplete")
+    try:
+        return load_file(str(f))
+    except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) on damaged files
+        raise ValueError(f"{f} cannot be read as safetensors ({str(err).splitlines()[0][:200]}); the checkpoint is "
+                         "damaged: copy it again or resume training from an earlier one") from None
 
 
 def load_stage(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[ReImagenUNet, TextEncoder]:
@@ -136,7 +164,7 @@ def load_stage(path: str | Path, ema: bool = True, device: str | torch.device = 
     enc = build_text_encoder(meta["text_encoder"], device=device)
     te_file = Path(path) / "text_encoder.safetensors"
     if te_file.exists():
-        enc.load_state_dict(load_file(str(te_file)))  # type: ignore[attr-defined]
+        enc.load_state_dict(_read_safetensors(te_file))  # type: ignore[attr-defined]
         enc.eval()  # type: ignore[attr-defined]
     return model.to(device).eval(), enc
 
@@ -266,11 +294,15 @@ class Trainer:
         path = Path(path)
         meta = read_checkpoint_config(path)
         load_weights(self.model, path, ema=False)
-        self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+        self.ema.load_state_dict(_read_safetensors(path / "ema.safetensors"))
         te = path / "text_encoder.safetensors"
         if self.trainable_text and te.exists():
-            self.text_encoder.load_state_dict(load_file(str(te)))  # type: ignore[attr-defined]
-        state = torch.load(path / "trainer_state.pt", map_location=self.device, weights_only=True)
+            self.text_encoder.load_state_dict(_read_safetensors(te))  # type: ignore[attr-defined]
+        try:
+            state = torch.load(path / "trainer_state.pt", map_location=self.device, weights_only=True)
+        except (OSError, RuntimeError, EOFError) as err:
+            raise ValueError(f"{path / 'trainer_state.pt'} cannot be read ({str(err).splitlines()[0][:200]}); the "
+                             "checkpoint is damaged: delete it to start over or resume from a copy") from None
         self.opt.load_state_dict(state["optimizer"])
         self.step = int(meta["step"])
 

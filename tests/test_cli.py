@@ -46,8 +46,36 @@ def test_train_then_sample_writes_checkpoint_log_and_images(triples, tmp_path):
                               "--out", str(samples)])
     assert res.exit_code == 0, res.output
     pngs = sorted(samples.glob("*.png"))
-    assert [p.name for p in pngs] == ["p0000_s0.png", "p0000_s1.png", "p0001_s0.png", "p0001_s1.png"]
+    assert [p.name for p in pngs] == ["p0000__0.png", "p0000__1.png", "p0001__0.png", "p0001__1.png"]
     assert Image.open(pngs[0]).size == (16, 16)
+    assert json.loads((samples / "prompts.json").read_text())[1] == {"prompt_id": "p0001", "prompt": "something else"}
+    assert json.loads((samples / "run.json").read_text())["block_size"] == 8
+
+
+def test_sample_shards_and_resumes_to_the_bytes_of_one_process(triples, tmp_path):
+    """`sample` is a run folder like the benchmarks': blocks of --batch-size jobs, so 2 or 3 shards (RANK /
+    WORLD_SIZE) and a rerun after lost images give the PNG bytes of one uninterrupted process."""
+    ckpt = tmp_path / "run"
+    assert runner.invoke(app, ["train", "--triples", str(triples), "--out", str(ckpt), "--preset", "tiny-16",
+                               "--steps", "2", "--batch-size", "2"]).exit_code == 0
+    args = ["sample", "--checkpoint", str(ckpt / "last"), "--prompt", "a thing number 1", "--prompt", "another",
+            "--neighbour-image", str(tmp_path / "img2.png"), "--neighbour-text", "a thing number 2",
+            "--steps", "2", "--num-samples", "3", "--batch-size", "4"]
+
+    def run(out, env=None):
+        res = runner.invoke(app, args + ["--out", str(out)], env=env)
+        assert res.exit_code == 0, res.output
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
+
+    one = run(tmp_path / "one")
+    assert len(one) == 6
+    for world in (2, 3):
+        for rank in reversed(range(world)):
+            got = run(tmp_path / f"w{world}", {"RANK": str(rank), "WORLD_SIZE": str(world)})
+        assert got == one
+    for name in ("p0000__1.png", "p0001__2.png"):  # lost from the first block and from the second
+        (tmp_path / "one" / name).unlink()
+    assert run(tmp_path / "one") == one
 
 
 def test_train_resumes_from_last_checkpoint(triples, tmp_path):

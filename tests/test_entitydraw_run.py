@@ -117,20 +117,38 @@ def test_resume_after_interruption_and_shards_reproduce_the_images(world, full_r
     monkeypatch.setattr(CascadeGenerator, "generate", flaky)
     res = invoke(world, *reimagen_args(world, out, "--batch-size", "8"))
     assert isinstance(res.exception, Interrupted)
-    assert len(pixels(out)) == 8  # the first batch survived, written atomically
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert len(first) == 8  # the first batch survived, written atomically
     monkeypatch.setattr(CascadeGenerator, "generate", real)
     res = invoke(world, *reimagen_args(world, out, "--batch-size", "8"))
-    assert res.exit_code == 0 and "made 12, skipped 8" in res.output.replace("\n", " ")
+    assert res.exit_code == 0, res.output
+    assert {n: (out / n).stat().st_mtime_ns for n in first} == first  # skipped, not made again
     ref = pixels(full_run[0])
     assert pixels(out).keys() == ref.keys() and all(np.array_equal(pixels(out)[k], ref[k]) for k in ref)
-    # two shards (RANK / WORLD_SIZE) make the same images as one process
-    shard_out = world["root"] / "sharded"
-    for rank in ("1", "0"):
-        res = invoke(world, *reimagen_args(world, shard_out, "--batch-size", "3"),
-                     env={"RANK": rank, "WORLD_SIZE": "2"})
+    assert _png_bytes(out) == _png_bytes(full_run[0])
+
+
+def _png_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_shards_make_the_bytes_of_one_process(world, full_run, world_size):
+    """RANK / WORLD_SIZE shards take whole blocks of --batch-size jobs (the full run's 8), so every PNG has the
+    bytes of the one-process run, ranks run in any order."""
+    out = world["root"] / f"sharded{world_size}"
+    for rank in reversed(range(world_size)):
+        res = invoke(world, *reimagen_args(world, out), env={"RANK": str(rank), "WORLD_SIZE": str(world_size)})
         assert res.exit_code == 0, res.output
-    got = pixels(shard_out)
-    assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)
+    assert _png_bytes(out) == _png_bytes(full_run[0])
+    assert json.loads((out / "run.json").read_text()) == json.loads((full_run[0] / "run.json").read_text())
+
+
+def test_another_batch_size_is_another_run(world, full_run):
+    """The block size fixes which images are sampled together (float kernels differ across batch shapes): a rerun
+    with another --batch-size is refused, naming it, before anything is written."""
+    res = invoke(world, *reimagen_args(world, full_run[0], "--batch-size", "3"))
+    assert res.exit_code == 2 and "block_size" in res.output
 
 
 def test_other_settings_are_refused_before_anything_is_written(world, full_run, tmp_path):

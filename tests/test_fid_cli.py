@@ -352,6 +352,10 @@ def _env(**extra):
     return env
 
 
+def _final_bytes(out: Path) -> dict[str, bytes]:
+    return {f"{p.parent.name}/{p.name}": p.read_bytes() for p in sorted((out / "images").glob("*/[!.]*.png"))}
+
+
 def _final_images(out: Path) -> dict[str, np.ndarray]:
     return {f"{p.name}/{k}": v for p in sorted((out / "images").iterdir()) for k, v in pixels(p).items()}
 
@@ -382,19 +386,21 @@ def test_run_killed_mid_generation_resumes_to_the_same_images_and_fid(world, uni
     assert again.returncode == 0, again.stderr
     want, got = _final_images(uninterrupted), _final_images(out)
     assert len(want) == 2 * N_PROMPTS and got.keys() == want.keys()
-    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert all(np.array_equal(got[k], want[k]) for k in want) and _final_bytes(out) == _final_bytes(uninterrupted)
     assert {r["point"]: r["fid"] for r in measured(out)} == {r["point"]: r["fid"] for r in measured(uninterrupted)}
     kids = {r["point"]: float(r["kid"]) for r in measured(uninterrupted)}
     assert all(float(r["kid"]) == pytest.approx(kids[r["point"]], rel=1e-9) for r in measured(out))
 
 
-def test_two_processes_make_exactly_the_images_of_one(world, uninterrupted, tmp_path):
-    out = tmp_path / "two"
-    procs = [subprocess.Popen(_cmd(world, out), cwd=REPO, env=_env(RANK=str(r), WORLD_SIZE="2"),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_several_processes_make_exactly_the_images_of_one(world, uninterrupted, tmp_path, world_size):
+    out = tmp_path / "many"
+    procs = [subprocess.Popen(_cmd(world, out), cwd=REPO, env=_env(RANK=str(r), WORLD_SIZE=str(world_size)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world_size)]
     outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [p.returncode for p in procs] == [0] * world_size, outs
     assert "rank 0 computes the metrics" in outs[1][1]
     want, got = _final_images(uninterrupted), _final_images(out)
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    assert _final_bytes(out) == _final_bytes(uninterrupted)  # the PNG files themselves, not only their pixels
     assert {r["point"]: r["fid"] for r in measured(out)} == {r["point"]: r["fid"] for r in measured(uninterrupted)}
