@@ -343,6 +343,42 @@ def reference_stats(backend, dataset_name: str, split: str, refs: Sequence[str],
                      f"reference features ({dataset_name} {split}, {len(refs)} images)", meta)
 
 
+def unreadable_images(refs: Sequence[str], root: str | None = None, label: str = "images", workers: int = 2,
+                      progress: bool = False, cache: str | os.PathLike | None = None) -> dict[str, str]:
+    """{reference: reason} of the images among ``refs`` that cannot be opened or decoded, found by decoding every
+    one (threads: PIL releases the GIL while decoding). With ``cache`` (the statistics cache) the answer is kept
+    there under the list's fingerprint (sizes included), so a reference set is scanned once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fp = items_fingerprint(refs, root)
+    path = stats_cache_dir(cache) / "scans" / (safe_name(label) + f"__n{len(refs)}__{fp}.json") if cache else None
+    if path is not None and path.is_file():
+        return dict(json.loads(path.read_text())["unreadable"])
+
+    def check(ref: str) -> str | None:
+        from .protocol import load_rgb
+
+        try:
+            load_rgb(ref, root).load()
+        except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError, truncated data, bad headers
+            return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        return None
+
+    bar = _progress(progress, f"checking {label} ({len(refs)} images)", len(refs), 0)
+    bad: dict[str, str] = {}
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for ref, why in zip(refs, pool.map(check, refs, chunksize=64)):
+                if why is not None:
+                    bad[ref] = why
+                bar(1)
+    finally:
+        bar(None)
+    if path is not None:
+        write_json(path, {"n": len(refs), "fingerprint": fp, "unreadable": bad}, **JSON_FORMAT)
+    return bad
+
+
 def clip_score(encoder, refs: Sequence[str], texts: Sequence[str], resolution: int = 256,
                batch_size: int = 32) -> float:
     """CLIP score: 100 * mean over images of max(cos(image, its prompt), 0), with the protocol preprocessing
@@ -361,4 +397,4 @@ def clip_score(encoder, refs: Sequence[str], texts: Sequence[str], resolution: i
 
 __all__ = ["JSON_FORMAT", "file_lock", "items_fingerprint", "stats_cache_dir", "safe_name", "reference_key",
            "read_header", "extract_features", "iter_feature_chunks", "feature_stats", "read_rows", "kid_from_files",
-           "frechet_distance_scipy", "Stats", "stats_for", "reference_stats", "clip_score"]
+           "frechet_distance_scipy", "Stats", "stats_for", "reference_stats", "unreadable_images", "clip_score"]

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from reimagen.atomic import write_bytes, write_text
 
 COLUMNS = ("source", "dataset", "split", "model", "db", "retriever", "k", "w_64", "w_sr", "metric", "fid", "kid",
-           "kid_std", "clip_score", "n", "n_ref", "backend", "mode", "feature_extractor", "resolution", "point",
+           "kid_std", "clip_score", "n", "n_ref", "n_ref_unreadable", "backend", "mode", "feature_extractor", "resolution", "point",
            "best")
 PAPER = "reported (paper)"
 

@@ -45,6 +45,7 @@ from .protocol import FID, ZS_FID
 MANIFEST = "fid.json"
 PROMPTS = "prompts.jsonl"
 NEIGHBOURS = "neighbours.json"
+UNREADABLE = "reference_unreadable.json"
 PAPER_GRID_64 = (1.0, 1.25, 1.5, 1.75, 2.0)
 PAPER_GRID_SR = (1.0, 5.0, 8.0, 10.0)
 NAMED_DBS = ("none", "coco-train", "wikiimages-train", "laion")
@@ -145,8 +146,12 @@ def model_kind(path: str) -> str:
     """"reimagen" (a checkpoint folder with config.json), "folder" (images named by prompt id) or "diffusers"."""
     p = Path(path)
     if p.is_dir():
-        if (p / "config.json").is_file() and json.loads((p / "config.json").read_text()).get("unet") is not None:
-            return "reimagen"
+        if (p / "config.json").is_file():
+            from reimagen.train import read_config_json
+
+            meta = read_config_json(p / "config.json")  # names a damaged config.json
+            if isinstance(meta, dict) and meta.get("unet") is not None:
+                return "reimagen"
         if (p / "model_index.json").is_file():
             return "diffusers"
         return "folder"
@@ -256,7 +261,6 @@ class FidSweep:
             self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         self.backend = make_backend(c.backend, resolve_extractor(c.feature_extractor), c.mode, self.device,
                                     c.inception_weights, self.resolution)
-        self.backend.load()  # Inception weights: fail now, not after hours of sampling
         self.stats_dir = mt.stats_cache_dir(c.stats_cache)
 
         # The dataset: prompts and the reference set (names the missing files and where to get them).
@@ -283,7 +287,7 @@ class FidSweep:
         if self.db.kb is not None and self.kind != "reimagen" and self.kind != "folder":
             raise ValueError(f"--db {c.db}: a {self.kind} baseline uses no retrieval; pass --db none")
         if self.db.kb is not None and self.kind == "reimagen":
-            if not self.base_model.cfg.neighbour_attention:
+            if not self.base_cfg.neighbour_attention:
                 raise ValueError(f"{c.model} has no neighbour attention (a text-only stage); pass --db none")
             if len(self.db.kb) == 0:
                 raise ValueError(f"database {c.db} is empty")
@@ -291,8 +295,6 @@ class FidSweep:
                 raise ValueError("--retriever clip needs CLIP weights (--clip-pretrained TAG_OR_PATH) or a prebuilt "
                                  "--index built with `reimagen-eval index build --retriever clip`")
         self.label = c.label if c.label != "auto" else (FID if self.db.in_domain else ZS_FID)
-
-        self.clip_encoder = self._clip_encoder()
 
         # An existing output folder must hold this very sweep.
         self.manifest = self._manifest()
@@ -304,6 +306,12 @@ class FidSweep:
                 raise ValueError(f"{self.out} holds a sweep with other settings (differing: {', '.join(diff)}); "
                                  "use another --out or delete it")
         self.points = self._plan()
+
+        # Every argument is checked: now the downloads and model loads (Inception weights fail here, not after
+        # hours of sampling).
+        self.backend.load()
+        self.clip_encoder = self._clip_encoder()
+        self._load_models()
         self.validated = True
         return self
 
@@ -325,24 +333,26 @@ class FidSweep:
         return family
 
     def _validate_model(self) -> None:
+        """The model's configuration only (config.json, the image folder); weights load in ``_load_models``."""
         c = self.cfg
-        self.base_model = self.sr = self.folder_gen = None
+        self.base_model = self.sr = self.folder_gen = self.base_cfg = self.sr_cfg = None
         if self.kind == "reimagen":
-            from reimagen.train import load_stage
+            from reimagen.config import UNetConfig
+            from reimagen.train import read_checkpoint_config
 
-            self.base_model, self.base_encoder = load_stage(c.model, device=self.device)
-            if self.base_model.cfg.is_super_resolution:
+            self.base_cfg = UNetConfig.from_dict(read_checkpoint_config(c.model)["unet"])
+            if self.base_cfg.is_super_resolution:
                 raise ValueError(f"--model {c.model} is a super-resolution stage; give the base (64x64) stage as "
                                  "--model and the super-resolution stage as --sr-model")
             if c.sr_model:
                 if model_kind(c.sr_model) != "reimagen":
                     raise ValueError(f"--sr-model {c.sr_model} is not a Re-Imagen checkpoint folder")
-                self.sr, self.sr_encoder = load_stage(c.sr_model, device=self.device)
-                if not self.sr.cfg.is_super_resolution:
+                self.sr_cfg = UNetConfig.from_dict(read_checkpoint_config(c.sr_model)["unet"])
+                if not self.sr_cfg.is_super_resolution:
                     raise ValueError(f"--sr-model {c.sr_model} is not a super-resolution stage")
-                if self.sr.cfg.lowres_size != self.base_model.cfg.image_size:
-                    raise ValueError(f"--sr-model expects {self.sr.cfg.lowres_size}px inputs but the base stage makes "
-                                     f"{self.base_model.cfg.image_size}px images")
+                if self.sr_cfg.lowres_size != self.base_cfg.image_size:
+                    raise ValueError(f"--sr-model expects {self.sr_cfg.lowres_size}px inputs but the base stage makes "
+                                     f"{self.base_cfg.image_size}px images")
         else:
             if c.sr_model:
                 raise ValueError("--sr-model only applies to Re-Imagen checkpoints")
@@ -360,11 +370,25 @@ class FidSweep:
                     eg = ", ".join(image_name(j.prompt_id, 0) for j in missing[:3])
                     raise ValueError(f"{c.model} has no image for {len(missing)} of the {len(self.jobs)} prompt ids "
                                      f"(e.g. {eg}); images are named <prompt_id>__0.png (or <prompt_id>.png)")
-            else:
-                from reimagen.generate import DiffusersGenerator
+                bad = mt.unreadable_images([str(self.folder_gen.path_of(j)) for j in self.jobs], label=str(c.model))
+                if bad:
+                    eg = "; ".join(f"{r} ({why})" for r, why in list(bad.items())[:3])
+                    raise ValueError(f"{len(bad)} images of {c.model} cannot be decoded (e.g. {eg}); every prompt "
+                                     "needs its image: regenerate or replace them")
 
-                self.diffusers = DiffusersGenerator(c.model, device=self.device, num_inference_steps=c.steps,
-                                                    guidance_scale=self.grid_64[0])
+    def _load_models(self) -> None:
+        c = self.cfg
+        if self.kind == "reimagen":
+            from reimagen.train import load_stage
+
+            self.base_model, self.base_encoder = load_stage(c.model, device=self.device)
+            if c.sr_model:
+                self.sr, self.sr_encoder = load_stage(c.sr_model, device=self.device)
+        elif self.kind == "diffusers":
+            from reimagen.generate import DiffusersGenerator
+
+            self.diffusers = DiffusersGenerator(c.model, device=self.device, num_inference_steps=c.steps,
+                                                guidance_scale=self.grid_64[0])
 
     def _open_database(self) -> Database:
         from reimagen.retrieval.base import open_knowledge_base
@@ -447,9 +471,9 @@ class FidSweep:
                 "retriever": self.retriever_name if uses_db else None, "k": c.k if uses_db else None,
                 "index": str(Path(c.index).resolve()) if (uses_db and c.index) else None,
                 "model": model, "steps": c.steps if self.kind != "folder" else None,
-                "sr_steps": (c.sr_steps or c.steps) if self.sr is not None else None,
+                "sr_steps": (c.sr_steps or c.steps) if self.sr_cfg is not None else None,
                 "sampler": c.sampler if self.kind == "reimagen" else None,
-                "sr_aug_level": c.sr_aug_level if self.sr is not None else None}
+                "sr_aug_level": c.sr_aug_level if self.sr_cfg is not None else None}
 
     def _plan(self) -> list[Point]:
         if self.kind == "folder":
@@ -459,7 +483,7 @@ class FidSweep:
         pts = []
         for w in self.grid_64:
             base = self.out / "base" / f"w64_{fmt_w(w)}"
-            if self.sr is None:
+            if self.sr_cfg is None:
                 pts.append(Point(f"w64_{fmt_w(w)}", w, None, base, None))
             else:
                 for v in self.grid_sr:
@@ -479,6 +503,8 @@ class FidSweep:
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.out / MANIFEST, self.manifest, **mt.JSON_FORMAT)
         write_jsonl(self.out / PROMPTS, ({"prompt_id": j.prompt_id, "text": j.prompt} for j in self.jobs))
+        if self.rank == 0:
+            self._check_reference()  # before hours of sampling, not after
         if self.kind != "folder":
             self._generate()
         if self.rank != 0:
@@ -486,6 +512,24 @@ class FidSweep:
             return {"rank": self.rank, "rows": [], "notes": self.notes}
         self._wait_for_images()
         return {"rank": 0, "rows": self._metrics(), "notes": self.notes}
+
+    def _check_reference(self) -> None:
+        """Reference images that cannot be decoded are left out of the statistics, listed in
+        reference_unreadable.json and counted in every result row (n_ref_unreadable)."""
+        ds = self.dataset
+        bad = mt.unreadable_images(ds.reference, ds.reference_root, f"{ds.name}-{ds.split}", max(2, self.cfg.workers),
+                                   self.cfg.progress, cache=self.stats_dir)
+        self.reference = [r for r in ds.reference if r not in bad]
+        write_json(self.out / UNREADABLE, bad, **mt.JSON_FORMAT)
+        if bad:
+            eg = "; ".join(f"{r} ({why})" for r, why in list(bad.items())[:3])
+            note = (f"{len(bad)} of {len(ds.reference)} reference images cannot be decoded and are left out of the "
+                    f"statistics (listed in {self.out / UNREADABLE}; e.g. {eg}); re-download them to use them")
+            self.notes.append(note)
+            self.log(note)
+        if len(self.reference) < 2:
+            raise ValueError(f"only {len(self.reference)} of the {len(ds.reference)} reference images can be decoded; "
+                             "FID needs at least 2")
 
     def _neighbours_table(self) -> dict[str, tuple[list[str], list[float]]]:
         c = self.cfg
@@ -596,9 +640,9 @@ class FidSweep:
 
     def _metrics(self) -> list[dict[str, Any]]:
         c, ds, b = self.cfg, self.dataset, self.backend
-        self.log(f"reference statistics: {len(ds.reference)} {ds.name} {ds.split} images ({b.key()}; cache "
+        self.log(f"reference statistics: {len(self.reference)} {ds.name} {ds.split} images ({b.key()}; cache "
                  f"{self.stats_dir})")
-        ref = mt.reference_stats(b, ds.name, ds.split, ds.reference, ds.reference_root, self.stats_dir,
+        ref = mt.reference_stats(b, ds.name, ds.split, self.reference, ds.reference_root, self.stats_dir,
                                  c.feature_batch_size, c.workers, c.progress)
         texts = [j.prompt for j in self.jobs]
         rows = []
@@ -638,6 +682,7 @@ class FidSweep:
                 "db": self.db.name, "retriever": self.retriever_name if uses_db else "-", "k": c.k if uses_db else 0,
                 "w_64": p.w_64, "w_sr": p.w_sr, "metric": self.label, "fid": m["fid"], "kid": m.get("kid"),
                 "kid_std": m.get("kid_std"), "clip_score": m.get("clip_score"), "n": m["n"], "n_ref": m["n_ref"],
+                "n_ref_unreadable": len(self.dataset.reference) - len(self.reference),
                 "backend": self.backend.name, "mode": self.backend.mode,
                 "feature_extractor": self.backend.extractor_name(), "resolution": self.resolution,
                 "point": p.name, "source": "measured"}

@@ -114,14 +114,19 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} is not a reimagen checkpoint folder (no config.json)")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{cfg_file} is not valid JSON ({err}); the checkpoint is damaged: copy it again or "
-                         "resume training from an earlier one") from None
+    meta = read_config_json(cfg_file)
     if not isinstance(meta, dict) or "unet" not in meta:
         raise ValueError(f"{cfg_file} has no 'unet' entry: not a reimagen stage checkpoint")
     return meta
+
+
+def read_config_json(cfg_file: Path) -> Any:
+    """A checkpoint's config.json; a damaged one is refused by name."""
+    try:
+        return json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{cfg_file} is not valid JSON ({err}); the checkpoint is damaged: copy it again or "
+                         "resume training from an earlier one") from None
 
 
 def checkpoint_digest(path: str | Path) -> str:

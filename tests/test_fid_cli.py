@@ -287,6 +287,13 @@ def _broken_coco(tmp_path, world, what: str) -> Path:
     ("folder-too-few-images", ["holds 3 images, fewer than the 24 prompts"]),
     ("bad-grid", ["--guidance-64", "comma-separated numbers"]),
     ("diffusers-offline", ["could not load the diffusers pipeline", "huggingface-cli download"]),
+    # the default Inception extractor, whose weights this machine cannot download: the user's own mistake is named
+    # first, before any download or model load
+    ("inception-unknown-db", ["unknown database 'no-such-db'"]),
+    ("inception-missing-root", ["MISSING"]),
+    ("inception-missing-model", ["--model", "MISSING", "does not exist"]),
+    ("damaged-checkpoint", ["config.json is not valid JSON", "damaged"]),
+    ("half-set-launcher", ["RANK=1 is set but WORLD_SIZE is not"]),
 ])
 def test_bad_input_is_one_red_line_exit_2_and_writes_nothing(world, tmp_path, case, needles):
     out = tmp_path / "out"
@@ -321,8 +328,21 @@ def test_bad_input_is_one_red_line_exit_2_and_writes_nothing(world, tmp_path, ca
         args += ["--guidance-64", "1,x"]
     elif case == "diffusers-offline":
         swap[str(world["base"])] = "stabilityai/sd-turbo"
+    elif case.startswith("inception-"):
+        swap["random-conv-16"] = "inception"
+        if case == "inception-unknown-db":
+            args += ["--db", "no-such-db"]
+        else:
+            swap[str(world["coco"] if case == "inception-missing-root" else world["base"])] = str(tmp_path / "MISSING")
+    elif case == "damaged-checkpoint":
+        import shutil
+
+        shutil.copytree(world["base"], tmp_path / "damaged")
+        (tmp_path / "damaged" / "config.json").write_text('{"unet": ')
+        swap[str(world["base"])] = str(tmp_path / "damaged")
+    env = {"RANK": "1"} if case == "half-set-launcher" else None
     args = [swap.get(a, a) for a in args]
-    res = run(*args)
+    res = runner.invoke(app, ["fid", *[str(a) for a in args]], env=env)
     assert res.exit_code == 2, res.output
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, res.output
@@ -331,6 +351,26 @@ def test_bad_input_is_one_red_line_exit_2_and_writes_nothing(world, tmp_path, ca
     assert not out.exists()
     after = sorted(p.name for p in world["cache"].glob("*")) if world["cache"].exists() else []
     assert after == cache_before
+
+
+def test_a_corrupt_reference_image_is_listed_counted_and_left_out(world, tmp_path):
+    """A reference JPEG that cannot be decoded is found before any image is generated, left out of the
+    reference statistics, listed in reference_unreadable.json and counted in every result row."""
+    import shutil
+
+    root = tmp_path / "coco"
+    shutil.copytree(world["coco"], root)
+    bad = sorted((root / "val2014").iterdir())[5]
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
+    out = tmp_path / "run"
+    args = [str(root) if a == str(world["coco"]) else a for a in base_args(world, out, "--guidance-64", "1",
+                                                                           "--steps", "2")]
+    res = run(*args)
+    assert res.exit_code == 0, res.output
+    assert list(json.loads((out / "reference_unreadable.json").read_text())) == [str(bad)]
+    rows = measured(out)
+    assert [(r["n_ref"], r["n_ref_unreadable"]) for r in rows] == [("39", "1")]
+    assert "1 of 40 reference images cannot be decoded" in (out / "results.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -124,8 +124,9 @@ def test_fid_cli_end_to_end_with_the_judge_features(toy, tmp_path, db, label, ex
         assert (r["n"], r["n_ref"], r["feature_extractor"], r["resolution"]) == ("8", "40", "toy-judge", "64")
         assert math.isfinite(float(r["fid"])) and float(r["fid"]) >= 0
     assert "not Inception" in (out / "results.md").read_text()
-    # the reference statistics are keyed on the judge's weights digest and the 64px protocol resolution
-    (stats,) = [p.name for p in toy["cache"].iterdir() if p.is_dir() and "toy-judge" in p.name]
+    # the reference statistics are keyed on the judge's weights digest and the 64px protocol resolution (the
+    # module's cache is shared: another test may have added the 32px entry first)
+    (stats,) = [p.name for p in toy["cache"].iterdir() if p.is_dir() and "toy-judge" in p.name and "__64px__" in p.name]
     from evaluation.features import file_digest
 
     assert f"toy-judge-{file_digest(toy['judge'] / 'judge.safetensors')}" in stats and "__64px__n40__" in stats

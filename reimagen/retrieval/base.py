@@ -172,9 +172,15 @@ class KnowledgeBase:
 
     @classmethod
     def from_parquet(cls, path: str | Path) -> "KnowledgeBase":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"knowledge-base table {path} does not exist")
+        try:
+            table = pq.read_table(path)
+        except pa.ArrowException as err:
+            raise ValueError(f"{path} cannot be read as a parquet table ({err})") from None
         missing = {"id", "text", "image"} - set(table.column_names)
         if missing:
             raise ValueError(f"{path} lacks columns {sorted(missing)}; a knowledge-base table has id, text, image")
