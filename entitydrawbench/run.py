@@ -216,8 +216,8 @@ class NeighbourProvider:
             for n in row[: self.k]:
                 try:
                     load_image(n["image"])
-                except (OSError, ValueError) as err:
-                    bad.append(f"{n['image']} ({str(err).splitlines()[0][:120]})")
+                except (OSError, ValueError) as err:  # CorruptImageError's message starts with the file's name
+                    bad.append(str(err).splitlines()[0][:300])
         if bad:
             raise ValueError(f"{len(bad)} neighbour images cannot be read: {'; '.join(bad[:5])}; re-fetch them "
                              "(entitydraw-fetch), replace them, or remove them so that their entities are skipped")
