@@ -20,29 +20,7 @@ from typing import Any, Callable, Sequence
 from .entities import write_text
 from .run import RunConfig, run_entitydraw
 from .scoring import METRIC_TITLES, METRICS, proxy_label, score_run
-
-SWEEPABLE = {"k": int, "eta": float, "guidance": str}
-FIGURE = {"k": "Figure 7 (number of neighbours K)", "eta": "Figure 8 (interleave ratio eta)",
-          "guidance": "Figure 13 (joint vs weighted vs interleaved guidance)"}
-
-
-def parse_values(param: str, spec: str | Sequence) -> list:
-    """'1,2,3,4' -> [1, 2, 3, 4], validated for the parameter."""
-    if param not in SWEEPABLE:
-        raise ValueError(f"cannot sweep {param!r}; choose {', '.join(SWEEPABLE)}")
-    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
-    try:
-        values = [SWEEPABLE[param](v) for v in items if str(v) != ""]
-    except ValueError:
-        raise ValueError(f"sweep values for {param} must be numbers, got {spec!r}") from None
-    if not values:
-        raise ValueError("no sweep values")
-    for v in values:
-        replace(RunConfig(), **{param: v}).check()  # k >= 1, eta in [0, 1]
-    if len(set(values)) != len(values):
-        raise ValueError(f"duplicate sweep values {values}")
-    return values
-
+from .summary import FIGURE, SWEEPABLE, parse_values, savefig, wrap
 
 def sweep(param: str, values: Sequence, cfg: RunConfig, make_generator: Callable[[RunConfig], Any], out: str | Path,
           references: str | Path | None, clip: dict[str, Any], entities=None, progress: bool = False,
@@ -106,7 +84,6 @@ def _plot(table: list[dict], param: str, path: Path, note: str) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .scoring import _savefig, _wrap
 
     labels = [str(r[param]) for r in table]
     xs = list(range(len(table))) if param == "guidance" else [r[param] for r in table]
@@ -123,10 +100,10 @@ def _plot(table: list[dict], param: str, path: Path, note: str) -> Path:
         ax.set_xticklabels(labels)
         ax.legend(fontsize=8)
     fig.suptitle(f"EntityDrawBench sweep over {param}, {FIGURE[param]} - AUTOMATIC PROXY scores, not human "
-                 "ratings\n" + _wrap(note, 130), fontsize=9)
+                 "ratings\n" + wrap(note, 130), fontsize=9)
     fig.subplots_adjust(top=0.78, wspace=0.3)
     try:
-        return _savefig(fig, path)
+        return savefig(fig, path)
     finally:
         plt.close(fig)
 

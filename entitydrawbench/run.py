@@ -149,7 +149,8 @@ def plan_neighbours(prompts: Sequence[dict], pairs: dict[str, list[ReferencePair
     need = [p for p in prompts if len(pairs.get(p["entity_id"], [])) < cfg.k]
     kb = retriever = None
     if need and cfg.kb:
-        from reimagen.retrieval.base import load_retriever, open_knowledge_base
+        from reimagen.retrieval.base import load_retriever
+        from reimagen.retrieval.readers import open_knowledge_base
 
         try:
             kb = open_knowledge_base(cfg.kb)

@@ -16,7 +16,6 @@ are then meaningless (the machinery is tested that way) and every output says so
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from .entities import CATEGORIES, CATEGORY_TITLES, write_json, write_jsonl, write_text
 from .run import IMAGES_FILE, read_run
+from .summary import mean_sem, savefig, wrap
 
 SELECT_MODES = ("clip-t", "clip-i", "mean")
 METRICS = ("clip_t", "clip_i")
@@ -127,31 +127,6 @@ def score_run(run: str | Path, encoder=None, clip_model: str = "ViT-B-32", pretr
 # ----------------------------------------------------------------------------------------------
 # Summaries (Table 2 and Figure 5 shapes)
 # ----------------------------------------------------------------------------------------------
-def _mean_sem(values: list[float], clusters: list | None = None) -> tuple[float | None, float | None, int]:
-    """Mean, standard error and count of the non-missing values.
-
-    With ``clusters`` (e.g. the prompt id of each image) the standard error is cluster-robust: the 4 samples of
-    one prompt share its entity, references and template, so they are not 4 independent draws, and the i.i.d.
-    formula would understate the error of a per-image rate. This is the Liang-Zeger sandwich estimator with the
-    usual G / (G - 1) correction, sqrt(G / (G - 1) * sum_g (sum_{i in g} (x_i - mean))^2) / N, written out
-    because it is five lines (statsmodels is not a dependency); with one value per cluster it is exactly the
-    i.i.d. std / sqrt(N), and with G = 1 cluster it is undefined."""
-    keep = [i for i, x in enumerate(values) if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    v = np.array([values[i] for i in keep], dtype=float)
-    if not len(v):
-        return None, None, 0
-    mean = float(v.mean())
-    if clusters is None:
-        sem = float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None  # undefined for one value
-        return mean, sem, len(v)
-    sums: dict = {}
-    for i, x in zip(keep, v):
-        sums[clusters[i]] = sums.get(clusters[i], 0.0) + (x - mean)
-    g = len(sums)
-    sem = math.sqrt(g / (g - 1) * sum(s * s for s in sums.values())) / len(v) if g > 1 else None
-    return mean, sem, len(v)
-
-
 def summarize(runs: dict[str, list[dict]], clip: dict[str, Any]) -> dict[str, Any]:
     """Per model (run label): mean, standard error and count of each metric over the best-of-N images, by
     category (+ All) and by frequency split (overall and per category); also over all samples."""
@@ -170,7 +145,7 @@ def summarize(runs: dict[str, list[dict]], clip: dict[str, Any]) -> dict[str, An
                            for c in cats]
             for group_by, group, members in groups:
                 for metric in METRICS:
-                    mean, sem, n = _mean_sem([r.get(metric) for r in members], [r["prompt_id"] for r in members])
+                    mean, sem, n = mean_sem([r.get(metric) for r in members], [r["prompt_id"] for r in members])
                     records.append({"model": label, "selection": selection, "metric": metric, "group_by": group_by,
                                     "group": group, "mean": mean, "sem": sem, "n": n})
     return {"clip": clip, "note": proxy_label(clip), "records": records, "models": list(runs)}
@@ -229,14 +204,6 @@ def write_summary(summary: dict[str, Any], stem: str | Path) -> list[Path]:
     return paths
 
 
-def _savefig(fig, path: Path) -> Path:
-    from reimagen.atomic import replacing_path  # here, not at the top: ``import reimagen`` loads torch
-
-    with replacing_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    return path
-
-
 def plot_summary(summary: dict[str, Any], path: str | Path) -> Path:
     """2 x 2 bar chart: rows CLIP-I / CLIP-T; left per category (Table 2), right frequent vs infrequent (Figure 5)."""
     import matplotlib
@@ -270,18 +237,12 @@ def plot_summary(summary: dict[str, Any], path: str | Path) -> Path:
                          fontsize=10)
             if row == 0 and col == 0 and len(models) > 1:
                 ax.legend(fontsize=8)
-    fig.suptitle("EntityDrawBench - AUTOMATIC PROXY scores (not human ratings)\n" + _wrap(summary["note"]),
+    fig.suptitle("EntityDrawBench - AUTOMATIC PROXY scores (not human ratings)\n" + wrap(summary["note"]),
                  fontsize=10)
     try:
-        return _savefig(fig, Path(path))
+        return savefig(fig, Path(path))
     finally:
         plt.close(fig)
-
-
-def _wrap(text: str, width: int = 150) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(text, width))
 
 
 def summarize_runs(runs: dict[str, str | Path], out: str | Path) -> dict[str, Any]:

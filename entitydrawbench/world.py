@@ -50,7 +50,7 @@ from reimagen.toy.world import LOOK_ATTRIBUTES, SCENE_ATTRIBUTES
 from .entities import read_jsonl, write_json, write_jsonl, write_text
 from .references import ReferencePair
 from .run import IMAGES_FILE, RunConfig, RunResult, read_run, run_prompts
-from .scoring import _mean_sem  # one mean / standard error for the CLIP and the judged summaries
+from .summary import FIGURE, mean_sem, parse_values, savefig, wrap
 
 WORLD_BENCHMARK = "entitydrawbench-toyworld-v1"
 SPLITS: tuple[str, ...] = ("frequent", "infrequent", "unseen")
@@ -333,12 +333,12 @@ def summarize_world(runs: dict[str, list[dict]], judge_info: dict) -> dict[str, 
                 members = subset if group == "all" else [r for r in subset if r.get("split") == group]
                 prompts = [r["prompt_id"] for r in members]  # a prompt's samples are not independent
                 for metric in METRICS:
-                    mean, sem, n = _mean_sem([r[metric] for r in members], prompts)
+                    mean, sem, n = mean_sem([r[metric] for r in members], prompts)
                     records.append({"model": label, "selection": selection, "metric": metric, "split": group,
                                     "mean": mean, "sem": sem, "n": n})
                 if selection == "per_image":  # finer than faithfulness: which attributes come out right
                     for a in ATTRIBUTES:
-                        mean, sem, n = _mean_sem([(r.get("judge_match") or {}).get(a) for r in members], prompts)
+                        mean, sem, n = mean_sem([(r.get("judge_match") or {}).get(a) for r in members], prompts)
                         records.append({"model": label, "selection": selection, "metric": f"attr:{a}",
                                         "split": group, "mean": mean, "sem": sem, "n": n})
     return {"judge": judge_info, "note": JUDGE_NOTE, "records": records, "models": list(runs)}
@@ -408,7 +408,6 @@ def plot_world_summary(summary: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .scoring import _savefig, _wrap
 
     recs, models = summary["records"], summary["models"]
     groups = [g for g in GROUPS if any(r["split"] == g and r["n"] for r in recs)]
@@ -431,10 +430,10 @@ def plot_world_summary(summary: dict[str, Any], path: str | Path) -> Path:
             if row == 0 and col == 0:
                 ax.legend(fontsize=8)
     fig.suptitle("EntityDrawBench on the toy world by entity frequency (Figure 5 shape)\n"
-                 + _wrap(summary["note"], 170), fontsize=9)
+                 + wrap(summary["note"], 170), fontsize=9)
     fig.subplots_adjust(top=0.84, hspace=0.35)
     try:
-        return _savefig(fig, Path(path))
+        return savefig(fig, Path(path))
     finally:
         plt.close(fig)
 
@@ -465,7 +464,6 @@ def world_sweep(param: str, values: Sequence, cfg: RunConfig, make_generator: Ca
                 out: str | Path, bench: WorldBench, per_split: int | None = None,
                 judge_path: str | Path | None = None, progress: bool = False, log=None) -> list[dict]:
     """One run per value in ``out/<param>=<value>``, each judged; ``out/sweep_<param>.csv/.md/.png``."""
-    from .ablation import FIGURE, parse_values
 
     values = parse_values(param, values)
     for v in values:
@@ -538,7 +536,6 @@ def _plot_sweep(table: list[dict], param: str, path: Path, figure: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .scoring import _savefig
 
     labels = [str(r[param]) for r in table]
     numeric = param != "guidance"
@@ -560,7 +557,7 @@ def _plot_sweep(table: list[dict], param: str, path: Path, figure: str) -> Path:
     fig.suptitle(f"Toy-world EntityDrawBench sweep over {param}: {figure} (judged, not human ratings)", fontsize=10)
     fig.subplots_adjust(top=0.84, wspace=0.12)
     try:
-        return _savefig(fig, path)
+        return savefig(fig, path)
     finally:
         plt.close(fig)
 

@@ -391,7 +391,7 @@ class FidSweep:
                                                 guidance_scale=self.grid_64[0])
 
     def _open_database(self) -> Database:
-        from reimagen.retrieval.base import open_knowledge_base
+        from reimagen.retrieval.readers import open_knowledge_base
 
         c, ds = self.cfg, self.dataset
         db = c.db.strip()

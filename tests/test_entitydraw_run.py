@@ -368,7 +368,7 @@ def test_neighbour_batches_carry_the_reference_images(world):
 
 def test_mean_sem_is_cluster_robust_by_prompt():
     """Per-image rates pool 4 samples per prompt; their standard error is clustered by prompt (Liang-Zeger)."""
-    from entitydrawbench.scoring import _mean_sem
+    from entitydrawbench.summary import mean_sem as _mean_sem
 
     a = [0.1, 0.9, 0.4, 0.7, 0.2]
     # one value per cluster: the i.i.d. formula

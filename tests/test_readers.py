@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reimagen.retrieval.base import KnowledgeBase, open_knowledge_base
+from reimagen.retrieval.base import KnowledgeBase
+from reimagen.retrieval.readers import open_knowledge_base
 from reimagen.retrieval.readers import (DATE_RE, WIKI_ID_RE, coco_image_id, coco_reference_images, read_coco,
                                         read_folder, read_parquet_collection, read_webdataset, read_wikiimages,
                                         webqa_image_offsets, wikiimages_filter_reason)

@@ -1,7 +1,7 @@
 """Retrieval for Re-Imagen (Sec. 3.2, Sec. 4): knowledge bases, BM25 and CLIP retrievers, KNN-ImageText triples.
 
     base.py         KnowledgeBase, image references, the Retriever interface, saved indexes (manifest.json)
-    readers.py      COCO, WikiImages (WebQA), LAION/img2dataset (webdataset tar, parquet), image folders
+    readers/        COCO, WikiImages (WebQA), LAION/img2dataset (webdataset tar, parquet), image folders
     bm25.py         rank-bm25 reference and the fast default BM25
     clip.py         open-clip embeddings in faiss (exact, IVF-PQ, HNSW), memory-mapped
     precomputed.py  neighbours computed elsewhere, read from a parquet table
@@ -10,4 +10,5 @@
 """
 
 from .base import (CorruptImageError, KnowledgeBase, Retriever, SearchResult, load_image, load_retriever,  # noqa: F401
-                   neighbours_from_result, open_knowledge_base)
+                   neighbours_from_result)
+from .readers import open_knowledge_base  # noqa: F401

@@ -23,7 +23,7 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 
 class CorruptImageError(ValueError):
@@ -189,36 +189,6 @@ class KnowledgeBase:
         return cls(table.column("id").to_pylist(), table.column("text").to_pylist(), table.column("image").to_pylist(),
                    meta.get("name", Path(path).stem), meta.get("root", str(Path(path).parent)), meta.get("skipped"),
                    meta.get("meta"))
-
-
-# Readers register here: open_knowledge_base("coco:/data/coco?split=val2014") -> KnowledgeBase.
-READERS: dict[str, Callable[..., KnowledgeBase]] = {}
-
-
-def register_reader(name: str) -> Callable[[Callable[..., KnowledgeBase]], Callable[..., KnowledgeBase]]:
-    def deco(fn: Callable[..., KnowledgeBase]) -> Callable[..., KnowledgeBase]:
-        READERS[name] = fn
-        return fn
-
-    return deco
-
-
-def open_knowledge_base(spec: str) -> KnowledgeBase:
-    """Open a knowledge base from ``FORMAT:PATH[?key=value&...]`` (e.g. ``coco:/data/coco?split=train2014``),
-    or a ``.parquet`` table written by ``KnowledgeBase.to_parquet``."""
-    from urllib.parse import parse_qsl
-
-    if spec.endswith(".parquet") and ":" not in spec.split("/")[0]:
-        return KnowledgeBase.from_parquet(spec)
-    fmt, sep, rest = spec.partition(":")
-    if not sep:
-        raise ValueError(f"knowledge base {spec!r}: expected FORMAT:PATH (formats: {sorted(READERS)}) or a .parquet table")
-    path, _, query = rest.partition("?")
-    if fmt not in READERS:
-        from . import readers  # noqa: F401  (registers the built-in readers)
-    if fmt not in READERS:
-        raise ValueError(f"unknown knowledge-base format {fmt!r}; choose one of {sorted(READERS)}")
-    return READERS[fmt](path, **dict(parse_qsl(query)))
 
 
 # ----------------------------------------------------------------------------------------------

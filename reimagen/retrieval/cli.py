@@ -62,7 +62,7 @@ def _check_k(k: int) -> None:
 
 
 def _open_kb(spec: str):
-    from .base import open_knowledge_base
+    from .readers import open_knowledge_base
 
     kb = open_knowledge_base(spec)
     err_console.print(escape(kb.skip_report()), highlight=False)

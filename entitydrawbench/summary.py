@@ -1,0 +1,78 @@
+"""What the CLIP-proxy summaries (``scoring``), the judged toy-world summaries (``world``) and the sweeps
+(``ablation``) share: the mean with its cluster-robust standard error, the figure writer, title wrapping, and the
+sweepable parameters with the paper's figure each belongs to."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .run import RunConfig
+
+SWEEPABLE = {"k": int, "eta": float, "guidance": str}
+FIGURE = {"k": "Figure 7 (number of neighbours K)", "eta": "Figure 8 (interleave ratio eta)",
+          "guidance": "Figure 13 (joint vs weighted vs interleaved guidance)"}
+
+
+def parse_values(param: str, spec: str | Sequence) -> list:
+    """'1,2,3,4' -> [1, 2, 3, 4], validated for the parameter."""
+    if param not in SWEEPABLE:
+        raise ValueError(f"cannot sweep {param!r}; choose {', '.join(SWEEPABLE)}")
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    try:
+        values = [SWEEPABLE[param](v) for v in items if str(v) != ""]
+    except ValueError:
+        raise ValueError(f"sweep values for {param} must be numbers, got {spec!r}") from None
+    if not values:
+        raise ValueError("no sweep values")
+    for v in values:
+        replace(RunConfig(), **{param: v}).check()  # k >= 1, eta in [0, 1]
+    if len(set(values)) != len(values):
+        raise ValueError(f"duplicate sweep values {values}")
+    return values
+
+
+def mean_sem(values: list[float], clusters: list | None = None) -> tuple[float | None, float | None, int]:
+    """Mean, standard error and count of the non-missing values.
+
+    With ``clusters`` (e.g. the prompt id of each image) the standard error is cluster-robust: the 4 samples of
+    one prompt share its entity, references and template, so they are not 4 independent draws, and the i.i.d.
+    formula would understate the error of a per-image rate. This is the Liang-Zeger sandwich estimator with the
+    usual G / (G - 1) correction, sqrt(G / (G - 1) * sum_g (sum_{i in g} (x_i - mean))^2) / N, written out
+    because it is five lines (statsmodels is not a dependency); with one value per cluster it is exactly the
+    i.i.d. std / sqrt(N), and with G = 1 cluster it is undefined."""
+    keep = [i for i, x in enumerate(values) if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    v = np.array([values[i] for i in keep], dtype=float)
+    if not len(v):
+        return None, None, 0
+    mean = float(v.mean())
+    if clusters is None:
+        sem = float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None  # undefined for one value
+        return mean, sem, len(v)
+    sums: dict = {}
+    for i, x in zip(keep, v):
+        sums[clusters[i]] = sums.get(clusters[i], 0.0) + (x - mean)
+    g = len(sums)
+    sem = math.sqrt(g / (g - 1) * sum(s * s for s in sums.values())) / len(v) if g > 1 else None
+    return mean, sem, len(v)
+
+
+def savefig(fig, path: Path) -> Path:
+    from reimagen.atomic import replacing_path  # here, not at the top: ``import reimagen`` loads torch
+
+    with replacing_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    return path
+
+
+def wrap(text: str, width: int = 150) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+__all__ = ["SWEEPABLE", "FIGURE", "parse_values", "mean_sem", "savefig", "wrap"]
