@@ -23,10 +23,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 $(VENV)/bin/reimagen-eval toy demo --out runs/toy
 
-# The suite runs as a new machine would expose it: a narrow terminal (COLUMNS=60), one torch thread instead of the
+# First the layers contract (pyproject.toml, [tool.importlinter]); then the suite runs as a new machine would expose it: a narrow terminal (COLUMNS=60), one torch thread instead of the
 # machine's two, and a random test order (pytest-randomly; rerun one order with SEED=N make test).
 SEED ?= $(shell date +%s)
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	@echo "test order: pytest -p randomly --randomly-seed=$(SEED)  (COLUMNS=60, OMP_NUM_THREADS=1)"
 	COLUMNS=60 OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -p randomly --randomly-seed=$(SEED)
 

@@ -260,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     from reimagen.config import get_preset
     from reimagen.diffusion import ddpm_step, dynamic_threshold, eps_to_x0, get_schedule, sampling_times, to_eps
     from reimagen.guidance import InterleavedGuidance, JointGuidance, branch_drop_masks
-    from reimagen.sampling import (SamplerSettings, make_generators, rand_rows, randn_rows, sample_stage)
+    from reimagen.sampling import SamplerSettings, guided_eps, make_generators, rand_rows, randn_rows, sample_stage
     from reimagen.unet import ReImagenUNet, count_parameters
 
     torch.set_num_threads(args.threads)
@@ -303,16 +303,9 @@ def run(args: argparse.Namespace) -> int:
         memory = model.encode_neighbours(nbr_images, model.project_text(nbr_emb, nbr_mask))
         return text, memory
 
-    source = torch.arange(B).repeat(nb)  # row i of every branch is a copy of sample i
-
     def ours_eps(x, t, text_rep, nbr_rep, codes):
-        """One batched forward of nb*B rows on the cached conditioning, as sample_stage does it (branches
-        of one sample that see the same text share their DStack pass: ``source``)."""
-        drop_text, drop_nbr = branch_drop_masks(codes.reshape(-1))
-        x_in = x.repeat(nb, 1, 1, 1)
-        pred = model(x_in, t.repeat(nb), text_rep, nbr_rep, drop_text, drop_nbr, source=source)
-        eps_b = to_eps(pred, x_in, log_snr(t).repeat(nb), cfg.prediction).reshape(nb, B, *shape)
-        return guidance.combine(eps_b, codes)
+        """sample_stage's guided eps: one batched forward of nb*B rows on the cached conditioning."""
+        return guided_eps(model, x, t, log_snr(t), text_rep, nbr_rep, guidance, codes)
 
     def naive_eps(x, t, codes):
         """Per branch separately: re-project the texts, re-encode the neighbours, one forward of B rows."""
@@ -381,12 +374,7 @@ def run(args: argparse.Namespace) -> int:
         text_rep = text_once.index(rep)
         for i in range(steps):
             x, t = step_inputs(i, steps)
-            codes = joint.plan(torch.zeros(B))
-            drop_text, drop_nbr = branch_drop_masks(codes.reshape(-1))
-            x_in = x.repeat(joint.num_branches, 1, 1, 1)
-            pred = model(x_in, t.repeat(joint.num_branches), text_rep, None, drop_text, drop_nbr)
-            eps_b = to_eps(pred, x_in, log_snr(t).repeat(joint.num_branches), cfg.prediction)
-            joint.combine(eps_b.reshape(joint.num_branches, B, *shape), codes)
+            guided_eps(model, x, t, log_snr(t), text_rep, None, joint, joint.plan(torch.zeros(B)))
 
     def step_flops() -> dict[str, float | int | None]:
         """Conv/matmul/attention FLOPs of one step, ours and naive (the draw the table uses, and the

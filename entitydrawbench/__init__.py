@@ -14,10 +14,10 @@ the paper describes it and runs any model on it:
                     (Re-Imagen with the reference pairs as neighbours, diffusers baselines, image folders)
     scoring         CLIP-T / CLIP-I automatic proxies, best-of-4 pre-selection, Table 2 / Figure 5 summaries
     ablation        sweeps over K (Figure 7), eta (Figure 8) and the guidance (Figure 13)
-    world           the same benchmark on the synthetic long-tail world (reimagen.toy), judged for faithfulness
+    world           the same benchmark on the synthetic long-tail world (toyworld), judged for faithfulness
     cli             the ``reimagen-eval entitydraw*`` commands
 
-Human ratings (photorealism, faithfulness) are issue [rating]'s; it reads a run folder's ``images.jsonl``.
+Human ratings (photorealism, faithfulness) are the human evaluation's (``human_eval``); it reads a run folder's ``images.jsonl``.
 """
 
 from .entities import CATEGORIES, Entity, load_entities

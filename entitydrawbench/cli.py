@@ -19,10 +19,10 @@ prompts, its reference pairs as neighbours, fast CPU sampling defaults, and the 
     reimagen-eval entitydraw-summary retrieval=runs/edb-world text-only=runs/edb-world-t2i --out runs/edb-world-cmp
     reimagen-eval entitydraw-sweep --world runs/toyworld --model BASE --model SR --param eta --values 0,0.5,1
 
-The main app registers them (reimagen/cli.py)::
+The application registers them (reimagen_eval/cli.py)::
 
-    from entitydrawbench.cli import COMMANDS as _ENTITYDRAW_COMMANDS  # noqa: E402  (issue [entitydraw])
-    for _cmd in _ENTITYDRAW_COMMANDS:
+    from entitydrawbench.cli import COMMANDS as ENTITYDRAW_COMMANDS
+    for _cmd in ENTITYDRAW_COMMANDS:
         app.command()(_cmd)
 
 Bad input (unknown category, eta outside [0, 1], k < 1, a missing reference under --strict, an image folder
@@ -32,6 +32,7 @@ written before the inputs are checked. Heavy imports happen inside the commands.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -40,7 +41,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from reimagen.retrieval.cli import _friendly
+from reimagen.cliutil import friendly
 
 err = Console(stderr=True)
 out_console = Console()
@@ -53,8 +54,9 @@ _IMAGES_FROM = typer.Option(None, "--images-from", help="Images made elsewhere: 
                             "(see `entitydraw-prompts` for the ids). Refused if any image is missing.")
 _REFERENCES = typer.Option(None, "--references", help="Reference folder (from entitydraw-fetch, or images named "
                            "<entity id>.jpg). Required for retrieval; recorded for baselines (CLIP-I).")
-_K = typer.Option(2, "--k", "-k", help="Neighbours per prompt (Table 2: K = 2).")
-_ETA = typer.Option(0.5, "--eta", help="Interleave ratio in [0, 1]: share of text-enhanced steps (Eq. 6).")
+_K = typer.Option(2, "--k", "-k", min=1, help="Neighbours per prompt (Table 2: K = 2).")
+_ETA = typer.Option(0.5, "--eta", min=0.0, max=1.0, help="Interleave ratio in [0, 1]: share of text-enhanced steps "
+                    "(Eq. 6); with --guidance weighted, the mixing weight lam of Appendix E.")
 _GUIDANCE = typer.Option("interleaved", "--guidance", help="Base-stage guidance: interleaved (the paper), weighted, "
                          "joint.")
 # Sampling options default to the paper's settings, or to fast CPU settings with --world (world.WORLD_DEFAULTS).
@@ -75,7 +77,7 @@ _WORLD = typer.Option(None, "--world", help="A built toy world folder (reimagen-
 _PER_SPLIT = typer.Option(None, "--per-split", help="With --world: only the first N entities of each frequency split "
                           "(quick runs).")
 _JUDGE = typer.Option(None, "--judge", help="With --world: the judge folder (default: the shipped "
-                      "reimagen/toy/weights/judge).")
+                      "toyworld/weights/judge).")
 _NO_RETRIEVAL = typer.Option(False, "--no-retrieval", help="Sample the Re-Imagen cascade text-only (no neighbours).")
 _KB = typer.Option(None, "--kb", help="Knowledge base (FORMAT:PATH or .parquet) to top up neighbours by BM25 when k "
                    "exceeds an entity's reference pairs.")
@@ -108,6 +110,77 @@ _CLIP_PRETRAINED = typer.Option(None, "--clip-pretrained", help="open-clip weigh
 _SELECT = typer.Option("mean", "--select", help="Best-of-N selection score: clip-t, clip-i or mean (of the two).")
 
 
+@dataclass(frozen=True)
+class DrawOptions:
+    """The options of `entitydraw` (and the shared part of `entitydraw-sweep`) as given on the command line; the
+    sampling ones are None until ``with_defaults`` fills in the paper's (Sec. 4.2) or the toy world's."""
+
+    model: list[Path]  # Re-Imagen stage checkpoints, base first
+    diffusers: Optional[str]  # or a text-only diffusers baseline
+    images_from: Optional[Path]  # or images made elsewhere
+    references: Optional[Path]  # the entities' reference pairs (retrieval; CLIP-I)
+    world: Optional[Path]  # a built toy world instead of the open benchmark
+    per_split: Optional[int]  # with --world: first N entities per frequency split
+    judge: Optional[Path]  # with --world: the judge folder
+    out: Path  # the run folder
+    k: int  # neighbours per prompt (Table 2: K = 2)
+    eta: float  # interleave ratio (Eq. 6); weighted guidance's mixing weight lam
+    guidance: str  # base stage: interleaved | weighted | joint
+    w_text: Optional[float]  # w_p
+    w_neighbours: Optional[float]  # w_n
+    steps: Optional[int]  # base-stage sampling steps
+    sr_guidance: Optional[str]  # comma-separated, one per super-resolution stage
+    sr_steps: Optional[str]  # comma-separated, one per super-resolution stage
+    sr_aug_level: float  # noise level of the low-res input at sampling
+    sampler: Optional[str]  # ddpm | ddim
+    no_retrieval: bool  # the cascade text-only
+    kb: Optional[str]  # knowledge base of the BM25 top-up
+    kb_index: Optional[Path]  # its saved BM25 index
+    topup_query: str  # name | prompt
+    allow_fewer_neighbours: bool  # pad missing slots (masked) instead of failing
+    samples_per_prompt: int  # the paper: 4
+    seed: int  # image = f(prompt id, sample index, seed)
+    prompt_seed: int  # each entity's template draw
+    categories: str  # comma-separated, or all
+    per_category: Optional[int]  # first N entities per category
+    strict: bool  # fail on an entity without a reference image
+    frequency_source: str  # wordfreq, wordfreq:LANG, or a caption corpus
+    caption_column: Optional[str]  # the corpus's caption column
+    batch_size: int  # images per generation block
+    device: str  # torch device
+    size: Optional[int]  # baselines: output size
+    diffusers_steps: int  # baseline: inference steps
+    diffusers_guidance: float  # baseline: guidance scale
+
+    @classmethod
+    def of(cls, values: dict) -> "DrawOptions":
+        """The options among a command's arguments (``entitydraw-sweep`` has more)."""
+        return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+    def with_defaults(self) -> "DrawOptions":
+        """Unset sampling options filled: the paper's, or the toy world's fast ones with --world; the
+        benchmark-only and the world-only options are not mixed."""
+        from .world import WORLD_DEFAULTS
+
+        filled = {}
+        for key, paper in PAPER_DEFAULTS.items():
+            if getattr(self, key) is None:
+                default = WORLD_DEFAULTS[key] if self.world is not None else paper
+                filled[key] = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        if self.world is not None:
+            bad = [opt for opt, on in (("--references", self.references is not None),
+                                       ("--categories", self.categories != "all"),
+                                       ("--per-category", self.per_category is not None),
+                                       ("--frequency-source", self.frequency_source != "wordfreq"),
+                                       ("--diffusers", self.diffusers is not None)) if on]
+            if bad:
+                raise ValueError(f"{', '.join(bad)} cannot be used with --world: the world's prompts, references "
+                                 "and frequency splits are used (--per-split N for quick runs)")
+        elif self.per_split is not None or self.judge is not None:
+            raise ValueError("--per-split and --judge need --world (a built toy world folder)")
+        return replace(self, **filled)
+
+
 def _floats(spec: str, what: str) -> tuple[float, ...]:
     try:
         return tuple(float(s) for s in spec.split(",") if s.strip())
@@ -126,76 +199,51 @@ PAPER_DEFAULTS = {"steps": 256, "sampler": "ddpm", "w_text": 30.0, "w_neighbours
                   "sr_steps": "128,32"}
 
 
-def _defaults(kw: dict) -> dict:
-    """Fill unset sampling options: the paper's (Sec. 4.2), or the toy world's fast ones with --world; check that
-    the benchmark-only options and the world-only ones are not mixed."""
-    from .world import WORLD_DEFAULTS
-
-    kw = dict(kw)
-    world = kw.get("world") is not None
-    for key, paper in PAPER_DEFAULTS.items():
-        if kw.get(key) is None:
-            default = WORLD_DEFAULTS[key] if world else paper
-            kw[key] = ",".join(map(str, default)) if isinstance(default, tuple) else default
-    if world:
-        bad = [opt for opt, on in (("--references", kw.get("references") is not None),
-                                   ("--categories", kw.get("categories", "all") != "all"),
-                                   ("--per-category", kw.get("per_category") is not None),
-                                   ("--frequency-source", kw.get("frequency_source", "wordfreq") != "wordfreq"),
-                                   ("--diffusers", kw.get("diffusers") is not None)) if on]
-        if bad:
-            raise ValueError(f"{', '.join(bad)} cannot be used with --world: the world's prompts, references and "
-                             "frequency splits are used (--per-split N for quick runs)")
-    elif kw.get("per_split") is not None or kw.get("judge") is not None:
-        raise ValueError("--per-split and --judge need --world (a built toy world folder)")
-    return kw
-
-
-def _config(**kw):
+def _config(opts: DrawOptions):
     from .entities import parse_categories
     from .run import RunConfig
 
-    kw = _defaults(kw)
-    if kw["sampler"] not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler {kw['sampler']!r}; choose ddpm or ddim")
+    o = opts.with_defaults()
+    if o.sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"unknown sampler {o.sampler!r}; choose ddpm or ddim")
     cfg = RunConfig(
-        seed=kw["seed"], prompt_seed=kw["prompt_seed"], samples_per_prompt=kw["samples_per_prompt"],
-        categories=parse_categories(kw["categories"]), per_category=kw["per_category"], k=kw["k"], eta=kw["eta"],
-        guidance=kw["guidance"], w_text=kw["w_text"], w_neighbours=kw["w_neighbours"], steps=kw["steps"],
-        sr_guidance=_floats(kw["sr_guidance"], "--sr-guidance"), sr_steps=_ints(kw["sr_steps"], "--sr-steps"),
-        sr_aug_level=kw["sr_aug_level"], sampler=kw["sampler"], retrieval=not kw["no_retrieval"], kb=kw["kb"],
-        kb_index=str(kw["kb_index"]) if kw["kb_index"] else None, topup_query=kw["topup_query"],
-        allow_fewer_neighbours=kw["allow_fewer_neighbours"], strict=kw["strict"],
-        frequency_source=kw["frequency_source"], caption_column=kw["caption_column"], batch_size=kw["batch_size"],
-        device=kw["device"])
+        seed=o.seed, prompt_seed=o.prompt_seed, samples_per_prompt=o.samples_per_prompt,
+        categories=parse_categories(o.categories), per_category=o.per_category, k=o.k, eta=o.eta,
+        guidance=o.guidance, w_text=o.w_text, w_neighbours=o.w_neighbours, steps=o.steps,
+        sr_guidance=_floats(o.sr_guidance, "--sr-guidance"), sr_steps=_ints(o.sr_steps, "--sr-steps"),
+        sr_aug_level=o.sr_aug_level, sampler=o.sampler, retrieval=not o.no_retrieval, kb=o.kb,
+        kb_index=str(o.kb_index) if o.kb_index else None, topup_query=o.topup_query,
+        allow_fewer_neighbours=o.allow_fewer_neighbours, strict=o.strict,
+        frequency_source=o.frequency_source, caption_column=o.caption_column, batch_size=o.batch_size,
+        device=o.device)
     cfg.check()
-    if kw["references"] is not None and not Path(kw["references"]).is_dir():
-        raise FileNotFoundError(f"reference folder {kw['references']} does not exist")
-    sources = [bool(kw["model"]), kw["diffusers"] is not None, kw["images_from"] is not None]
+    if o.references is not None and not Path(o.references).is_dir():
+        raise FileNotFoundError(f"reference folder {o.references} does not exist")
+    sources = [bool(o.model), o.diffusers is not None, o.images_from is not None]
     if sum(sources) != 1:
         raise ValueError("give exactly one model: --model CHECKPOINT (Re-Imagen), --diffusers PIPELINE (text-only "
                          "baseline) or --images-from FOLDER (images made elsewhere)")
-    if kw["images_from"] is not None and not Path(kw["images_from"]).is_dir():
-        raise FileNotFoundError(f"image folder {kw['images_from']} does not exist")
+    if o.images_from is not None and not Path(o.images_from).is_dir():
+        raise FileNotFoundError(f"image folder {o.images_from} does not exist")
     return cfg
 
 
-def _generator_factory(kw):
+def _generator_factory(opts: DrawOptions):
     """cfg -> generator for the chosen model source."""
 
     def make(cfg):
-        if kw["model"]:
+        if opts.model:
             from .run import cascade_generator
 
-            return cascade_generator([str(p) for p in kw["model"]], cfg)
-        if kw["diffusers"] is not None:
+            return cascade_generator([str(p) for p in opts.model], cfg)
+        if opts.diffusers is not None:
             from reimagen.generate import DiffusersGenerator
 
-            return DiffusersGenerator(kw["diffusers"], device=cfg.device, num_inference_steps=kw["diffusers_steps"],
-                                      guidance_scale=kw["diffusers_guidance"], size=kw["size"])
+            return DiffusersGenerator(opts.diffusers, device=cfg.device, num_inference_steps=opts.diffusers_steps,
+                                      guidance_scale=opts.diffusers_guidance, size=opts.size)
         from reimagen.generate import FolderGenerator
 
-        return FolderGenerator(kw["images_from"], size=kw["size"])
+        return FolderGenerator(opts.images_from, size=opts.size)
 
     return make
 
@@ -221,30 +269,30 @@ def entitydraw(
     diffusers_steps: int = _DIFF_STEPS, diffusers_guidance: float = _DIFF_GUIDANCE,
 ) -> None:
     """EntityDrawBench (Sec. 4.2): 4 images per prompt, paper settings, resumable run folder with metadata."""
-    _entitydraw(dict(locals()))
+    _entitydraw(DrawOptions.of(locals()))
 
 
-@_friendly
-def _entitydraw(kw: dict) -> None:
+@friendly
+def _entitydraw(opts: DrawOptions) -> None:
     import time
 
     from .run import run_entitydraw
 
-    cfg = _config(**kw)
+    cfg = _config(opts)
     bench = None
-    if kw["world"] is not None:
+    if opts.world is not None:
         from .world import WorldBench, check_world_config
 
-        bench = WorldBench.open(kw["world"])  # fails fast, before any model is loaded
-        check_world_config(cfg, bench, cfg.retrieval and bool(kw["model"]))
-    gen = _generator_factory(kw)(cfg)
+        bench = WorldBench.open(opts.world)  # fails fast, before any model is loaded
+        check_world_config(cfg, bench, cfg.retrieval and bool(opts.model))
+    gen = _generator_factory(opts)(cfg)
     t0 = time.perf_counter()
     if bench is not None:
         from .world import run_world
 
-        res = run_world(gen, kw["out"], cfg, bench, kw["per_split"], progress=True, log=_log)
+        res = run_world(gen, opts.out, cfg, bench, opts.per_split, progress=True, log=_log)
     else:
-        res = run_entitydraw(gen, kw["out"], cfg, references=kw["references"], progress=True, log=_log)
+        res = run_entitydraw(gen, opts.out, cfg, references=opts.references, progress=True, log=_log)
     secs = time.perf_counter() - t0
     _print_skipped(res.skipped)
     rate = f"; {secs / res.counts['made']:.2f} s per image ({secs:.1f} s)" if res.counts["made"] else ""
@@ -253,7 +301,7 @@ def _entitydraw(kw: dict) -> None:
               f"(this shard: {res.counts['total']}){rate}",
               highlight=False)
     if bench is not None:
-        _autoscore(res.out, kw["judge"])
+        _autoscore(res.out, opts.judge)
 
 
 def _autoscore(run: Path, judge: Optional[Path]) -> None:
@@ -284,7 +332,7 @@ def _print_skipped(skipped: dict[str, str], limit: int = 20) -> None:
         err.print(f"  ... and {len(skipped) - limit} more (skipped.json in the run folder)", highlight=False)
 
 
-@_friendly
+@friendly
 def entitydraw_prompts(
     out: Path = typer.Option(Path("entitydraw_prompts"), "--out", help="FILE.jsonl, FILE.csv, or a stem for both."),
     seed: int = typer.Option(0, "--seed", help="Seed of each entity's template draw."),
@@ -309,7 +357,7 @@ def entitydraw_prompts(
               f"{escape(rows[0]['frequency_source'])}) -> {escape(', '.join(map(str, paths)))}", highlight=False)
 
 
-@_friendly
+@friendly
 def entitydraw_fetch(
     out: Path = typer.Option(Path("entitydraw_refs"), "--out", help="Reference folder to write (resumable)."),
     from_folder: Optional[Path] = typer.Option(None, "--from-folder", help="Import your own images (named by entity "
@@ -359,7 +407,7 @@ def entitydraw_fetch(
             raise ValueError(f"{len(report.missing)} references missing (--strict)")
 
 
-@_friendly
+@friendly
 def entitydraw_score(
     run: Path = typer.Argument(..., help="A run folder made by entitydraw."),
     clip_model: str = _CLIP_MODEL, clip_pretrained: Optional[str] = _CLIP_PRETRAINED, select: str = _SELECT,
@@ -369,7 +417,7 @@ def entitydraw_score(
                                        "unfinished."),
     label: Optional[str] = typer.Option(None, "--label", help="Model name in the summary (default: the folder name)."),
     judge: Optional[Path] = typer.Option(None, "--judge", help="Toy-world runs (entitydraw --world) are judged, not "
-                                         "CLIP-scored: the judge folder (default: reimagen/toy/weights/judge)."),
+                                         "CLIP-scored: the judge folder (default: toyworld/weights/judge)."),
 ) -> None:
     """CLIP-T / CLIP-I of a run, best-of-N selection, Table 2 / Figure 5 summary: automatic proxies, not human.
     A toy-world run is judged instead: look_ok, scene_ok, faithful per image, best of N, per-split rates."""
@@ -440,7 +488,7 @@ def _print_summary(summary: dict) -> None:
     err.print(f"[yellow]{escape(summary['note'])}[/]", highlight=False)
 
 
-@_friendly
+@friendly
 def entitydraw_summary(
     runs: list[str] = typer.Argument(..., help="Scored run folders, as PATH or LABEL=PATH (one row per model)."),
     out: Path = typer.Option(Path("entitydraw_summary"), "--out", help="Output stem: OUT.csv, OUT.md, OUT.png."),
@@ -483,44 +531,44 @@ def entitydraw_sweep(
 ) -> None:
     """Ablation over K (Figure 7), eta (Figure 8) or the guidance (Figure 13): run + score per value (CLIP, or the
     judge with --world); one table, one plot."""
-    _entitydraw_sweep(dict(locals()))
+    _entitydraw_sweep(DrawOptions.of(locals()), param, values, clip_model, clip_pretrained, select)
 
 
-@_friendly
-def _entitydraw_sweep(kw: dict) -> None:
+@friendly
+def _entitydraw_sweep(opts: DrawOptions, param: str, values: str, clip_model: str, clip_pretrained: Optional[str],
+                      select: str) -> None:
     from .ablation import parse_values, sweep
     from .scoring import SELECT_MODES
 
-    values = parse_values(kw["param"], kw["values"])
-    if kw["select"] not in SELECT_MODES:
-        raise ValueError(f"unknown selection score {kw['select']!r}; choose {', '.join(SELECT_MODES)}")
-    cfg = _config(**kw)
-    if kw["images_from"] is not None or kw["diffusers"] is not None or not cfg.retrieval:
+    values = parse_values(param, values)
+    if select not in SELECT_MODES:
+        raise ValueError(f"unknown selection score {select!r}; choose {', '.join(SELECT_MODES)}")
+    cfg = _config(opts)
+    if opts.images_from is not None or opts.diffusers is not None or not cfg.retrieval:
         raise ValueError("k, eta and the guidance only matter for a Re-Imagen model with retrieval: pass --model "
                          "and drop --no-retrieval")
-    if kw["world"] is not None:
-        return _world_sweep(kw, values, cfg)
-    clip = {"model": kw["clip_model"], "pretrained": kw["clip_pretrained"], "select": kw["select"],
-            "device": kw["device"]}
-    table = sweep(kw["param"], values, cfg, _generator_factory(kw), kw["out"], kw["references"], clip, log=_log)
-    t = Table(title=f"sweep over {kw['param']} - automatic proxy scores (best of N), NOT human ratings")
-    for col in (kw["param"], "prompts", "CLIP-I all", "CLIP-T all", "CLIP-I frequent", "CLIP-I infrequent"):
+    if opts.world is not None:
+        return _world_sweep(opts, param, values, cfg)
+    clip = {"model": clip_model, "pretrained": clip_pretrained, "select": select,
+            "device": opts.device}
+    table = sweep(param, values, cfg, _generator_factory(opts), opts.out, opts.references, clip, log=_log)
+    t = Table(title=f"sweep over {param} - automatic proxy scores (best of N), NOT human ratings")
+    for col in (param, "prompts", "CLIP-I all", "CLIP-T all", "CLIP-I frequent", "CLIP-I infrequent"):
         t.add_column(col)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in table:
-        t.add_row(str(r[kw["param"]]), str(r["prompts"]), fmt(r.get("clip_i_all")), fmt(r.get("clip_t_all")),
+        t.add_row(str(r[param]), str(r["prompts"]), fmt(r.get("clip_i_all")), fmt(r.get("clip_t_all")),
                   fmt(r.get("clip_i_frequent")), fmt(r.get("clip_i_infrequent")))
     out_console.print(t)
-    err.print(f"table and plot: {escape(str(kw['out']))}/sweep_{escape(kw['param'])}.csv/.md/.png", highlight=False)
+    err.print(f"table and plot: {escape(str(opts.out))}/sweep_{escape(param)}.csv/.md/.png", highlight=False)
 
 
-def _world_sweep(kw: dict, values: list, cfg) -> None:
+def _world_sweep(opts: DrawOptions, param: str, values: list, cfg) -> None:
     from .world import METRIC_TITLES, WorldBench, world_sweep
 
-    bench = WorldBench.open(kw["world"])
-    param = kw["param"]
-    table = world_sweep(param, values, cfg, _generator_factory(kw), kw["out"], bench, kw["per_split"],
-                        judge_path=kw["judge"], log=_log)
+    bench = WorldBench.open(opts.world)
+    table = world_sweep(param, values, cfg, _generator_factory(opts), opts.out, bench, opts.per_split,
+                        judge_path=opts.judge, log=_log)
     t = Table(title=f"toy-world sweep over {param} - judged (per image, all splits; faithful also best of N)")
     for col in (param, "prompts", *(METRIC_TITLES[m] for m in ("look_ok", "scene_ok", "faithful")),
                 "faithful, best of N"):
@@ -530,7 +578,7 @@ def _world_sweep(kw: dict, values: list, cfg) -> None:
         t.add_row(str(r[param]), str(r["prompts"]), fmt(r, "look_ok_all"), fmt(r, "scene_ok_all"),
                   fmt(r, "faithful_all"), fmt(r, "faithful_all_best"))
     out_console.print(t)
-    err.print(f"table and plot: {escape(str(kw['out']))}/sweep_{escape(param)}.csv/.md/.png", highlight=False)
+    err.print(f"table and plot: {escape(str(opts.out))}/sweep_{escape(param)}.csv/.md/.png", highlight=False)
 
 
 COMMANDS = (entitydraw, entitydraw_prompts, entitydraw_fetch, entitydraw_score, entitydraw_summary, entitydraw_sweep)

@@ -99,36 +99,35 @@ class RunConfig:
 def cascade_generator(checkpoints: Sequence[str | Path], cfg: RunConfig):
     """A ``CascadeGenerator`` of trained stage checkpoints (base first) with the paper's EntityDrawBench
     sampling settings (see RunConfig)."""
-    from reimagen.cascade import Cascade, Stage
+    from reimagen.cascade import Cascade
+    from reimagen.config import UNetConfig
     from reimagen.generate import CascadeGenerator
     from reimagen.guidance import JointGuidance, make_guidance
     from reimagen.sampling import SamplerSettings
-    from reimagen.train import checkpoint_digest, load_stage
+    from reimagen.train import checkpoint_digest, read_checkpoint_config
 
     if not checkpoints:
         raise ValueError("no model: pass --model CHECKPOINT (repeat for super-resolution stages)")
     for p in checkpoints:
         if not Path(p).is_dir():
             raise FileNotFoundError(f"model checkpoint folder {p} does not exist")
-    loaded = [load_stage(p, device=cfg.device) for p in checkpoints]
-    n_sr = len(loaded) - 1
+    n_sr = len(checkpoints) - 1
     if n_sr > len(cfg.sr_guidance) or n_sr > len(cfg.sr_steps):
         raise ValueError(f"{n_sr} super-resolution stages but guidance weights {list(cfg.sr_guidance)} and steps "
                          f"{list(cfg.sr_steps)}: give one value per stage (--sr-guidance, --sr-steps)")
-    base_model, enc = loaded[0]
-    if cfg.retrieval and base_model.neighbour_attn is None:
+    if cfg.retrieval and not UNetConfig.from_dict(read_checkpoint_config(checkpoints[0])["unet"]).neighbour_attention:
         raise ValueError(f"{checkpoints[0]} has no neighbour attention: run it with --no-retrieval")
     if cfg.retrieval:
-        base_g = make_guidance(cfg.guidance, w=cfg.w_text if cfg.guidance == "joint" else None, w_p=cfg.w_text,
-                               w_n=cfg.w_neighbours, eta=cfg.eta)
+        base_g = make_guidance(cfg.guidance, w_text=cfg.w_text, w_neighbours=cfg.w_neighbours, eta=cfg.eta,
+                               lam=cfg.eta)  # weighted guidance mixes with --eta as its lam (Appendix E)
     else:
         base_g = JointGuidance(w=cfg.w_text, use_neighbours=False)
-    stages = [Stage(base_model, base_g, SamplerSettings(steps=cfg.steps, sampler=cfg.sampler))]
-    for i, (model, _) in enumerate(loaded[1:]):
-        use_n = cfg.retrieval and model.neighbour_attn is not None
-        stages.append(Stage(model, JointGuidance(w=cfg.sr_guidance[i], use_neighbours=use_n),
-                            SamplerSettings(steps=cfg.sr_steps[i], sampler=cfg.sampler, aug_level=cfg.sr_aug_level)))
-    gen = CascadeGenerator(Cascade(stages, enc), settings={"checkpoints": [checkpoint_digest(p) for p in checkpoints]})
+    guidance = [base_g] + [JointGuidance(w=cfg.sr_guidance[i], use_neighbours=cfg.retrieval) for i in range(n_sr)]
+    settings = [SamplerSettings(steps=cfg.steps, sampler=cfg.sampler)]
+    settings += [SamplerSettings(steps=cfg.sr_steps[i], sampler=cfg.sampler, aug_level=cfg.sr_aug_level)
+                 for i in range(n_sr)]
+    cascade = Cascade.from_checkpoints(checkpoints, guidance, settings, device=cfg.device)
+    gen = CascadeGenerator(cascade, settings={"checkpoints": [checkpoint_digest(p) for p in checkpoints]})
     gen.provenance = {"checkpoints": [str(Path(p).resolve()) for p in checkpoints]}  # not compared on resume
     return gen
 

@@ -1,4 +1,4 @@
-"""EntityDrawBench on the synthetic long-tail world (``reimagen.toy``): the paper's measurements, judged.
+"""EntityDrawBench on the synthetic long-tail world (``toyworld``): the paper's measurements, judged.
 
 The paper's EntityDrawBench (Sec. 4.2, Appendix C) asks a model to draw rare entities in new scenes, with the
 entity's own reference (image, text) pairs as the retrieved neighbours, and has humans rate the best of 4
@@ -13,7 +13,7 @@ images for *faithfulness*: the entity looks like its reference AND the scene is 
 This module runs the same protocol on a built toy world (``reimagen-eval toy build``), whose entities have
 invented names and fixed looks, a long-tailed corpus, and 3 reference pairs each; the frequency splits
 (frequent / infrequent / unseen) are counted from the world's corpus (``World.frequency_splits``). A trained
-judge CNN (``reimagen.toy.judge``) replaces the human raters: it reads the entity's look and the scene back from
+judge CNN (``toyworld.judge``) replaces the human raters: it reads the entity's look and the scene back from
 each image, so faithfulness is measured, not proxied.
 
     WorldBench        a built world folder: prompts (``World.bench_prompts``), reference pairs
@@ -43,9 +43,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-import reimagen.toy as _toy
+import toyworld as _toy
 from reimagen import atomic
-from reimagen.toy.world import LOOK_ATTRIBUTES, SCENE_ATTRIBUTES
+from toyworld.world import LOOK_ATTRIBUTES, SCENE_ATTRIBUTES
 
 from .entities import read_jsonl, write_json, write_jsonl, write_text
 from .references import ReferencePair
@@ -84,7 +84,7 @@ class WorldBench:
     """A built world folder (``reimagen-eval toy build``) as an EntityDrawBench: prompts and reference pairs."""
 
     folder: Path
-    world: Any  # reimagen.toy.world.World
+    world: Any  # toyworld.world.World
     fingerprint: str
     ref_ids: list[str]
     ref_texts: list[str]
@@ -94,7 +94,7 @@ class WorldBench:
     @classmethod
     def open(cls, folder: str | Path) -> "WorldBench":
         from reimagen.retrieval.base import KnowledgeBase
-        from reimagen.toy.build import load_world
+        from toyworld.build import load_world
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -176,7 +176,7 @@ class WorldBench:
 
 def world_of_run(manifest: dict) -> Any:
     """The World a run was made on, rebuilt from its run.json (no world folder needed)."""
-    from reimagen.toy.world import rebuild_world
+    from toyworld.world import rebuild_world
 
     return rebuild_world(manifest["world_spec"], manifest.get("world"), "the run", "rerun it")
 
@@ -227,7 +227,7 @@ def run_complete(run: str | Path) -> bool:
 # ----------------------------------------------------------------------------------------------
 def load_world_judge(path: str | Path | None = None, world_fingerprint: str | None = None):
     """(judge, info) from a judge folder (default: the shipped one); refused if trained on another world."""
-    from reimagen.toy.judge import judge_info, load_judge
+    from toyworld.judge import judge_info, load_judge
 
     path = Path(path) if path is not None else DEFAULT_JUDGE
     judge = load_judge(path)  # FileNotFoundError with a hint if absent
@@ -255,8 +255,8 @@ def judge_rows(judge, world, run: Path, rows: list[dict], batch_size: int = 64) 
     """Add look_ok, scene_ok, faithful, attributes_ok ("k/n": attributes read as asked, of 6 or 7), judge_match
     (attribute -> read as asked; pattern_colour only for patterned entities) and the judge's readings to ``rows``
     in place (None for rows whose image is missing)."""
-    from reimagen.toy.judge import judged_attributes, verdicts
-    from reimagen.toy.world import Scene, scene_attributes
+    from toyworld.judge import judged_attributes, verdicts
+    from toyworld.world import Scene, scene_attributes
 
     for r in rows:
         r.update(look_ok=None, scene_ok=None, faithful=None, attributes_ok=None, judge=None, judge_match=None)

@@ -1,6 +1,6 @@
 """``reimagen-eval fid``: the COCO-30K / WikiImages-20K FID sweeps of Table 1 (Sec. 4.1).
 
-reimagen/cli.py registers the command::
+The application (reimagen_eval/cli.py) registers the command::
 
     from evaluation.cli import fid
     app.command()(fid)
@@ -12,33 +12,17 @@ the output folder is created. Heavy imports happen inside the command.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from reimagen.cliutil import friendly
+
 err_console = Console(stderr=True)
-
-
-def _friendly(fn: Callable) -> Callable:
-    """Bad-input exceptions -> one red line (multi-line messages joined), exit code 2 (as reimagen.cli); also
-    reimagen's NonFiniteError (a FloatingPointError: unstable guidance weights or an untrained checkpoint)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, RuntimeError, ImportError, KeyError, FloatingPointError) as err:
-            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-            line = " ".join(str(msg).split())
-            err_console.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True, highlight=False)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _options(pairs: list[str]) -> dict[str, str]:
@@ -51,7 +35,7 @@ def _options(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-@_friendly
+@friendly
 def fid(
     dataset: str = typer.Option("coco", "--dataset", help="coco (FID-30K), wikiimages (FID-20K), or synthetic "
                                 "(registered by the toy-world issue); any name added with evaluation.datasets."

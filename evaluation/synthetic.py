@@ -1,4 +1,4 @@
-"""``--dataset synthetic``: FID with in-domain retrieval (Sec. 4.1) on the toy world's long tail (issue [toy]).
+"""``--dataset synthetic``: FID with in-domain retrieval (Sec. 4.1) on the toy world's long tail.
 
 The paper measures FID on COCO / WikiImages with each dataset's own train split as the retrieval database
 ("FID"), or with an out-of-domain / no database ("ZS-FID"), Table 1. This module gives the synthetic world the
@@ -16,7 +16,7 @@ same protocol, registered as a plugin of :mod:`evaluation.datasets`::
   ``--db synthetic-train`` gives the label FID and ``--db none`` the text-only ZS-FID row.
 * **Resolution**: the world is drawn at 64x64, so ``--resolution`` defaults to 64 for this dataset.
 * **Features**: Inception was trained on photographs; ``--feature-extractor judge``
-  uses the world's judge CNN (``reimagen/toy/judge.py``, 256-d penultimate features) instead. Its cache key
+  uses the world's judge CNN (``toyworld/judge.py``, 256-d penultimate features) instead. Its cache key
   carries the sha256 of the weights file, so judge statistics never collide with Inception ones (or with those
   of another judge). ``$REIMAGEN_TOY_JUDGE`` points at another judge folder (tests use an untrained one).
 
@@ -51,7 +51,7 @@ from .protocol import draw_prompts
 NAME = "synthetic"
 IN_DOMAIN_DB = "synthetic-train"
 DEFAULT_NUM_PROMPTS = 500
-RESOLUTION = 64  # the world's native size (reimagen.toy.world.IMAGE_SIZE)
+RESOLUTION = 64  # the world's native size (toyworld.world.IMAGE_SIZE)
 JUDGE_ENV = "REIMAGEN_TOY_JUDGE"
 LOCK = ".synthetic-build.lock"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -83,7 +83,7 @@ def _parse_bool(value: Any, what: str) -> bool:
 def _spec_overrides(world_seed: Any, options: dict[str, Any]) -> dict[str, Any]:
     """``WorldSpec`` fields given as dataset options, converted to their types (unknown keys: TypeError, which
     ``open_dataset`` reports as a bad --dataset-option)."""
-    from reimagen.toy.world import WorldSpec
+    from toyworld.world import WorldSpec
 
     types = {f.name: type(f.default) for f in fields(WorldSpec) if f.name != "seed"}
     out: dict[str, Any] = {}
@@ -106,7 +106,7 @@ class WorldFolder:
     """A world folder on disk: which files it holds, the spec it was built with, building what is missing."""
 
     def __init__(self, root: Path, overrides: dict[str, Any], build: bool):
-        from reimagen.toy.world import WorldSpec
+        from toyworld.world import WorldSpec
 
         self.root, self.build, self.overrides = root, build, overrides
         self.manifest: dict[str, Any] | None = None
@@ -127,7 +127,7 @@ class WorldFolder:
     @property
     def world(self):
         if self._world is None:
-            from reimagen.toy.world import World
+            from toyworld.world import World
 
             self._world = World(self.spec)
         return self._world
@@ -159,7 +159,7 @@ class WorldFolder:
         if self.has("validation"):
             return
         self._check_buildable("validation")
-        from reimagen.toy.build import build_split  # the same writer as build_world_files, validation only
+        from toyworld.build import build_split  # the same writer as build_world_files, validation only
 
         from .metrics import file_lock
 
@@ -176,7 +176,7 @@ class WorldFolder:
         if self.has("corpus"):
             return
         self._check_buildable("corpus")
-        from reimagen.toy.build import build_world_files
+        from toyworld.build import build_world_files
 
         from .metrics import file_lock
 
@@ -241,11 +241,11 @@ register_dataset(NAME, synthetic, default_num_prompts=DEFAULT_NUM_PROMPTS, defau
 # The judge as FID feature extractor
 # ----------------------------------------------------------------------------------------------
 def judge_dir() -> Path:
-    """``$REIMAGEN_TOY_JUDGE``, else the shipped ``reimagen/toy/weights/judge``."""
+    """``$REIMAGEN_TOY_JUDGE``, else the shipped ``toyworld/weights/judge``."""
     env = os.environ.get(JUDGE_ENV)
     if env:
         return Path(env).expanduser()
-    from reimagen.toy import WEIGHTS
+    from toyworld import WEIGHTS
 
     return WEIGHTS / "judge"
 
@@ -256,7 +256,7 @@ class JudgeFeatures(nn.Module):
 
     def __init__(self, judge: nn.Module):
         super().__init__()
-        from reimagen.toy.judge import FEATURE_DIM
+        from toyworld.judge import FEATURE_DIM
 
         self.judge = judge.eval()
         self.feature_dim = FEATURE_DIM
@@ -271,7 +271,7 @@ def judge_features(path: str | os.PathLike | None = None) -> CustomExtractor:
     """``--feature-extractor evaluation.synthetic:judge_features``: the toy world's judge (FID on the synthetic
     world, Sec. 4.1's protocol with a world-specific network in place of Inception). The cache key is the sha256
     of the weights, so statistics of different judges (or of Inception) never mix."""
-    from reimagen.toy.judge import FEATURE_DIM, load_judge
+    from toyworld.judge import FEATURE_DIM, load_judge
 
     folder = Path(path).expanduser() if path is not None else judge_dir()
     weights = folder / "judge.safetensors"

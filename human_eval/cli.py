@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from reimagen.retrieval.cli import _friendly as _friendly_base
+from reimagen.cliutil import friendly
 
 rate_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                        help="Human evaluation: blind rating tasks, Streamlit app, Label Studio, Table 2 / Figure 5.")
@@ -40,25 +40,8 @@ KEY_OPT = typer.Option(None, "--api-key", help="Label Studio API key (default: $
                        "variable: options are visible in the process list).", show_default=False)
 
 
-def _friendly(fn):
-    """_friendly of the retrieval CLI, plus PermissionError (refused tokens)."""
-    import functools
-
-    inner = _friendly_base(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return inner(*args, **kwargs)
-        except PermissionError as err:
-            console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True, highlight=False)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
 @rate_app.command("raters")
-@_friendly
+@friendly
 def raters_cmd(names: List[str] = typer.Argument(..., help="Rater ids."),
                out: Path = typer.Option(..., "--out", help="Rater list to write (refuses to overwrite).")):
     """Write a rater list (RATER_ID TOKEN per line, file mode 600) with fresh random tokens."""
@@ -70,7 +53,7 @@ def raters_cmd(names: List[str] = typer.Argument(..., help="Rater ids."),
 
 
 @rate_app.command("tasks")
-@_friendly
+@friendly
 def tasks_cmd(runs: List[str] = RUNS_ARG, study: Path = STUDY_OPT, mode: str = MODE_OPT):
     """Build (or refresh) a blind study folder from one or more run folders."""
     from .tasks import build_study
@@ -88,7 +71,7 @@ def serve_command(port: int) -> list[str]:
 
 
 @rate_app.command("serve")
-@_friendly
+@friendly
 def serve_cmd(runs: List[str] = RUNS_ARG, study: Path = STUDY_OPT, mode: str = MODE_OPT,
               raters: Path = typer.Option(..., "--raters", help="Rater list (RATER_ID TOKEN per line)."),
               port: int = typer.Option(8501, "--port", help="Port on 127.0.0.1.")):
@@ -113,7 +96,7 @@ def serve_cmd(runs: List[str] = RUNS_ARG, study: Path = STUDY_OPT, mode: str = M
 
 
 @rate_app.command("labelstudio-export")
-@_friendly
+@friendly
 def ls_export_cmd(study: Path = STUDY_OPT, url: Optional[str] = URL_OPT, api_key: Optional[str] = KEY_OPT,
                   title: Optional[str] = typer.Option(None, "--title", help="Project title (default: from the study)."),
                   images: str = typer.Option("upload", "--images", help="upload (data URIs) or local-files."),
@@ -129,7 +112,7 @@ def ls_export_cmd(study: Path = STUDY_OPT, url: Optional[str] = URL_OPT, api_key
 
 
 @rate_app.command("labelstudio-import")
-@_friendly
+@friendly
 def ls_import_cmd(study: Path = STUDY_OPT, url: Optional[str] = URL_OPT, api_key: Optional[str] = KEY_OPT,
                   project_id: Optional[int] = typer.Option(None, "--project-id", help="Default: the exported one.")):
     """Pull Label Studio annotations into the study's ratings table."""
@@ -143,12 +126,12 @@ def ls_import_cmd(study: Path = STUDY_OPT, url: Optional[str] = URL_OPT, api_key
 
 
 @rate_app.command("simulate")
-@_friendly
+@friendly
 def simulate_cmd(study: Path = STUDY_OPT,
                  world: Path = typer.Option(..., "--world", help="The synthetic world's folder (its world.json, "
                                             "from `reimagen-eval toy build`) that the study's runs drew."),
                  judge: Optional[Path] = typer.Option(None, "--judge", help="Judge weights folder (judge.safetensors; "
-                                                      "default: the package's reimagen/toy/weights/judge)."),
+                                                      "default: the package's toyworld/weights/judge)."),
                  raters: int = typer.Option(3, "--raters", help="Simulated raters sim-judge-1 .. sim-judge-N."),
                  noise: float = typer.Option(0.1, "--noise", help="Per-rater flip probability of each answer."),
                  seed: int = typer.Option(0, "--seed", help="Seed of the raters' noise (same seed, same answers)."),
@@ -160,8 +143,8 @@ def simulate_cmd(study: Path = STUDY_OPT,
 
     Stored with source 'simulated' and raters sim-judge-<k>; `rate report` labels them; reruns skip rated tasks.
     """
-    from reimagen.toy import WEIGHTS
-    from reimagen.toy.build import load_world
+    from toyworld import WEIGHTS
+    from toyworld.build import load_world
 
     from .simulate import JudgeReader, simulate
     from .tasks import Study
@@ -176,7 +159,7 @@ def simulate_cmd(study: Path = STUDY_OPT,
 
 
 @rate_app.command("report")
-@_friendly
+@friendly
 def report_cmd(study: Path = STUDY_OPT, out: Path = typer.Option(..., "--out", help="Report folder."),
                sources: str = typer.Option("all", "--sources", help="all, human (leave simulated ratings out) or "
                                            "simulated (only `rate simulate`'s).")):

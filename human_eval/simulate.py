@@ -1,4 +1,4 @@
-"""Simulated raters for the synthetic world (issue [toy]): the judge CNN answers the rating app's questions.
+"""Simulated raters for the synthetic world: the judge CNN answers the rating app's questions.
 
 This is a **simulation** and is labelled as one everywhere: rater ids are ``sim-judge-<k>``, rows carry
 ``source = 'simulated'`` in the ratings table, ``simulated.json`` in the study records how they were made, and the
@@ -15,7 +15,7 @@ Per task, each simulated rater answers exactly what a human answers in the app, 
    seed, ``per_split`` and the split thresholds, none of which a study records; the text is what a rater is shown
    and what faithfulness is judged against ("the scene matches the text"), and world captions state count,
    background and position in full.
-2. **Faithfulness** is ``Verdict.faithful`` of ``reimagen.toy.judge.verdicts``: the entity's look (shape, body
+2. **Faithfulness** is ``Verdict.faithful`` of ``toyworld.judge.verdicts``: the entity's look (shape, body
    colour, pattern, pattern colour) reads as the entity's AND the scene (background, count, position) as the
    text says: the paper's definition (Sec. 4.2).
 3. **Photorealism** ("moderately realistic without noticeable artifacts") is the judge's confidence: the least
@@ -88,7 +88,7 @@ class SceneIndex:
     """Prompt text -> the Scene it asks for, by exact match against every caption the world can write."""
 
     def __init__(self, world):
-        from reimagen.toy.world import BACKGROUNDS, COUNTS, POSITIONS, Scene
+        from toyworld.world import BACKGROUNDS, COUNTS, POSITIONS, Scene
 
         self.world = world
         self.index: dict[str, Any] = {}
@@ -137,7 +137,7 @@ class JudgeReader:
 
     @classmethod
     def from_path(cls, path: str | Path, world, **kwargs) -> "JudgeReader":
-        from reimagen.toy.judge import judge_info, load_judge
+        from toyworld.judge import judge_info, load_judge
 
         judge = load_judge(path)  # FileNotFoundError with the command that trains one
         ji = judge_info(path)
@@ -168,7 +168,7 @@ class JudgeReader:
     def threshold(self) -> float:
         """The ``quantile`` of the confidence of fresh clean renders of random scenes (seeded)."""
         if self._threshold is None:
-            from reimagen.toy.world import render_many
+            from toyworld.world import render_many
 
             rng = np.random.default_rng(int.from_bytes(hashlib.sha256(
                 f"sim-rater-calibration\x1f{self.seed}".encode()).digest()[:8], "little"))
@@ -181,7 +181,7 @@ class JudgeReader:
         return self._threshold
 
     def __call__(self, images: np.ndarray, scenes: Sequence[Any]) -> list[Reading]:
-        from reimagen.toy.judge import verdicts
+        from toyworld.judge import verdicts
 
         vs = verdicts(self.judge, self.world, self._tensor(images), list(scenes))
         conf = self.confidence(images)
@@ -236,7 +236,7 @@ def simulate(study: Study, world, reader: Reader, n_raters: int = 3, noise: floa
         wanted = [(tid, c["image_id"]) for tid in todo for c in study.tasks[tid]["candidates"]]
         scenes = {tid: index.scene_of(study.tasks[tid]) for tid in todo}
         readings: dict[tuple[str, str], Reading] = {}
-        from reimagen.toy.world import IMAGE_SIZE
+        from toyworld.world import IMAGE_SIZE
 
         for i in range(0, len(wanted), batch_size):
             chunk = wanted[i:i + batch_size]

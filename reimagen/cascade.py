@@ -15,6 +15,7 @@ at its own resolution (the neighbour cache), before its denoising loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -148,6 +149,32 @@ class Cascade:
                                  f"the text encoder gives {text_encoder.dim}-d")
         self.stages = list(stages)
         self.text_encoder = text_encoder
+
+    @classmethod
+    def from_checkpoints(cls, checkpoints: Sequence[str | Path], guidance: Sequence[GuidanceStrategy],
+                         settings: Sequence[SamplerSettings], device: str | torch.device = "cpu",
+                         ema: bool = True) -> "Cascade":
+        """The cascade of trained stage checkpoints (base first; folders written by ``reimagen.train``) with one
+        guidance and one sampler setting per stage, sharing the base stage's text encoder. A stage without
+        neighbour attention samples its joint guidance text-only; interleaved or weighted guidance needs
+        neighbour attention (refused, naming the checkpoint)."""
+        from .train import load_stage
+
+        if not checkpoints:
+            raise ValueError("no stage checkpoints: give the base stage first, then each super-resolution stage")
+        if len(guidance) != len(checkpoints) or len(settings) != len(checkpoints):
+            raise ValueError(f"{len(checkpoints)} stage checkpoints need as many guidance strategies and sampler "
+                             f"settings, got {len(guidance)} and {len(settings)}")
+        loaded = [load_stage(p, ema=ema, device=device) for p in checkpoints]
+        stages = []
+        for path, (model, _), g, st in zip(checkpoints, loaded, guidance, settings):
+            if g.needs_neighbours and model.neighbour_attn is None:
+                if not isinstance(g, JointGuidance):
+                    raise ValueError(f"{path} has no neighbour attention: {type(g).__name__} needs it; sample "
+                                     "it without retrieval")
+                g = JointGuidance(w=g.w, use_neighbours=False)
+            stages.append(Stage(model, g, st))
+        return cls(stages, loaded[0][1])
 
     @property
     def device(self) -> torch.device:

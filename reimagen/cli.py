@@ -1,10 +1,6 @@
-"""``reimagen-eval``: the project's command line (Typer).
-
-Commands of the model part: ``demo`` (the main job on the embedded default), ``train`` (one stage from a
-KNN-ImageText triples table), ``sample`` (a cascade of trained stages), ``presets`` (the paper's and the
-small configurations, with parameter counts). The benchmark commands (``fid``, ``entitydraw``, ``rate``,
-``index``, ``retrieve``) join this app as their issues land.
-"""
+"""The model's commands: ``train`` (one stage from a KNN-ImageText triples table), ``sample`` (a cascade of
+trained stages), ``presets`` (the paper's and the small configurations, with parameter counts). The
+``reimagen-eval`` application (``reimagen_eval.cli``) mounts them beside the benchmarks' commands."""
 
 from __future__ import annotations
 
@@ -17,10 +13,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .retrieval.cli import _friendly  # bad input -> one red line, exit 2 (defined where no import cycle reaches)
+from .cliutil import friendly
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Re-Imagen: retrieval-augmented text-to-image diffusion, benchmarks and evaluation.")
+                  help="Re-Imagen's model: train a stage, sample a cascade, list the presets.")
 console = Console(stderr=True)
 
 
@@ -42,27 +38,7 @@ class SamplerName(str, Enum):
 
 
 @app.command()
-@_friendly
-def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Folder for the checkpoint, loss log, sample grid and summary."),
-    steps: int = typer.Option(400, min=1, help="Training steps of the tiny stage."),
-    sample_steps: int = typer.Option(50, min=1, help="DDIM steps when sampling."),
-    seed: int = typer.Option(0, help="Seed of the world, the training and the samples."),
-) -> None:
-    """Train a tiny Re-Imagen stage on a procedural world and sample it with and without retrieval (CPU, minutes)."""
-    from .demo import run_demo
-
-    summary = run_demo(out, steps=steps, sample_steps=sample_steps, seed=seed)
-    table = Table(title="reimagen demo", show_header=False)
-    for k in ("train_steps", "train_seconds", "sample_seconds", "loss_first", "loss_last",
-              "colour_error_with_retrieval", "colour_error_without_retrieval", "grid"):
-        v = summary[k]
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    Console().print(table)
-
-
-@app.command()
-@_friendly
+@friendly
 def train(
     triples: Path = typer.Option(..., exists=False, help="KNN-ImageText triples table (.parquet/.jsonl/.csv) with "
                                  "columns id, text, image, neighbor_ids."),
@@ -127,7 +103,7 @@ def train(
 
 
 @app.command()
-@_friendly
+@friendly
 def sample(
     checkpoint: list[Path] = typer.Option(..., help="Stage checkpoint folders, base stage first (repeat the option)."),
     prompt: list[str] = typer.Option(..., help="Prompt(s) (repeat the option); prompt i gets the id p0000 + i."),
@@ -152,12 +128,12 @@ def sample(
     import hashlib
 
     from .atomic import write_json
-    from .cascade import Cascade, Neighbours, Stage
+    from .cascade import Cascade, Neighbours
     from .generate import CascadeGenerator, Job, generate_run, shard_from_env
     from .guidance import JointGuidance, make_guidance
     from .retrieval.base import load_image
     from .sampling import SamplerSettings
-    from .train import checkpoint_digest, load_stage, read_checkpoint_config
+    from .train import checkpoint_digest, read_checkpoint_config
 
     # 1. Every argument and input file is checked before a model is loaded or a file written.
     if len(neighbour_image) != len(neighbour_text):
@@ -166,8 +142,8 @@ def sample(
         read_checkpoint_config(p)
     shard_from_env()
     has_nbrs = bool(neighbour_image)
-    base_g = make_guidance(guidance.value, w=w_p if guidance == GuidanceName.joint else None, w_p=w_p, w_n=w_n,
-                           eta=eta, use_neighbours=has_nbrs)
+    base_g = make_guidance(guidance.value, w_text=w_p, w_neighbours=w_n, eta=eta, lam=eta,  # --eta: weighted's lam too
+                           use_neighbours=has_nbrs)
     sr_g = JointGuidance(w=sr_guidance, use_neighbours=has_nbrs)
     pairs = []
     for p in neighbour_image:
@@ -175,16 +151,15 @@ def sample(
             raise FileNotFoundError(f"neighbour image {p} does not exist")
         pairs.append(load_image(str(p)))  # CorruptImageError names the file
     # 2. The cascade and the jobs.
-    loaded = [load_stage(p, device=device) for p in checkpoint]
     settings = SamplerSettings(steps=steps, sampler=sampler.value)
-    stages = [Stage(loaded[0][0], base_g, settings)] + [Stage(m, sr_g, settings) for m, _ in loaded[1:]]
-    cascade = Cascade(stages, loaded[0][1])
+    cascade = Cascade.from_checkpoints(checkpoint, [base_g] + [sr_g] * (len(checkpoint) - 1),
+                                       [settings] * len(checkpoint), device=device)
     ids = [f"p{i:04d}" for i in range(len(prompt))]
     jobs = [Job(pid, text, s) for pid, text in zip(ids, prompt) for s in range(num_samples)]
     neighbours_for = None
     digest = hashlib.sha256(json.dumps(list(zip(ids, prompt))).encode())
     if has_nbrs:
-        size = max(m.cfg.image_size for m, _ in loaded)
+        size = max(st.model.cfg.image_size for st in cascade.stages)
         row = Neighbours.from_pairs([list(zip(pairs, neighbour_text))], size=size)
         neighbours_for = lambda batch: row.index([0] * len(batch))  # noqa: E731  (every prompt: the same files)
         for p, text in zip(neighbour_image, neighbour_text):
@@ -217,35 +192,3 @@ def presets(paper_only: bool = typer.Option(False, help="Only the paper's config
         res = f"{c.lowres_size}->{c.image_size}" if c.is_super_resolution else f"{c.image_size}"
         table.add_row(name, res, f"{n / 1e6:,.1f}M", f"{p.paper_params / 1e6:,.0f}M" if p.paper_params else "-", p.note)
     Console().print(table)
-
-
-from .retrieval.cli import index_app, retrieve, triples  # noqa: E402  (issue [retrieval])
-
-app.add_typer(index_app, name="index")
-app.command()(retrieve)
-app.command()(triples)
-
-from entitydrawbench.cli import COMMANDS as _ENTITYDRAW_COMMANDS  # noqa: E402  (issue [entitydraw])
-
-for _cmd in _ENTITYDRAW_COMMANDS:
-    app.command()(_cmd)
-
-from evaluation.cli import fid  # noqa: E402  (issue [fid])
-
-app.command()(fid)
-
-from human_eval.cli import rate_app  # noqa: E402  (issue [rating])
-
-app.add_typer(rate_app, name="rate")
-
-from .toy.cli import toy_app  # noqa: E402  (issue [toy])
-
-app.add_typer(toy_app, name="toy")
-
-
-def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry for python -m
-    app(argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -159,7 +159,7 @@ PRESETS: dict[str, Preset] = {
         UNetConfig(image_size=64, lowres_size=32, base_channels=32, channel_mults=(1, 2, 4), num_res_blocks=(1, 2, 2),
                    attn_resolutions=(), head_dim=32, text_dim=384, cond_dim=256, text_width=256,
                    neighbour_heads=4), note="CPU-sized 32 -> 64 super-resolution stage"),
-    # The toy world's shipped cascade (issue [toy]): sized to train in ~90 CPU minutes and ship in fp16 under 30 MB.
+    # The toy world's shipped cascade: sized to train in ~90 CPU minutes and ship in fp16 under 30 MB.
     "toy-32": Preset(_TOY_32, note="toy world 32x32 base stage (v-prediction, pooled neighbour FiLM)"),
     # toy-32 with one level fewer: the DStack output, where the neighbour attention runs (Sec. 3.2), is 16x16
     # instead of 8x8, and so are self- and text cross-attention. ~1.6x the CPU time per step of toy-32.

@@ -49,7 +49,7 @@ def get_schedule(name: str) -> Schedule:
     """A schedule by name: ``cosine``, ``linear``, or ``NAME:SHIFT``, the schedule with its log-SNR shifted by
     SHIFT (Hoogeboom et al. 2023, "simple diffusion", Sec. 3.1): ``cosine:-3`` trains and samples with every
     level 3 nats noisier, so uniform t spends more of training where a small object's colours are still hidden
-    by the noise, which is where a look is decided and retrieval can help (issue [toy])."""
+    by the noise, which is where a look is decided and retrieval can help."""
     base, _, shift = name.partition(":")
     if base not in SCHEDULES:
         raise ValueError(f"unknown noise schedule {name!r}; choose one of {sorted(SCHEDULES)}, optionally "

@@ -204,19 +204,22 @@ class InterleavedGuidance(GuidanceStrategy):
         return interleaved(preds[0], preds[1], codes[1] == Branch.NBR_ONLY, self.w_p, self.w_n)
 
 
-def make_guidance(kind: str, w: float | None = None, w_p: float | None = None, w_n: float | None = None,
-                  eta: float = 0.5, use_neighbours: bool = True) -> GuidanceStrategy:
-    """Build a strategy by name: ``joint``, ``weighted`` or ``interleaved`` (used by configs and the CLI)."""
+def make_guidance(kind: str, w_text: float = 3.0, w_neighbours: float = 3.0, eta: float = 0.5, lam: float = 0.5,
+                  use_neighbours: bool = True) -> GuidanceStrategy:
+    """A strategy by name, each parameter under its own name:
+
+        joint        JointGuidance(w = w_text)                      Eq. 5 (w_neighbours, eta, lam unused)
+        weighted     WeightedGuidance(w_text, w_neighbours, lam)    Appendix E
+        interleaved  InterleavedGuidance(w_text, w_neighbours, eta) Eq. 6
+    """
     if kind == "joint":
-        return JointGuidance(w=1.0 if w is None else w, use_neighbours=use_neighbours)
+        return JointGuidance(w=w_text, use_neighbours=use_neighbours)
     if not use_neighbours:
         raise ValueError(f"{kind} guidance needs neighbours; use joint guidance for text-only sampling")
-    w_p = w if w_p is None and w is not None else (3.0 if w_p is None else w_p)
-    w_n = w if w_n is None and w is not None else (3.0 if w_n is None else w_n)
     if kind == "weighted":
-        return WeightedGuidance(w_p=w_p, w_n=w_n, lam=eta)
+        return WeightedGuidance(w_p=w_text, w_n=w_neighbours, lam=lam)
     if kind == "interleaved":
-        return InterleavedGuidance(w_p=w_p, w_n=w_n, eta=eta)
+        return InterleavedGuidance(w_p=w_text, w_n=w_neighbours, eta=eta)
     raise ValueError(f"unknown guidance {kind!r}; choose joint, weighted or interleaved")
 
 

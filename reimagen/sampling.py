@@ -83,6 +83,26 @@ class SamplerSettings:
             raise ValueError(f"start_t must be in (0, 1], got {self.start_t}")
 
 
+def guided_eps(model: ReImagenUNet, x: Tensor, t: Tensor, log_snr_t: Tensor, text: TextCond,
+               neighbours: NeighbourMemory | None, guidance: GuidanceStrategy, codes: Tensor,
+               lowres: Tensor | None = None, aug_t: Tensor | None = None) -> Tensor:
+    """The guided eps of one step (k-diffusion's CFGDenoiser): the branches ``codes`` (nb, B) asks for run as
+    one batched forward, rows stacked branch-major (diffusers' ``torch.cat([x] * 2)``), the branches of a sample
+    that see the same text sharing their DStack pass (``source``); the predictions become eps and the guidance
+    combines them (Eq. 5 / Eq. 6). ``text``, ``neighbours``, ``lowres`` and ``aug_t`` are already expanded to
+    the nb * B rows; ``x``, ``t`` and ``log_snr_t`` are the B samples'."""
+    nb, b = codes.shape
+    source = torch.arange(b, device=x.device).repeat(nb)
+    drop_text, drop_nbr = branch_drop_masks(codes.reshape(-1))
+    if neighbours is None:
+        drop_nbr = torch.ones_like(drop_nbr)
+    x_in = x.repeat(nb, 1, 1, 1)
+    with torch.no_grad():
+        pred = model(x_in, t.repeat(nb), text, neighbours, drop_text, drop_nbr, lowres, aug_t, source=source)
+    eps_branches = to_eps(pred, x_in, log_snr_t.repeat(nb), model.cfg.prediction).reshape(nb, b, *x.shape[1:])
+    return guidance.combine(eps_branches, codes)
+
+
 def sample_stage(
     model: ReImagenUNet,
     text: TextCond,
@@ -147,14 +167,7 @@ def sample_stage(
         t, s = times[i].expand(b), times[i + 1].expand(b)
         lt, ls = log_snr(t), log_snr(s)
         codes = guidance.plan(rand_rows(guidance_gens, device))  # (nb, B)
-        drop_text, drop_nbr = branch_drop_masks(codes.reshape(-1))
-        if nbr_rep is None:
-            drop_nbr = torch.ones_like(drop_nbr)
-        x_in = x.repeat(nb, 1, 1, 1)
-        with torch.no_grad():
-            pred = model(x_in, t.repeat(nb), text_rep, nbr_rep, drop_text, drop_nbr, low_rep, aug_rep, source=rep)
-        eps_branches = to_eps(pred, x_in, lt.repeat(nb), cfg.prediction).reshape(nb, b, *shape)
-        eps = guidance.combine(eps_branches, codes)
+        eps = guided_eps(model, x, t, lt, text_rep, nbr_rep, guidance, codes, low_rep, aug_rep)
         x0 = dynamic_threshold(eps_to_x0(x, eps, lt), settings.threshold)
         if i == settings.steps - 1:
             x = x0  # the last step lands on t = 0: the (thresholded) x0 estimate is the sample

@@ -194,7 +194,7 @@ class NeighbourAttention(nn.Module):
         constant shift is what GroupNorm removes (exactly so when a group holds one channel, as in a
         32-64-channel toy U-Net with 32 groups), so the UStack can hardly see it or send gradient back. Large
         U-Nets have many channels per group and are less exposed. The toy world's first base stage, trained without it, ignored its neighbours'
-        content (``reimagen.toy.diagnose``); the FiLM path, like the pooled text embedding's, cannot be
+        content (``toyworld.diagnose``); the FiLM path, like the pooled text embedding's, cannot be
         normalised away."""
         b, d, fh, fw = h.shape
         q = self._split(self.to_q(self.norm_q(h).flatten(2).transpose(1, 2) + self.pos))

@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import make_model, randomize
-from reimagen.cli import app
+from reimagen_eval.cli import app
 from reimagen.retrieval.base import KnowledgeBase
 from reimagen.text import TinyTextEncoder
 from reimagen.train import save_checkpoint
@@ -86,8 +86,8 @@ CASES = [
     ("fid-unknown-db", lambda i: _fid(i, "--db", "no-such-db"), ["unknown database 'no-such-db'"], None),
     ("fid-missing-model", lambda i: _fid(i, "--model", i["root"] / M), ["--model", M], None),
     ("fid-missing-root", lambda i: _fid(i, "--dataset-root", i["root"] / M), [M], None),
-    ("entitydraw-eta", lambda i: _draw(i, "--eta", "1.5"), ["eta must be in [0, 1], got 1.5"], None),
-    ("entitydraw-k", lambda i: _draw(i, "--k", "0"), ["k must be >= 1"], None),
+    ("entitydraw-eta", lambda i: _draw(i, "--eta", "1.5"), ["Invalid value for '--eta'"], None),
+    ("entitydraw-k", lambda i: _draw(i, "--k", "0"), ["Invalid value for '--k'"], None),
     ("entitydraw-missing-model", lambda i: _draw(i, "--model", i["root"] / M), [M, "does not exist"], None),
     ("entitydraw-missing-references", lambda i: _draw(i, "--references", i["root"] / M), [M, "does not exist"], None),
     ("entitydraw-corrupt-reference", lambda i: _draw(i, "--references", i["bad_refs"]),

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from reimagen.cli import app
+from reimagen_eval.cli import app
 
 runner = CliRunner()
 

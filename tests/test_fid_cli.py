@@ -30,7 +30,7 @@ from reimagen.unet import ReImagenUNet
 
 REPO = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False)
-app.command()(fid)  # registered the way reimagen/cli.py registers it
+app.command()(fid)  # registered the way reimagen_eval/cli.py registers it
 
 
 @app.callback()

@@ -164,11 +164,11 @@ def test_weighted_mixing_weight_outside_unit_interval_rejected():
 
 
 def test_make_guidance_builds_named_strategies_and_rejects_unknown():
-    s = G.make_guidance("interleaved", w=4.0, eta=0.3)
-    assert isinstance(s, G.InterleavedGuidance) and (s.w_p, s.w_n, s.eta) == (4.0, 4.0, 0.3)
-    s = G.make_guidance("weighted", w_p=2.0, w_n=6.0, eta=0.7)
-    assert isinstance(s, G.WeightedGuidance) and (s.w_p, s.w_n, s.lam) == (2.0, 6.0, 0.7)
-    s = G.make_guidance("joint", w=1.25)
+    s = G.make_guidance("interleaved", w_text=4.0, w_neighbours=5.0, eta=0.3)
+    assert isinstance(s, G.InterleavedGuidance) and (s.w_p, s.w_n, s.eta) == (4.0, 5.0, 0.3)
+    s = G.make_guidance("weighted", w_text=2.0, w_neighbours=6.0, eta=0.2, lam=0.7)
+    assert isinstance(s, G.WeightedGuidance) and (s.w_p, s.w_n, s.lam) == (2.0, 6.0, 0.7)  # eta is not lam
+    s = G.make_guidance("joint", w_text=1.25)
     assert isinstance(s, G.JointGuidance) and s.w == 1.25
     with pytest.raises(ValueError, match="unknown guidance"):
         G.make_guidance("cfg++")

@@ -133,7 +133,7 @@ def test_presets_command_lists_small_32_eff_with_its_parameter_count():
 
     from typer.testing import CliRunner
 
-    from reimagen.cli import app
+    from reimagen_eval.cli import app
 
     res = CliRunner().invoke(app, ["presets"])
     assert res.exit_code == 0, res.output

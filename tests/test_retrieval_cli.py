@@ -1,4 +1,4 @@
-"""Retrieval commands (reimagen/retrieval/cli.py) on an app registered the way reimagen/cli.py registers them."""
+"""Retrieval commands (reimagen/retrieval/cli.py) on an app registered the way reimagen_eval/cli.py registers them."""
 
 from __future__ import annotations
 

@@ -30,9 +30,9 @@ FAST = ["--steps", "2", "--sr-steps", "2", "--batch-size", "8"]
 
 @pytest.fixture(scope="module")
 def tw(tmp_path_factory):
-    from reimagen.toy.build import build_world_files
-    from reimagen.toy.judge import Judge, save_judge
-    from reimagen.toy.world import World, WorldSpec
+    from toyworld.build import build_world_files
+    from toyworld.judge import Judge, save_judge
+    from toyworld.world import World, WorldSpec
 
     root = tmp_path_factory.mktemp("toyedb")
     world = World(WorldSpec(**SPEC))
@@ -144,8 +144,8 @@ def test_resume_makes_identical_images_and_other_settings_are_refused(tw, run, t
 def test_judge_scoring_adds_fields_and_the_per_split_tables_add_up(tw, run, tmp_path):
     import pandas as pd
 
-    from reimagen.toy.judge import load_judge, verdicts
-    from reimagen.toy.world import Scene
+    from toyworld.judge import load_judge, verdicts
+    from toyworld.world import Scene
 
     out = tmp_path / "scored"
     shutil.copytree(run[0], out)
@@ -200,7 +200,7 @@ def test_judge_scoring_adds_fields_and_the_per_split_tables_add_up(tw, run, tmp_
 
 def test_best_of_n_and_rates_with_known_verdicts(tw, run, tmp_path, monkeypatch):
     """With scripted verdicts the selection and every rate are known exactly."""
-    import reimagen.toy.judge as judge_mod
+    import toyworld.judge as judge_mod
     from entitydrawbench.world import load_world_judge, score_world_run
 
     out = tmp_path / "scripted"
@@ -314,7 +314,7 @@ def test_k_above_the_references_is_topped_up_from_the_world_kb(tw, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--k", "4"], "the world has 3 reference pairs per entity"),
-    (["--eta", "1.5"], "eta must be in [0, 1], got 1.5"),
+    (["--eta", "1.5"], "Invalid value for '--eta'"),
     (["--per-split", "0"], "per-split limit must be >= 1"),
     (["--references", "."], "cannot be used with --world"),
     (["--categories", "dogs"], "cannot be used with --world"),
@@ -328,7 +328,7 @@ def test_bad_input_is_one_red_line_and_writes_nothing(tw, tmp_path, extra, messa
 
 
 def test_missing_world_folder_other_worlds_judge_and_judge_without_world(tw, run, tmp_path):
-    from reimagen.toy.judge import Judge, save_judge
+    from toyworld.judge import Judge, save_judge
 
     out = tmp_path / "run"
     res = invoke(tw, "entitydraw", "--world", tmp_path / "nowhere", "--model", tw["root"] / "base", "--out", out)

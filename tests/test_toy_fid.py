@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from evaluation.cli import fid
 from test_fid_cli import write_models  # the same tiny perturbed base + SR checkpoints as the COCO FID tests
-from reimagen.toy.build import build_world_files
-from reimagen.toy.judge import Judge, save_judge
-from reimagen.toy.world import World, WorldSpec
+from toyworld.build import build_world_files
+from toyworld.judge import Judge, save_judge
+from toyworld.world import World, WorldSpec
 
 app = typer.Typer(add_completion=False)
 app.command()(fid)

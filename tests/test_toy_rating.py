@@ -20,12 +20,13 @@ from human_eval.report import write_report
 from human_eval.simulate import JudgeReader, Reading, SceneIndex, simulate
 from human_eval.store import SIM_SOURCE, RatingStore, read_rows
 from human_eval.tasks import build_study, make_raters, read_raters
-from reimagen.toy.build import load_world
-from reimagen.toy.world import Scene, World, WorldSpec, render_many
+from toyworld import WEIGHTS as SHIPPED
+from toyworld.build import load_world
+from toyworld.world import Scene, World, WorldSpec, render_many
 
 SPEC = WorldSpec(n_entities=24, n_unseen=4, corpus_size=600, zipf_s=1.3, zipf_q=3.0)  # a steep tail: all three splits
 SPLIT_KW = {"frequent_min": 40, "infrequent_max": 15}  # 5 frequent, 7 infrequent, 4 unseen entities
-WEIGHTS = Path(__file__).resolve().parents[1] / "reimagen" / "toy" / "weights" / "judge"
+WEIGHTS = SHIPPED / "judge"  # the judge ships with the repository: no skip when it is missing
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +273,6 @@ def test_cli_simulate_then_report(setup, cli, monkeypatch):
     assert res.exit_code == 2 and "unknown sources" in res.output
 
 
-@pytest.mark.skipif(not (WEIGHTS / "judge.safetensors").is_file(), reason="no trained judge in reimagen/toy/weights")
 def test_shipped_judge_rates_correct_renders_as_faithful(setup):
     reader = JudgeReader.from_path(WEIGHTS, setup["world"], calibration=64)
     res = simulate(setup["study"], setup["world"], reader, n_raters=1, noise=0.0)

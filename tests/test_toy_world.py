@@ -1,4 +1,4 @@
-"""The synthetic long-tail world, its judge and the shipped cascade (issue [toy])."""
+"""The synthetic long-tail world, its judge and the shipped cascade."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from reimagen.toy.world import (ATTRIBUTE_CLASSES, BODY_COLOURS, PALETTE, PATTERNS, SHAPES, World, WorldSpec,
+from toyworld.world import (ATTRIBUTE_CLASSES, BODY_COLOURS, PALETTE, PATTERNS, SHAPES, World, WorldSpec,
                                 render_many)
 
 SMALL = WorldSpec(seed=3, n_entities=40, n_unseen=8, corpus_size=600, validation_size=50, n_references=2)
@@ -55,7 +55,7 @@ def test_entity_masks_cover_exactly_the_pixels_the_entity_changes():
     look changes pixels inside the union of the two masks (or their shadows) only, and most of the mask."""
     from dataclasses import replace
 
-    from reimagen.toy.world import entity_masks
+    from toyworld.world import entity_masks
 
     w = World(SMALL)
     scenes = w.corpus[:40]
@@ -95,7 +95,7 @@ def test_shipped_checkpoints_load_and_sample_finite_images():
     from reimagen.cascade import Cascade, Stage
     from reimagen.guidance import JointGuidance
     from reimagen.sampling import SamplerSettings
-    from reimagen.toy.cli import WEIGHTS
+    from toyworld import WEIGHTS
     from reimagen.train import load_stage
 
     total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
@@ -111,8 +111,8 @@ def test_shipped_checkpoints_load_and_sample_finite_images():
 
 
 def test_neighbour_probe_runs_on_the_shipped_base():
-    from reimagen.toy.cli import WEIGHTS
-    from reimagen.toy.diagnose import caption_table, neighbour_probe, probe_table
+    from toyworld import WEIGHTS
+    from toyworld.diagnose import caption_table, neighbour_probe, probe_table
 
     rows = neighbour_probe(WEIGHTS / "base", per_split=2, levels=(0.9,))
     conditions = ("right", "wrong", "none", "swap:position", "swap:background")
@@ -137,8 +137,8 @@ def test_stage_decomposition_cascade_source_is_the_cascade():
     from reimagen.cascade import Cascade, Stage
     from reimagen.guidance import InterleavedGuidance, JointGuidance
     from reimagen.sampling import SamplerSettings
-    from reimagen.toy.cli import WEIGHTS
-    from reimagen.toy.diagnose import decomposition_images
+    from toyworld import WEIGHTS
+    from toyworld.diagnose import decomposition_images
     from reimagen.train import load_stage
 
     prompts, sidx, nbrs, images = decomposition_images(WEIGHTS / "base", WEIGHTS / "sr", per_split=1, samples=2,
@@ -154,8 +154,8 @@ def test_stage_decomposition_cascade_source_is_the_cascade():
 
 
 def test_stage_decomposition_rows_and_the_truth_reads_right():
-    from reimagen.toy.cli import WEIGHTS
-    from reimagen.toy.diagnose import decomposition_table, stage_decomposition
+    from toyworld import WEIGHTS
+    from toyworld.diagnose import decomposition_table, stage_decomposition
 
     sources = ("render", "render32+bilinear", "render32+sr")
     rows = stage_decomposition(WEIGHTS / "base", WEIGHTS / "sr", WEIGHTS / "judge", per_split=2, samples=1,
@@ -184,7 +184,7 @@ def test_validation_is_held_out_from_corpus_images():
 
 def test_build_world_files(tmp_path):
     from reimagen.retrieval.base import KnowledgeBase, load_image
-    from reimagen.toy.build import build_world_files
+    from toyworld.build import build_world_files
 
     w = World(SMALL)
     paths = build_world_files(w, tmp_path / "w", progress=False)
@@ -211,14 +211,14 @@ def test_build_world_files(tmp_path):
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def judge():
-    from reimagen.toy.cli import WEIGHTS
-    from reimagen.toy.judge import load_judge
+    from toyworld import WEIGHTS
+    from toyworld.judge import load_judge
 
     return load_judge(WEIGHTS / "judge")
 
 
 def test_judge_reads_every_attribute_of_fresh_renders(judge):
-    from reimagen.toy.judge import accuracy, judge_data
+    from toyworld.judge import accuracy, judge_data
 
     w = World()
     x, y = judge_data(w, 600, "pytest-fresh")  # a key the judge never trained or was tested on
@@ -228,7 +228,7 @@ def test_judge_reads_every_attribute_of_fresh_renders(judge):
 
 
 def test_judge_faithfulness_rejects_wrong_entity_and_wrong_scene(judge):
-    from reimagen.toy.judge import verdicts
+    from toyworld.judge import verdicts
 
     w = World()
     prompts = w.bench_prompts(per_split=6)
@@ -251,8 +251,8 @@ def test_shipped_cascade_draws_a_frequent_entity_from_its_reference(judge):
     from reimagen.cascade import Cascade, Neighbours, Stage
     from reimagen.guidance import InterleavedGuidance, JointGuidance
     from reimagen.sampling import SamplerSettings
-    from reimagen.toy.cli import WEIGHTS
-    from reimagen.toy.judge import verdicts
+    from toyworld import WEIGHTS
+    from toyworld.judge import verdicts
     from reimagen.train import load_stage
 
     base, enc = load_stage(WEIGHTS / "base")
@@ -285,7 +285,7 @@ def test_a_world_recorded_by_other_world_code_is_refused(tmp_path):
     from dataclasses import asdict
 
     from entitydrawbench.world import world_of_run
-    from reimagen.toy.build import load_world
+    from toyworld.build import load_world
 
     w = World(SMALL)
     good = {"spec": asdict(SMALL), "fingerprint": w.fingerprint()}
@@ -305,7 +305,7 @@ def test_a_world_recorded_by_other_world_code_is_refused(tmp_path):
 def test_decompose_cli_writes_its_rows_and_refuses_unknown_sources(tmp_path):
     from typer.testing import CliRunner
 
-    from reimagen.cli import app
+    from reimagen_eval.cli import app
 
     out = tmp_path / "d" / "rows.json"
     res = CliRunner().invoke(app, ["toy", "decompose", "--per-split", "1", "--samples", "1", "--sources",
@@ -325,7 +325,7 @@ def test_recover_cli_the_shipped_base_keeps_looks_from_low_noise_not_from_pure_n
     every left/right; from t = 1 (ordinary sampling) it does not. Bad --times are refused before loading."""
     from typer.testing import CliRunner
 
-    from reimagen.cli import app
+    from reimagen_eval.cli import app
 
     out = tmp_path / "rec.json"
     res = CliRunner().invoke(app, ["toy", "recover", "--per-split", "2", "--samples", "1", "--times", "0.2,1",

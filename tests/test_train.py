@@ -381,9 +381,9 @@ def test_adafactor_trains_and_resumes_exactly(tmp_path):
 
 
 def test_ship_stage_packs_fp16_ema_weights_and_the_timed_command(tmp_path):
-    """``reimagen.toy.ship``: a trained run shipped into the package is small (fp16 EMA, no optimiser state),
+    """``toyworld.ship``: a trained run shipped into the package is small (fp16 EMA, no optimiser state),
     loads as the EMA weights, and its provenance has the command that really ran (from /usr/bin/time -v)."""
-    from reimagen.toy.ship import ship_stage
+    from toyworld.ship import ship_stage
 
     tr = _trainer(tmp_path / "run", steps=4, ckpt_every=2)
     tr.fit(progress=False)

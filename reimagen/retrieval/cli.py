@@ -1,6 +1,6 @@
 """Retrieval commands of ``reimagen-eval``: ``index build``, ``index info``, ``retrieve``, ``triples``.
 
-The main app (reimagen/cli.py) registers them::
+The application (reimagen_eval/cli.py) registers them::
 
     from .retrieval.cli import index_app, retrieve, triples
     app.add_typer(index_app, name="index")
@@ -13,17 +13,18 @@ missing weights file) into a one-line red error and exit code 2. Heavy imports h
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from ..cliutil import friendly
 
 err_console = Console(stderr=True)
 
@@ -32,22 +33,6 @@ INDEX_TYPES = ("flat", "ivfpq", "hnsw")
 EMBED_MODES = ("image", "text", "both")
 _TEXT_KEYS = ("text", "query", "prompt", "caption")
 _ID_KEYS = ("id", "query_id")
-
-
-def _friendly(fn: Callable) -> Callable:
-    """Bad-input exceptions -> one-line red error, exit code 2 (the same contract as reimagen.cli._friendly;
-    defined here so that reimagen.cli can import this module at any point without a circular import)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, RuntimeError, ImportError, KeyError) as err:
-            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-            err_console.print(f"[bold red]error:[/] {escape(str(msg))}", soft_wrap=True, highlight=False)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
@@ -106,7 +91,7 @@ index_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_excep
 
 
 @index_app.command("build")
-@_friendly
+@friendly
 def index_build(
     kb: str = typer.Option(..., "--kb", help="Knowledge base: FORMAT:PATH[?key=value] (coco, wikiimages, webdataset, "
                            "parquet, folder) or a .parquet table written by KnowledgeBase.to_parquet."),
@@ -196,7 +181,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
 
 
 @index_app.command("info")
-@_friendly
+@friendly
 def index_info(folder: Path = typer.Argument(..., help="A saved index folder (with manifest.json).")) -> None:
     """Print an index's manifest (kind, source, parameters) and its files as a table."""
     manifest = _read_manifest(folder)
@@ -408,7 +393,7 @@ def triples(
     err_console.print(f"wrote {escape(str(path))}", highlight=False)
 
 
-# ``app.command()(retrieve)`` in reimagen/cli.py registers the functions; wrap them for friendly errors here so
+# ``app.command()(retrieve)`` in reimagen_eval/cli.py registers the functions; wrap them for friendly errors here so
 # that the registered callables already carry the decorator (functools.wraps keeps the Typer signature).
-retrieve = _friendly(retrieve)
-triples = _friendly(triples)
+retrieve = friendly(retrieve)
+triples = friendly(triples)

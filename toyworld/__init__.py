@@ -1,4 +1,4 @@
-"""The synthetic long-tail world (issue [toy]): ``world``, ``build``, ``judge``, ``diagnose``, ``ship``, ``cli``."""
+"""The synthetic long-tail world: ``world``, ``build``, ``judge``, ``diagnose``, ``ship``, ``cli``."""
 
 from pathlib import Path
 

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..atomic import replacing_path, write_json
+from reimagen.atomic import replacing_path, write_json
 from .world import Scene, World, render_many
 
 if TYPE_CHECKING:
-    from ..retrieval.base import KnowledgeBase
+    from reimagen.retrieval.base import KnowledgeBase
 
 
 def _write_tar(path: Path, names: list[str], images: np.ndarray) -> None:
@@ -47,7 +47,7 @@ def _write_tar(path: Path, names: list[str], images: np.ndarray) -> None:
 
 def _collection(world: World, out: Path, split: str, scenes: list[Scene], prefix: str, texts: list[str],
                 progress: bool) -> "KnowledgeBase":
-    from ..retrieval.base import KnowledgeBase
+    from reimagen.retrieval.base import KnowledgeBase
 
     ids = [f"{prefix}{i:05d}" for i in range(len(scenes))]
     tar = out / f"{split}.tar"
@@ -108,8 +108,8 @@ def build_split(world: World, out: str | Path, split: str, progress: bool = True
 
 def build_world_files(world: World, out: str | Path, k: int = 2, progress: bool = True) -> dict[str, Path]:
     """Render ``world`` and build its knowledge bases and BM25 triples under ``out`` (see the module docstring)."""
-    from ..retrieval.base import KnowledgeBase
-    from ..retrieval.triples import build_triples
+    from reimagen.retrieval.base import KnowledgeBase
+    from reimagen.retrieval.triples import build_triples
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """The judge: a small CNN that reads every attribute of a rendered scene back from its pixels.
 
-It plays three roles in the toy world (issue [toy]):
+It plays three roles in the toy world:
 
 1. **Faithfulness** exactly as the paper's raters define it (Sec. 4.2, "Faithfulness"): an image is faithful when
    the entity's appearance matches its reference (shape, body colour, pattern, pattern colour all read back as the
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..atomic import replacing_path, write_json
+from reimagen.atomic import replacing_path, write_json
 from .world import ATTRIBUTE_CLASSES, LOOK_ATTRIBUTES, SCENE_ATTRIBUTES, Scene, World, render_many, scene_attributes
 
 Tensor = torch.Tensor

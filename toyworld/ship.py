@@ -1,4 +1,4 @@
-"""Shipping a trained stage inside the package (issue [toy]): small, with its provenance.
+"""Shipping a trained stage inside the package: small, with its provenance.
 
 A shipped stage folder holds ``config.json`` (the checkpoint's own, with the training settings), ``ema.safetensors``
 (the EMA weights in fp16: what sampling uses; ``load_weights`` casts them back to fp32) or, when the EMA is not
@@ -15,7 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
-from ..atomic import replacing_path
+from reimagen.atomic import replacing_path
 
 REPRODUCE = {  # the documented commands; a shipped stage records the command that really ran (its time log)
     "base": "reimagen-eval train --triples runs/toyworld/triples.parquet --preset toy-32 --text-encoder minilm "

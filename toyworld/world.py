@@ -1,6 +1,6 @@
 """The synthetic long-tail world: invented entities with fixed looks, rendered into captioned scenes.
 
-Why it exists (issue [toy]): Re-Imagen's claims are about long-tail entities whose look a text-to-image model
+Why it exists: Re-Imagen's claims are about long-tail entities whose look a text-to-image model
 cannot know from their name alone, and which retrieval supplies (Sec. 1, Sec. 4.2). This world reproduces that
 situation at a size a CPU can train on:
 
@@ -426,7 +426,7 @@ def render_scene(look: Look, scene: Scene, rng: np.random.Generator) -> np.ndarr
 
 def render_mask(look: Look, scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """The 64x64 float mask (coverage in [0, 1]) of the objects that ``render_scene`` draws with the same
-    ``rng`` state: the entity's pixels, where its look shows (``reimagen.toy.diagnose``)."""
+    ``rng`` state: the entity's pixels, where its look shows (``toyworld.diagnose``)."""
     return _box_filter(_draw(look, scene, rng)[1].astype(np.float32))
 
 

@@ -1,0 +1,44 @@
+"""``reimagen-eval``: each package's commands mounted on one Typer app.
+
+    train, sample, presets          the model (reimagen.cli)
+    index, retrieve, triples        retrieval (reimagen.retrieval.cli)
+    entitydraw, entitydraw-*        EntityDrawBench (entitydrawbench.cli)
+    fid                             the FID sweeps (evaluation.cli)
+    rate ...                        the human evaluation (human_eval.cli)
+    toy ...                         the synthetic long-tail world (toyworld.cli)
+    demo, toy demo                  the main job on the embedded default (reimagen_eval.demo)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+import reimagen.cli as model_cli
+from entitydrawbench.cli import COMMANDS as ENTITYDRAW_COMMANDS
+from evaluation.cli import fid
+from human_eval.cli import rate_app
+from reimagen.retrieval.cli import index_app, retrieve, triples
+from toyworld.cli import toy_app
+
+from .demo import demo
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Re-Imagen: retrieval-augmented text-to-image diffusion, benchmarks and evaluation.")
+
+app.command()(demo)
+app.registered_commands += model_cli.app.registered_commands
+app.add_typer(index_app, name="index")
+app.command()(retrieve)
+app.command()(triples)
+for _cmd in ENTITYDRAW_COMMANDS:
+    app.command()(_cmd)
+app.command()(fid)
+app.add_typer(rate_app, name="rate")
+toy_app.command("demo")(demo)
+app.add_typer(toy_app, name="toy")
+
+
+def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry
+    app(argv)

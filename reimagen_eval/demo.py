@@ -1,0 +1,80 @@
+"""The main job on the embedded default (``make demo``, ``reimagen-eval demo`` = ``reimagen-eval toy demo``): the
+shipped cascade on the synthetic world, run through the real command line, one command after another, each
+printed as it runs so that it can be redone by hand; every step resumes when rerun."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from reimagen.cliutil import friendly
+from toyworld import WEIGHTS
+
+console = Console(stderr=True)
+
+
+def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 100, per_split: int = 4,
+                  samples: int = 4) -> list[list[str]]:
+    """The main job as the `reimagen-eval` command lines it runs (printed as they run, so it can be redone by hand)."""
+    o, w = str(out), str(weights)
+    model = ["--model", f"{w}/base"]
+    fid = ["fid", "--dataset", "synthetic", "--dataset-root", f"{o}/world", *model, "--sr-model", f"{w}/sr",
+           "--num-prompts", str(fid_prompts), "--guidance-64", "3", "--guidance-sr", "1", "--steps", "25",
+           "--sr-steps", "10", "--sampler", "ddim", "--feature-extractor", "judge",
+           "--no-kid"]
+    draw = ["entitydraw", "--world", f"{o}/world", *model, "--model", f"{w}/sr", "--per-split", str(per_split),
+            "--samples-per-prompt", str(samples)]
+    runs = [f"with-retrieval={o}/entitydraw-retrieval", f"text-only={o}/entitydraw-text-only"]
+    return [
+        ["toy", "build", "--out", f"{o}/world"],
+        [*fid, "--db", "synthetic-train", "--out", f"{o}/fid-retrieval"],
+        [*fid, "--db", "none", "--out", f"{o}/fid-text-only"],
+        [*draw, "--k", "2", "--eta", "0.5", "--out", f"{o}/entitydraw-retrieval"],
+        [*draw, "--no-retrieval", "--out", f"{o}/entitydraw-text-only"],
+        ["entitydraw-summary", *runs, "--out", f"{o}/entitydraw-summary"],
+        ["rate", "tasks", *runs, "--study", f"{o}/study"],
+        ["rate", "simulate", "--study", f"{o}/study", "--world", f"{o}/world"],
+        ["rate", "report", "--study", f"{o}/study", "--out", f"{o}/rating-report"],
+    ]
+
+
+@friendly
+def demo(out: Path = typer.Option(Path("runs/toy"), help="Output folder (rerun to resume: every step resumes)."),
+         fid_prompts: int = typer.Option(100, min=10, help="Prompts of each FID run (judge-feature FID; the "
+                                         "sample-size floor is ~500 at n = 64 and ~66 at n = 500)."),
+         per_split: int = typer.Option(4, min=1, help="EntityDrawBench entities per frequency split."),
+         samples: int = typer.Option(4, min=1, help="Images per prompt (the paper rates the best of 4).")) -> None:
+    """The main job on the embedded default: the shipped cascade on the synthetic world, through the real CLI.
+
+    Builds the world; runs a small FID comparison with and without retrieval (`reimagen-eval fid --dataset
+    synthetic`); an EntityDrawBench run with (k = 2, eta = 0.5) and without retrieval, judged per frequency split
+    (`reimagen-eval entitydraw --world`); a blind rating study of both runs, rated by SIMULATED raters (the judge)
+    so the Table 2 / Figure 5 report is filled; and a rater list so that `reimagen-eval rate serve` opens it.
+    """
+    import time
+
+    import click
+
+    cmd = click.get_current_context().find_root().command  # the application this command is mounted in
+    t0 = time.time()
+    for args in demo_commands(out, fid_prompts=fid_prompts, per_split=per_split, samples=samples):
+        console.rule(f"reimagen-eval {' '.join(args)}", style="dim")
+        t = time.time()
+        try:
+            cmd.main(args, prog_name="reimagen-eval", standalone_mode=False)
+        except click.exceptions.Exit as e:
+            if e.exit_code:
+                raise typer.Exit(e.exit_code)
+        console.print(f"[dim]{time.time() - t:.0f} s[/]")
+    raters = out / "raters.txt"
+    if not raters.exists():
+        cmd.main(["rate", "raters", "you", "--out", str(raters)], prog_name="reimagen-eval", standalone_mode=False)
+    console.rule("done", style="green")
+    console.print(f"main job finished in {time.time() - t0:.0f} s. Results:\n"
+                  f"  FID tables/plots     {out}/fid-retrieval, {out}/fid-text-only\n"
+                  f"  EntityDrawBench      {out}/entitydraw-summary.md (.csv, .png)\n"
+                  f"  rating report        {out}/rating-report (SIMULATED raters)\n"
+                  f"  rate it yourself     reimagen-eval rate serve {out}/entitydraw-retrieval "
+                  f"{out}/entitydraw-text-only --study {out}/study --raters {raters}", highlight=False)
