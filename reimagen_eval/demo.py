@@ -41,7 +41,8 @@ def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 100, pe
 
 
 @friendly
-def demo(out: Path = typer.Option(Path("runs/toy"), help="Output folder (rerun to resume: every step resumes)."),
+def demo(ctx: typer.Context,
+         out: Path = typer.Option(Path("runs/toy"), help="Output folder (rerun to resume: every step resumes)."),
          fid_prompts: int = typer.Option(100, min=10, help="Prompts of each FID run (judge-feature FID; the "
                                          "sample-size floor is ~500 at n = 64 and ~66 at n = 500)."),
          per_split: int = typer.Option(4, min=1, help="EntityDrawBench entities per frequency split."),
@@ -55,22 +56,23 @@ def demo(out: Path = typer.Option(Path("runs/toy"), help="Output folder (rerun t
     """
     import time
 
-    import click
+    cmd = ctx.find_root().command  # the application this command is mounted in
 
-    cmd = click.get_current_context().find_root().command  # the application this command is mounted in
+    def step(args: list[str]) -> None:
+        # standalone_mode=False returns a command's exit code instead of exiting: a failed step stops the job
+        code = cmd.main(args, prog_name="reimagen-eval", standalone_mode=False)
+        if isinstance(code, int) and code:
+            raise typer.Exit(code)
+
     t0 = time.time()
     for args in demo_commands(out, fid_prompts=fid_prompts, per_split=per_split, samples=samples):
         console.rule(f"reimagen-eval {' '.join(args)}", style="dim")
         t = time.time()
-        try:
-            cmd.main(args, prog_name="reimagen-eval", standalone_mode=False)
-        except click.exceptions.Exit as e:
-            if e.exit_code:
-                raise typer.Exit(e.exit_code)
+        step(args)
         console.print(f"[dim]{time.time() - t:.0f} s[/]")
     raters = out / "raters.txt"
     if not raters.exists():
-        cmd.main(["rate", "raters", "you", "--out", str(raters)], prog_name="reimagen-eval", standalone_mode=False)
+        step(["rate", "raters", "you", "--out", str(raters)])
     console.rule("done", style="green")
     console.print(f"main job finished in {time.time() - t0:.0f} s. Results:\n"
                   f"  FID tables/plots     {out}/fid-retrieval, {out}/fid-text-only\n"

@@ -133,3 +133,19 @@ def test_presets_lists_paper_sizes():
     assert res.exit_code == 0
     for name in ("paper-64", "paper-64-small", "paper-sr256", "paper-sr1024"):
         assert name in res.output
+
+
+def test_the_main_job_stops_at_a_failed_step(monkeypatch, tmp_path):
+    """`reimagen-eval demo` runs its commands through the application it is mounted in and stops at the first
+    one that fails (standalone_mode=False returns the exit code instead of raising it)."""
+    import reimagen_eval.demo as demo_mod
+
+    monkeypatch.setattr(demo_mod, "demo_commands", lambda out, **kw: [["presets", "--paper-only"],
+                                                                       ["fid", "--dataset", "cifar", "--model", "x"],
+                                                                       ["presets"]])
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "job")])
+    assert res.exit_code == 2, res.output
+    assert "unknown dataset 'cifar'" in res.output
+    assert res.output.count("stage presets") == 1  # the third step never ran
+    res = runner.invoke(app, ["toy", "demo", "--out", str(tmp_path / "job")])  # the same job under `toy`
+    assert res.exit_code == 2 and "unknown dataset 'cifar'" in res.output

@@ -3,7 +3,8 @@
     base.py         KnowledgeBase, image references, the Retriever interface, saved indexes (manifest.json)
     readers/        COCO, WikiImages (WebQA), LAION/img2dataset (webdataset tar, parquet), image folders
     bm25.py         rank-bm25 reference and the fast default BM25
-    clip.py         open-clip embeddings in faiss (exact, IVF-PQ, HNSW), memory-mapped
+    clip_embed.py   open-clip models and the resumable embedding of a knowledge base
+    clip.py         those embeddings in faiss (exact, IVF-PQ, HNSW), memory-mapped; the CLIP retriever
     precomputed.py  neighbours computed elsewhere, read from a parquet table
     triples.py      KNN-ImageText triples tables for the trainer
     download.py     download helpers (COCO) and instructions (WebQA, LAION)
