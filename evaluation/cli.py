@@ -132,15 +132,19 @@ def fid(
     sweep = FidSweep(cfg, log=lambda msg: err_console.print(escape(msg), highlight=False))
     sweep.validate()
     result = sweep.run()
-    if result["rank"] != 0:
-        return
+    if result["rank"] == 0:
+        _report(sweep, result, out)
+
+
+def _report(sweep, result: dict, out: Path) -> None:
+    """Rank 0: the results files (CSV, Markdown with the protocol and the paper's numbers, plot) and a table."""
     from .results import best_row, write_results
 
-    ds = sweep.dataset
-    protocol = (f"{len(sweep.jobs)} prompts drawn with seed {seed} from {ds.name} {ds.split}; reference: all "
+    c, ds = sweep.cfg, sweep.dataset
+    protocol = (f"{len(sweep.jobs)} prompts drawn with seed {c.seed} from {ds.name} {ds.split}; reference: all "
                 f"{len(ds.reference)} {ds.split} images; real and generated images center-cropped and resized to "
                 f"{sweep.resolution}px (PIL bicubic), then {sweep.backend.name} ({sweep.backend.mode}) with "
-                f"{sweep.backend.extractor_name()} features. Standard CFG; {steps} steps ({sampler}). "
+                f"{sweep.backend.extractor_name()} features. Standard CFG; {c.steps} steps ({c.sampler}). "
                 f"Label {sweep.label}: database {sweep.db.name} is "
                 f"{'in-domain' if sweep.db.in_domain else 'not in-domain'}.")
     notes = list(result["notes"])

@@ -287,29 +287,7 @@ def build_triples(kb: KnowledgeBase, out: str | Path, k: int = 2, retriever: Ret
             bar.advance(task)
     report.dropped_too_few = len(dropped)
 
-    # rows -> neighbours, then the fix-up: nobody may keep a dropped pair as a neighbour
-    merged = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
-    rows = merged.column("row").to_pylist()
-    nbr = dict(zip(rows, merged.column("neighbor_rows").to_pylist()))
-    scr = dict(zip(rows, merged.column("neighbor_scores").to_pylist()))
-    banned = set(dropped)
-    new_drops = set(dropped)
-    while new_drops:
-        affected = [r for r in nbr if any(j in new_drops for j in nbr[r])]
-        new_drops = set()
-        if not affected:
-            break
-        report.requeried += len(affected)
-        got = _neighbours(ctx, affected, banned)
-        for r in affected:
-            nb, sc, _ = got[r]
-            if len(nb) == k:
-                nbr[r], scr[r] = nb, sc
-            else:
-                new_drops.add(r)
-                del nbr[r], scr[r]
-        report.dropped_after_requery += len(new_drops)
-        banned |= new_drops
+    nbr, scr, banned = _without_dropped(ctx, tables, dropped, report)
     report.dropped_ids = [kb.ids[r] for r in sorted(banned)[:100]]
 
     keep = sorted(nbr)
@@ -331,6 +309,38 @@ def build_triples(kb: KnowledgeBase, out: str | Path, k: int = 2, retriever: Ret
 
         Console(stderr=True).print(str(report), highlight=False)
     return out
+
+
+def _without_dropped(ctx: "_Ctx", tables: list, dropped: list[int], report: TriplesReport
+                     ) -> tuple[dict[int, list[int]], dict[int, list[float]], set[int]]:
+    """Rows -> (neighbour rows, scores), then the fix-up: nobody may keep a dropped pair (one with fewer than k
+    neighbours) as a neighbour. Rows that had one are queried again without the dropped pairs, which can drop
+    them in turn, until nothing changes. Returns the kept rows' neighbours and scores, and every dropped row."""
+    import pyarrow as pa
+
+    merged = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    rows = merged.column("row").to_pylist()
+    nbr = dict(zip(rows, merged.column("neighbor_rows").to_pylist()))
+    scr = dict(zip(rows, merged.column("neighbor_scores").to_pylist()))
+    banned = set(dropped)
+    new_drops = set(dropped)
+    while new_drops:
+        affected = [r for r in nbr if any(j in new_drops for j in nbr[r])]
+        new_drops = set()
+        if not affected:
+            break
+        report.requeried += len(affected)
+        got = _neighbours(ctx, affected, banned)
+        for r in affected:
+            nb, sc, _ = got[r]
+            if len(nb) == ctx.k:
+                nbr[r], scr[r] = nb, sc
+            else:
+                new_drops.add(r)
+                del nbr[r], scr[r]
+        report.dropped_after_requery += len(new_drops)
+        banned |= new_drops
+    return nbr, scr, banned
 
 
 def _settings_of(path: Path) -> dict[str, Any] | None:
