@@ -398,7 +398,8 @@ class FidSweep:
                                    progress=c.progress)
 
     def _neighbours_fn(self, table, size: int):
-        from reimagen.retrieval.base import SearchResult, neighbours_from_result
+        from reimagen.cascade import neighbours_from_result
+        from reimagen.retrieval.base import SearchResult
 
         kb, k = self.db.kb, self.cfg.k
 

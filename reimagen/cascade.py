@@ -82,6 +82,25 @@ class Neighbours:
         return cls(torch.stack(rows), [[txt for _, txt in row] for row in pairs])
 
 
+def neighbours_from_result(kb, result, k: int, size: int) -> Neighbours:
+    """The ``Neighbours`` of a retrieval result (``reimagen.retrieval.SearchResult``) over a knowledge base: K
+    images at ``size`` px and their texts, with a validity mask where a query got fewer than k neighbours
+    (padding is ignored by the model)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    b = len(result)
+    images = torch.zeros(b, k, 3, size, size)
+    texts = [[""] * k for _ in range(b)]
+    mask = torch.zeros(b, k, dtype=torch.bool)
+    for i, row in enumerate(result.ids):
+        for j, pid in enumerate(row[:k]):
+            r = kb.index_of(pid)
+            images[i, j] = image_to_tensor(kb.image(r), size)
+            texts[i][j] = kb.texts[r]
+            mask[i, j] = True
+    return Neighbours(images, texts, mask)
+
+
 def image_to_tensor(img: object, size: int) -> Tensor:
     """A PIL image, an HWC uint8 array or a CHW tensor in [-1, 1] as a (3, size, size) tensor in [-1, 1]
     (center crop to square, then resize)."""
@@ -175,6 +194,15 @@ class Cascade:
                 g = JointGuidance(w=g.w, use_neighbours=False)
             stages.append(Stage(model, g, st))
         return cls(stages, loaded[0][1])
+
+    def without_retrieval(self) -> "Cascade":
+        """The same stages sampled text-only: joint guidance on the text (an interleaved or weighted stage uses its
+        text weight w_p), as the benchmarks' text-only runs of a Re-Imagen cascade."""
+        stages = []
+        for st in self.stages:
+            w = st.guidance.w if isinstance(st.guidance, JointGuidance) else st.guidance.w_p  # type: ignore[attr-defined]
+            stages.append(Stage(st.model, JointGuidance(w=w, use_neighbours=False), st.settings, st.name))
+        return Cascade(stages, self.text_encoder)
 
     @property
     def device(self) -> torch.device:

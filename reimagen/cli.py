@@ -4,7 +4,6 @@ trained stages), ``presets`` (the paper's and the small configurations, with par
 
 from __future__ import annotations
 
-import json
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -105,71 +104,143 @@ def train(
 @app.command()
 @friendly
 def sample(
-    checkpoint: list[Path] = typer.Option(..., help="Stage checkpoint folders, base stage first (repeat the option)."),
-    prompt: list[str] = typer.Option(..., help="Prompt(s) (repeat the option); prompt i gets the id p0000 + i."),
-    neighbour_image: list[Path] = typer.Option([], help="Neighbour image for every prompt (repeat for K > 1)."),
+    checkpoint: list[Path] = typer.Option([], help="Stage checkpoint folders, base stage first (repeat the option)."),
+    pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="A pipeline folder (or Hub id) with the stages, "
+                                            "their guidance and sampler settings and an index, instead of "
+                                            "--checkpoint and --index (ReImagenPipeline.save_pretrained); the "
+                                            "guidance and step options below then do not apply."),
+    prompt: list[str] = typer.Option([], help="Prompt(s) (repeat the option); prompt i gets the id p0000 + i."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts file: .txt (one per line), .jsonl or "
+                                           ".csv/.tsv with a prompt (or text / caption) column and optional id and "
+                                           "query columns (query: what retrieval searches with; default the "
+                                           "prompt)."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Retrieve each prompt's neighbours from this saved "
+                                         "index (reimagen-eval index build: BM25, CLIP + faiss, precomputed)."),
+    kb: Optional[str] = typer.Option(None, "--kb", help="The index's knowledge base (FORMAT:PATH or .parquet; "
+                                     "default: the source the index recorded)."),
+    k: int = typer.Option(2, "--k", "-k", min=1, help="Neighbours retrieved per prompt (the paper: 2)."),
+    no_retrieval: bool = typer.Option(False, "--no-retrieval", help="Text only: joint guidance on the text, no "
+                                      "neighbours (the baseline of the same cascade)."),
+    neighbour_image: list[Path] = typer.Option([], help="Hand-picked neighbour image for every prompt (repeat for "
+                                               "K > 1), instead of --index."),
     neighbour_text: list[str] = typer.Option([], help="Text of each neighbour image, in the same order."),
     guidance: GuidanceName = typer.Option(GuidanceName.interleaved, help="Base-stage guidance (Eq. 5 / Eq. 6)."),
     w_p: float = typer.Option(3.0, help="Text guidance weight w_p (interleaved/weighted) or w (joint)."),
     w_n: float = typer.Option(3.0, help="Neighbour guidance weight w_n (interleaved/weighted)."),
-    eta: float = typer.Option(0.5, help="Interleave ratio: probability of the text-enhanced step (Eq. 6)."),
+    eta: float = typer.Option(0.5, help="Interleave ratio: probability of the text-enhanced step (Eq. 6); weighted "
+                              "guidance's mixing weight lam."),
     sr_guidance: float = typer.Option(5.0, help="Joint guidance weight of super-resolution stages."),
-    steps: int = typer.Option(64, min=1, help="Sampling steps of every stage."),
+    steps: int = typer.Option(64, min=1, help="Sampling steps of the base stage (and of every stage without "
+                              "--sr-steps)."),
+    sr_steps: Optional[int] = typer.Option(None, "--sr-steps", min=1, help="Sampling steps of the super-resolution "
+                                           "stages (default: --steps)."),
     sampler: SamplerName = typer.Option(SamplerName.ddpm, help="ddpm (Eq. 4) or ddim."),
     num_samples: int = typer.Option(1, min=1, help="Samples per prompt (sample indices 0..N-1)."),
     batch_size: int = typer.Option(8, min=1, help="Images per sampling batch: jobs are cut into fixed blocks of this "
                                    "size (recorded in run.json; a resume must use the same)."),
     seed: int = typer.Option(0, help="Image = f(prompt id, sample index, seed)."),
     out: Path = typer.Option(Path("runs/samples"), help="Run folder: <prompt id>__<sample index>.png, run.json, "
-                             "prompts.json. Rerun to resume; RANK / WORLD_SIZE (torchrun) shard it."),
+                             "prompts.json, neighbours.json, sheets/. Rerun to resume; RANK / WORLD_SIZE shard it."),
+    save_pipeline: Optional[Path] = typer.Option(None, "--save-pipeline", help="Also write the cascade, its settings "
+                                                 "and the index as a pipeline folder here (for --pipeline or "
+                                                 "ReImagenPipeline.from_pretrained)."),
     device: str = typer.Option("cpu", help="torch device."),
 ) -> None:
-    """Sample images from a cascade of trained stages, with retrieved neighbours given as files."""
-    import hashlib
-
-    from .atomic import write_json
-    from .cascade import Cascade, Neighbours
-    from .generate import CascadeGenerator, Job, generate_run, shard_from_env
+    """Sample a cascade: prompts -> neighbours retrieved from an index (or hand-picked, or none) -> images, with
+    the neighbours of every prompt and a contact sheet per prompt in the run folder."""
+    from .generate import CascadeGenerator, shard_from_env
     from .guidance import JointGuidance, make_guidance
+    from .pipeline import ReImagenPipeline, _local_folder, read_pipeline_json
     from .retrieval.base import load_image
-    from .sampling import SamplerSettings
+    from .sample_run import prompt_table, run_sample
     from .train import checkpoint_digest, read_checkpoint_config
 
     # 1. Every argument and input file is checked before a model is loaded or a file written.
+    ids, texts, queries = prompt_table(prompt, prompts)
+    sources = [bool(neighbour_image) or bool(neighbour_text), index is not None, no_retrieval]
+    if sum(sources) > 1:
+        raise ValueError("choose one source of neighbours: --index (retrieval), --neighbour-image (hand-picked) or "
+                         "--no-retrieval")
+    if bool(checkpoint) == (pipeline is not None):
+        raise ValueError("give the cascade as --checkpoint (repeat, base first) or as --pipeline FOLDER")
     if len(neighbour_image) != len(neighbour_text):
         raise ValueError(f"{len(neighbour_image)} neighbour images but {len(neighbour_text)} neighbour texts")
-    for p in checkpoint:
-        read_checkpoint_config(p)
     shard_from_env()
-    has_nbrs = bool(neighbour_image)
-    base_g = make_guidance(guidance.value, w_text=w_p, w_neighbours=w_n, eta=eta, lam=eta,  # --eta: weighted's lam too
-                           use_neighbours=has_nbrs)
-    sr_g = JointGuidance(w=sr_guidance, use_neighbours=has_nbrs)
-    pairs = []
-    for p in neighbour_image:
-        if not p.is_file():
-            raise FileNotFoundError(f"neighbour image {p} does not exist")
-        pairs.append(load_image(str(p)))  # CorruptImageError names the file
-    # 2. The cascade and the jobs.
-    settings = SamplerSettings(steps=steps, sampler=sampler.value)
-    cascade = Cascade.from_checkpoints(checkpoint, [base_g] + [sr_g] * (len(checkpoint) - 1),
-                                       [settings] * len(checkpoint), device=device)
-    ids = [f"p{i:04d}" for i in range(len(prompt))]
-    jobs = [Job(pid, text, s) for pid, text in zip(ids, prompt) for s in range(num_samples)]
-    neighbours_for = None
-    digest = hashlib.sha256(json.dumps(list(zip(ids, prompt))).encode())
-    if has_nbrs:
-        size = max(st.model.cfg.image_size for st in cascade.stages)
-        row = Neighbours.from_pairs([list(zip(pairs, neighbour_text))], size=size)
-        neighbours_for = lambda batch: row.index([0] * len(batch))  # noqa: E731  (every prompt: the same files)
-        for p, text in zip(neighbour_image, neighbour_text):
-            digest.update(hashlib.sha256(p.read_bytes()).digest() + text.encode() + b"\0")
-    gen = CascadeGenerator(cascade, settings={"checkpoints": [checkpoint_digest(p) for p in checkpoint]})
-    # 3. Generate (resumable, sharded by blocks), then the prompt table.
-    counts = generate_run(gen, jobs, out, seed=seed, neighbours_for=neighbours_for, batch_size=batch_size,
-                          settings={"prompts": digest.hexdigest()[:16], "samples_per_prompt": num_samples})
-    write_json(out / "prompts.json", [{"prompt_id": pid, "prompt": text} for pid, text in zip(ids, prompt)], indent=2)
-    console.print(f"made {counts['made']}, skipped {counts['skipped']} (existing) of {counts['total']} images in {out}")
+    picked = [(str(p), load_image(str(p)), t) for p, t in zip(neighbour_image, neighbour_text)]  # names a bad file
+    if pipeline is not None:
+        folder = _local_folder(pipeline)
+        stage_dirs = [folder / st["path"] for st in read_pipeline_json(folder)["stages"]]
+    else:
+        stage_dirs = list(checkpoint)
+        for p in stage_dirs:
+            read_checkpoint_config(p)
+        has_source = index is not None or bool(picked)
+        if guidance != GuidanceName.joint and not has_source and not no_retrieval:
+            raise ValueError(f"{guidance.value} guidance needs neighbours: give --index, --neighbour-image, or "
+                             "--no-retrieval for the text-only baseline")
+        base_g = make_guidance(guidance.value, w_text=w_p, w_neighbours=w_n, eta=eta, lam=eta,
+                               use_neighbours=guidance != GuidanceName.joint or has_source)
+        sr_g = JointGuidance(w=sr_guidance, use_neighbours=base_g.needs_neighbours)
+
+    # 2. The pipeline: the cascade, and the retriever with its knowledge base.
+    if pipeline is not None:
+        pipe = ReImagenPipeline.from_pretrained(folder, device=device, knowledge_base=kb)
+    else:
+        pipe = _pipeline_of(stage_dirs, base_g, sr_g, steps, sr_steps, sampler.value, index, kb, k, device)
+    retrieve = pipe.retriever is not None and not no_retrieval and not picked
+    with_neighbours = retrieve or bool(picked)
+    cascade = pipe.cascade if with_neighbours and pipe.cascade.stages[0].guidance.needs_neighbours \
+        else pipe.cascade.without_retrieval()
+    rows = nbr_fn = None
+    if retrieve:
+        rows = dict(zip(ids, pipe.retrieve(queries, k)))
+        nbr_fn = lambda batch: pipe.neighbours_of([rows[j.prompt_id] for j in batch], k)  # noqa: E731
+    elif picked:
+        from .cascade import Neighbours
+
+        row = Neighbours.from_pairs([[(img, t) for _, img, t in picked]], size=pipe.neighbour_size)
+        rows = {pid: [{"id": Path(p).name, "text": t, "score": None, "image": p} for p, _, t in picked] for pid in ids}
+        nbr_fn = lambda batch: row.index([0] * len(batch))  # noqa: E731  (every prompt: the same files)
+    gen = CascadeGenerator(cascade)
+
+    # 3. Generate (resumable, sharded by blocks), the neighbours table and the contact sheets.
+    kb_obj = pipe.knowledge_base
+    counts = run_sample(gen, ids, texts, num_samples, out, seed, batch_size, rows, nbr_fn,
+                        lambda n: load_image(n["image"]) if kb_obj is None else _kb_image(kb_obj, n),
+                        [checkpoint_digest(p) for p in stage_dirs])
+    if save_pipeline is not None:
+        pipe.save_pretrained(save_pipeline)
+    console.print(f"made {counts['made']}, skipped {counts['skipped']} (existing) of {counts['total']} images in "
+                  f"{out}; contact sheets in {out / 'sheets'}")
+
+
+def _pipeline_of(stage_dirs, base_g, sr_g, steps, sr_steps, sampler, index, kb, k, device):
+    """The pipeline of --checkpoint / --index / --kb; the index and its knowledge base are opened (and refused
+    when missing) before the stages are loaded."""
+    from .cascade import Cascade
+    from .pipeline import ReImagenPipeline, _open_kb
+    from .retrieval.base import load_retriever
+    from .sampling import SamplerSettings
+
+    retriever = knowledge = spec = None
+    if index is not None:
+        if not (Path(index) / "manifest.json").is_file():
+            raise FileNotFoundError(f"--index {index} is not a saved index (no manifest.json); build one with "
+                                    "`reimagen-eval index build`")
+        knowledge, spec = _open_kb(kb, Path(index), Path.cwd())
+        if k > len(knowledge):
+            raise ValueError(f"--k {k} but the index's knowledge base {spec} holds {len(knowledge)} pairs")
+        retriever = load_retriever(index)
+    base = SamplerSettings(steps=steps, sampler=sampler)
+    sr = SamplerSettings(steps=sr_steps or steps, sampler=sampler)
+    cascade = Cascade.from_checkpoints(stage_dirs, [base_g] + [sr_g] * (len(stage_dirs) - 1),
+                                       [base] + [sr] * (len(stage_dirs) - 1), device=device)
+    return ReImagenPipeline(cascade, retriever, knowledge, spec)
+
+
+def _kb_image(kb, row: dict):
+    """A neighbour's image for the contact sheet: from the knowledge base by id (its references may be relative)."""
+    return kb.image(kb.index_of(row["id"]))
 
 
 @app.command()

@@ -223,7 +223,29 @@ def make_guidance(kind: str, w_text: float = 3.0, w_neighbours: float = 3.0, eta
     raise ValueError(f"unknown guidance {kind!r}; choose joint, weighted or interleaved")
 
 
+STRATEGIES = {"joint": JointGuidance, "weighted": WeightedGuidance, "interleaved": InterleavedGuidance}
+
+
+def guidance_to_dict(g: GuidanceStrategy) -> dict:
+    """A strategy as JSON: {"kind": name, its fields}; ``guidance_from_dict`` reads it back."""
+    from dataclasses import asdict
+
+    kind = next((name for name, cls in STRATEGIES.items() if type(g) is cls), None)
+    if kind is None:
+        raise ValueError(f"cannot save guidance of type {type(g).__name__}")
+    return {"kind": kind, **asdict(g)}
+
+
+def guidance_from_dict(d: dict) -> GuidanceStrategy:
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in STRATEGIES:
+        raise ValueError(f"unknown guidance kind {kind!r}; choose one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[kind](**d)
+
+
 __all__: Sequence[str] = [
     "Branch", "branch_drop_masks", "joint", "text_enhanced", "neighbour_enhanced", "weighted", "interleaved",
-    "GuidanceStrategy", "JointGuidance", "WeightedGuidance", "InterleavedGuidance", "make_guidance",
+    "GuidanceStrategy", "JointGuidance", "WeightedGuidance", "InterleavedGuidance", "make_guidance", "STRATEGIES",
+    "guidance_to_dict", "guidance_from_dict",
 ]

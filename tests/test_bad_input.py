@@ -36,6 +36,14 @@ def inputs(tmp_path_factory):
     kb = KnowledgeBase([f"p{i}" for i in range(len(texts))], texts, [f"im{i}.png" for i in range(len(texts))],
                        name="bad", root=root).to_parquet(root / "kb.parquet")
     assert runner.invoke(app, ["index", "build", "--kb", str(kb), "--out", str(root / "idx")]).exit_code == 0
+    import shutil as _sh
+
+    _sh.copy(kb, root / "gone.parquet")  # an index whose knowledge base is then deleted
+    assert runner.invoke(app, ["index", "build", "--kb", str(root / "gone.parquet"), "--out",
+                               str(root / "idx-gone")]).exit_code == 0
+    (root / "gone.parquet").unlink()
+    (root / "blank-line.txt").write_text("a red thing\n\na blue thing\n")
+    (root / "no-text.csv").write_text("id,colour\nq0,red\n")
     pd.DataFrame([{"id": f"p{i}", "text": t, "image": f"im{i}.png", "neighbor_ids": [f"p{(i + 1) % 8}"]}
                   for i, t in enumerate(texts)]).to_parquet(root / "triples.parquet")
     enc = TinyTextEncoder(dim=32, seed=0).eval()
@@ -69,9 +77,10 @@ def _draw(i, *extra):
             "--per-category", "2", "--k", "1", "--steps", "2", *extra]
 
 
-def _sample(i, *extra, neighbour="img"):
-    return ["sample", "--checkpoint", i["ckpt"], "--prompt", "a red thing", "--neighbour-image", i[neighbour],
-            "--neighbour-text", "a thing", "--steps", "2", *extra]
+def _sample(i, *extra, neighbour="img", index=None, prompt=True):
+    nbr = ["--neighbour-image", i[neighbour], "--neighbour-text", "a thing"] if neighbour else []
+    return ["sample", "--checkpoint", i["ckpt"], *(["--prompt", "a red thing"] if prompt else []), *nbr,
+            *(["--index", i["root"] / index] if index else []), "--steps", "2", *extra]
 
 
 def _train(i, *extra):
@@ -111,6 +120,16 @@ CASES = [
      ["corrupt.png", "cannot decode"], None),
     ("sample-eta", lambda i: _sample(i, "--eta", "2"), ["eta must be in [0, 1]"], None),
     ("sample-half-set-launcher", lambda i: _sample(i), ["RANK=1 is set but WORLD_SIZE is not"], {"RANK": "1"}),
+    ("sample-index-without-kb", lambda i: _sample(i, neighbour=None, index="idx-gone"),
+     ["knowledge base of index", "gone.parquet", "was not found (looked for"], None),
+    ("sample-k-above-the-index", lambda i: _sample(i, "-k", "100", neighbour=None, index="idx"),
+     ["--k 100", "holds 8 pairs"], None),
+    ("sample-prompts-blank-line", lambda i: _sample(i, "--prompts", i["root"] / "blank-line.txt", neighbour=None,
+                                                    prompt=False), ["blank-line.txt:2: empty prompt line"], None),
+    ("sample-prompts-no-text", lambda i: _sample(i, "--prompts", i["root"] / "no-text.csv", neighbour=None,
+                                                 prompt=False), ["no-text.csv", "needs a prompt / text / caption column"], None),
+    ("sample-not-a-pipeline", lambda i: ["sample", "--pipeline", i["ckpt"], "--prompt", "x"],
+     ["is not a pipeline folder (no pipeline.json)"], None),
     ("rate-tasks-missing-run", lambda i: ["rate", "tasks", str(i["root"] / M)], [M], None),
     ("rate-report-missing-study", lambda i: ["rate", "report", "--study", i["root"] / M], [M], None),
 ]

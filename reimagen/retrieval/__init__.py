@@ -10,6 +10,5 @@
     download.py     download helpers (COCO) and instructions (WebQA, LAION)
 """
 
-from .base import (CorruptImageError, KnowledgeBase, Retriever, SearchResult, load_image, load_retriever,  # noqa: F401
-                   neighbours_from_result)
+from .base import (CorruptImageError, KnowledgeBase, Retriever, SearchResult, load_image, load_retriever)  # noqa: F401
 from .readers import open_knowledge_base  # noqa: F401

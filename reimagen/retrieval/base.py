@@ -273,26 +273,3 @@ def load_retriever(folder: str | Path, mmap: bool = True) -> Retriever:
     if kind not in RETRIEVERS:
         raise ValueError(f"{mf}: unknown retriever kind {kind!r}; known: {sorted(RETRIEVERS)}")
     return RETRIEVERS[kind]._load(folder, manifest, mmap=mmap)
-
-
-def neighbours_from_result(kb: KnowledgeBase, result: SearchResult, k: int, size: int):
-    """The ``reimagen.Neighbours`` for a search result: K images at ``size`` px and their texts, with a
-    validity mask where a query got fewer than k neighbours (padding is ignored by the model)."""
-    import torch
-
-    from ..cascade import Neighbours, image_to_tensor
-
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    b = len(result)
-    images = torch.zeros(b, k, 3, size, size)
-    texts = [[""] * k for _ in range(b)]
-    mask = torch.zeros(b, k, dtype=torch.bool)
-    for i, row in enumerate(result.ids):
-        for j, pid in enumerate(row[:k]):
-            r = kb.index_of(pid)
-            images[i, j] = image_to_tensor(kb.image(r), size)
-            texts[i][j] = kb.texts[r]
-            mask[i, j] = True
-    return Neighbours(images, texts, mask)
-
