@@ -106,6 +106,8 @@ CASES = [
      ["unknown retriever", "nope"], None),
     ("retrieve-missing-index", lambda i: ["retrieve", "--index", i["root"] / M, "--query", "x"], [M], None),
     ("retrieve-k", lambda i: ["retrieve", "--index", i["idx"], "--query", "x", "-k", "0"], ["k must be >= 1"], None),
+    ("retrieve-k-above-the-corpus", lambda i: ["retrieve", "--index", i["idx"], "--query", "x", "-k", "9"],
+     ["-k 9 is larger than the knowledge base (8 pairs)"], None),
     ("retrieve-missing-queries", lambda i: ["retrieve", "--index", i["idx"], "--queries", i["root"] / f"{M}.jsonl"],
      [M], None),
     ("triples-missing-kb", lambda i: ["triples", "--kb", i["root"] / f"{M}.parquet"], [M], None),

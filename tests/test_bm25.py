@@ -210,3 +210,57 @@ def test_build_rejects_bad_input():
         BM25Retriever.build(["a", "b"], ["x", "x"], progress=False)
     r = BM25Retriever.build(["", ""], progress=False)  # no token at all: an index that matches nothing
     assert r.search(["anything"], 2).ids == [[]]
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled kernel (numba) against the scipy sparse product
+# ----------------------------------------------------------------------------------------------
+def _both_paths(r, queries, k, exclude=None):
+    backend = r.backend
+    try:
+        r.backend = "scipy"
+        ref = r.search_rows(queries, k, exclude)
+        r.backend = "numba"
+        got = r.search_rows(queries, k, exclude)
+    finally:
+        r.backend = backend
+    return ref, got
+
+
+def _identical(a, b):
+    (ra, sa), (rb, sb) = a, b
+    return len(ra) == len(rb) and all(np.array_equal(x, y) for x, y in zip(ra, rb)) \
+        and all(np.array_equal(x, y) for x, y in zip(sa, sb))
+
+
+@pytest.mark.parametrize("k", [1, 2, 7])
+def test_compiled_kernel_gives_the_sparse_products_rows_and_scores_bit_for_bit(k):
+    """Both query paths: dense accumulation (with the commonest terms as dense rows) and sparse (touched
+    documents only), repeated query tokens, exclusions, unknown words, empty queries and ties."""
+    from reimagen.retrieval import bm25_kernel
+
+    if not bm25_kernel.available():
+        pytest.skip("numba is not installed: BM25Retriever uses the scipy path only")
+    docs = zipf_captions(3000, vocab=300, s=1.2, seed=3) + ["w299 w298", "w299 w298"]  # an exact tie
+    r = BM25Retriever.build(docs, ids_for(docs), progress=False)
+    queries = zipf_captions(200, vocab=300, s=1.2, seed=4) + ["w0 w0 w1", "w298 w299", "", "zzz unknown", "w299"]
+    exclude = [i % 5 - 1 for i in range(len(queries))]  # -1 (none) or a row
+    ref, got = _both_paths(r, queries, k, exclude)
+    assert _identical(ref, got)
+    dense_of, rows = r._kernel_arrays[3:]
+    assert rows.shape[0] >= 1  # the common terms went through dense rows
+    assert any(0 < len(x) for x in got[0]) and len(got[0][-3]) == 0  # results, and an empty query's empty row
+    assert got[0][-4].tolist()[:2] == [3000, 3001][: min(k, 2)]  # the tie: the lower row first
+
+
+def test_threads_do_not_change_the_results():
+    from reimagen.retrieval import bm25_kernel
+
+    docs = zipf_captions(800, seed=5)
+    r = BM25Retriever.build(docs, ids_for(docs), progress=False)
+    queries = zipf_captions(120, seed=6)
+    one = r.search_rows(queries, 3)
+    r.threads = 2
+    assert _identical(one, r.search_rows(queries, 3))
+    if bm25_kernel.available():
+        assert r.backend == "numba"

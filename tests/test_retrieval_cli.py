@@ -133,6 +133,13 @@ def test_bm25_build_and_retrieve(tmp_path, kb_parquet):
     assert res.exit_code == 0, res.output
     rec = json.loads(out.read_text())
     assert rec["neighbor_ids"][0] == "p2"  # "a red car on a road" matches both terms
+    # a query that matches nothing gets no neighbours and a note, whatever --threads
+    res = run("retrieve", "--index", idx, "--query", "zzzunknown", "--query", "red car", "-k", "2", "--threads", "2",
+              "--out", out)
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert recs[0]["neighbor_ids"] == [] and recs[1]["neighbor_ids"][0] == "p2"
+    assert "1 of 2 queries matched nothing" in " ".join(res.output.split())
     res = run("index", "build", "--kb", kb_parquet, "--retriever", "bm25-rank", "--out", tmp_path / "rank-idx")
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "rank-idx" / "manifest.json").read_text())["kind"] == "bm25-rank"

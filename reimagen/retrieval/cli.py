@@ -294,6 +294,7 @@ def retrieve(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the results to FILE.jsonl or FILE.parquet "
                                        "(query_id, query, neighbor_ids, neighbor_scores, neighbor_texts)."),
     device: str = typer.Option("cpu", "--device", help="clip: torch device for encoding queries."),
+    threads: int = typer.Option(1, "--threads", min=1, help="bm25: threads scoring the queries (numba)."),
 ) -> None:
     """Retrieve the top-k knowledge-base pairs of text queries from a saved index and print them."""
     _check_k(k)
@@ -309,6 +310,8 @@ def retrieve(
     if not spec:
         raise ValueError(f"{index} records no knowledge-base source: pass --kb")
     knowledge = _open_kb(spec)
+    if k > len(knowledge):
+        raise ValueError(f"-k {k} is larger than the knowledge base ({len(knowledge)} pairs)")
     texts, ids = [], []
     for qid, text in items:
         if text is None:
@@ -324,7 +327,13 @@ def retrieve(
     r = _load_index(index, manifest)
     if hasattr(r, "to") and device != "cpu":
         r.to(device)
+    if hasattr(r, "threads"):
+        r.threads = threads
     res = r.search(texts, k, exclude_ids=exclude, query_ids=query_ids)
+    empty = sum(1 for row in res.ids if not row)
+    if empty:
+        err_console.print(f"note: {empty} of {len(texts)} queries matched nothing in the index (empty, only "
+                          "stopwords, or no word the index knows): they get no neighbours", highlight=False)
     if getattr(r, "last_missing", 0):
         err_console.print(f"[yellow]warning:[/] {r.last_missing} query ids have no precomputed neighbours",
                           highlight=False)
@@ -371,6 +380,7 @@ def triples(
                                          "instead of building BM25 over the knowledge base."),
     batch_size: int = typer.Option(1024, "--batch-size", help="Queries per retrieval batch (and per checkpoint)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue a partially written table."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Threads scoring the queries (BM25 with numba)."),
 ) -> None:
     """Build the KNN-ImageText triples table: every pair with its top-k neighbours from the same collection,
     excluding itself (Sec. 4; BM25 by default)."""
@@ -389,7 +399,7 @@ def triples(
     from .triples import build_triples
 
     path = build_triples(knowledge, out, k=k, retriever=retriever, exclude_duplicate_texts=exclude_duplicate_texts,
-                         batch_size=batch_size, resume=resume, progress=True)
+                         batch_size=batch_size, resume=resume, progress=True, threads=threads)
     err_console.print(f"wrote {escape(str(path))}", highlight=False)
 
 

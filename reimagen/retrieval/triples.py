@@ -127,9 +127,12 @@ def _atomic_write_table(table, path: Path) -> None:
 class _Ctx:
     """What every chunk needs: the collection, its row index, duplicate counts and the (lazy) retriever."""
 
-    def __init__(self, kb: KnowledgeBase, retriever: Retriever | None, k: int, exclude_dup: bool, progress: bool):
-        self.kb, self.k, self.exclude_dup, self.progress = kb, k, exclude_dup, progress
+    def __init__(self, kb: KnowledgeBase, retriever: Retriever | None, k: int, exclude_dup: bool, progress: bool,
+                 threads: int = 1):
+        self.kb, self.k, self.exclude_dup, self.progress, self.threads = kb, k, exclude_dup, progress, threads
         self._retriever = retriever
+        if retriever is not None and hasattr(retriever, "threads"):
+            retriever.threads = threads
         self.index = {pid: i for i, pid in enumerate(kb.ids)}
         counts = Counter(kb.texts) if exclude_dup else None
         self.dup_others = [counts[t] - 1 for t in kb.texts] if counts is not None else None
@@ -140,6 +143,7 @@ class _Ctx:
             from .bm25 import BM25Retriever
 
             self._retriever = BM25Retriever.from_knowledge_base(self.kb, progress=self.progress)
+            self._retriever.threads = self.threads
         return self._retriever
 
 
@@ -229,11 +233,12 @@ def _read_chunk(path: Path, lo: int, hi: int):
 # ----------------------------------------------------------------------------------------------
 def build_triples(kb: KnowledgeBase, out: str | Path, k: int = 2, retriever: Retriever | None = None,
                   exclude_duplicate_texts: bool = False, batch_size: int = 1024, resume: bool = True,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, threads: int = 1) -> Path:
     """Write the KNN-ImageText triples table of ``kb`` to ``out`` (parquet; see the module docstring) and
     return its path. ``retriever`` defaults to a ``BM25Retriever`` built on ``kb`` (it must be built on
     ``kb``: its ids are looked up in it). ``resume=False`` discards the parts of an earlier run. The report
-    is printed when ``progress`` and stored in the table (``triples_report(out)``)."""
+    is printed when ``progress`` and stored in the table (``triples_report(out)``). ``threads`` score each
+    chunk's queries in parallel (BM25 with numba); the table does not depend on it."""
     import pyarrow as pa
 
     if k < 1:
@@ -259,7 +264,7 @@ def build_triples(kb: KnowledgeBase, out: str | Path, k: int = 2, retriever: Ret
         return out
     _prepare_parts(parts, settings, resume)
 
-    ctx = _Ctx(kb, retriever, k, exclude_duplicate_texts, progress)
+    ctx = _Ctx(kb, retriever, k, exclude_duplicate_texts, progress, threads)
     n = len(kb)
     n_chunks = (n + batch_size - 1) // batch_size
     report = TriplesReport(pairs=n, k=k, exclude_duplicate_texts=bool(exclude_duplicate_texts), chunks=n_chunks)
