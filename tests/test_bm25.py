@@ -264,3 +264,13 @@ def test_threads_do_not_change_the_results():
     assert _identical(one, r.search_rows(queries, 3))
     if bm25_kernel.available():
         assert r.backend == "numba"
+
+
+@pytest.mark.parametrize("cls", [BM25Retriever, RankBM25Retriever])
+def test_an_index_of_another_tokenizer_is_refused(cls, tmp_path):
+    folder = cls.build(["a red dog", "a blue cat"], progress=False).save(tmp_path / "idx")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["params"]["tokenizer_version"] = 999
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="tokenizer version 999.*rebuild the index"):
+        load_retriever(folder)
