@@ -187,24 +187,14 @@ def sample(
         pipe = ReImagenPipeline.from_pretrained(folder, device=device, knowledge_base=kb)
     else:
         pipe = _pipeline_of(stage_dirs, base_g, sr_g, steps, sr_steps, sampler.value, index, kb, k, device)
-    retrieve = pipe.retriever is not None and not no_retrieval and not picked
-    with_neighbours = retrieve or bool(picked)
-    cascade = pipe.cascade if with_neighbours and pipe.cascade.stages[0].guidance.needs_neighbours \
-        else pipe.cascade.without_retrieval()
-    rows = nbr_fn = None
-    if retrieve:
-        rows = dict(zip(ids, pipe.retrieve(queries, k)))
-        nbr_fn = lambda batch: pipe.neighbours_of([rows[j.prompt_id] for j in batch], k)  # noqa: E731
-    elif picked:
-        from .cascade import Neighbours
-
-        row = Neighbours.from_pairs([[(img, t) for _, img, t in picked]], size=pipe.neighbour_size)
-        rows = {pid: [{"id": Path(p).name, "text": t, "score": None, "image": p} for p, _, t in picked] for pid in ids}
-        nbr_fn = lambda batch: row.index([0] * len(batch))  # noqa: E731  (every prompt: the same files)
+    reads_neighbours = pipe.cascade.stages[0].guidance.needs_neighbours  # (a text-only cascade: never)
+    retrieve = pipe.retriever is not None and not no_retrieval and not picked and reads_neighbours
+    cascade = pipe.cascade if (retrieve or picked) and reads_neighbours else pipe.cascade.without_retrieval()
+    rows, nbr_fn = _neighbour_rows(pipe, ids, queries, k, picked if reads_neighbours else [], retrieve)
     gen = CascadeGenerator(cascade)
 
     # 3. Generate (resumable, sharded by blocks), the neighbours table and the contact sheets.
-    kb_obj = pipe.knowledge_base
+    kb_obj = pipe.knowledge_base if retrieve else None  # hand-picked neighbours are files
     counts = run_sample(gen, ids, texts, num_samples, out, seed, batch_size, rows, nbr_fn,
                         lambda n: load_image(n["image"]) if kb_obj is None else _kb_image(kb_obj, n),
                         [checkpoint_digest(p) for p in stage_dirs])
@@ -212,6 +202,21 @@ def sample(
         pipe.save_pretrained(save_pipeline)
     console.print(f"made {counts['made']}, skipped {counts['skipped']} (existing) of {counts['total']} images in "
                   f"{out}; contact sheets in {out / 'sheets'}")
+
+
+def _neighbour_rows(pipe, ids, queries, k, picked, retrieve):
+    """(prompt id -> neighbour rows, neighbours_for(jobs)): retrieved per prompt, the same hand-picked files for
+    every prompt, or (None, None) without neighbours."""
+    if retrieve:
+        rows = dict(zip(ids, pipe.retrieve(queries, k)))
+        return rows, lambda batch: pipe.neighbours_of([rows[j.prompt_id] for j in batch], k)
+    if not picked:
+        return None, None
+    from .cascade import Neighbours
+
+    one = Neighbours.from_pairs([[(img, t) for _, img, t in picked]], size=pipe.neighbour_size)
+    rows = {pid: [{"id": Path(p).name, "text": t, "score": None, "image": p} for p, _, t in picked] for pid in ids}
+    return rows, lambda batch: one.index([0] * len(batch))
 
 
 def _pipeline_of(stage_dirs, base_g, sr_g, steps, sr_steps, sampler, index, kb, k, device):
