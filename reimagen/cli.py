@@ -150,7 +150,7 @@ def sample(
     the neighbours of every prompt and a contact sheet per prompt in the run folder."""
     from .generate import CascadeGenerator, shard_from_env
     from .guidance import JointGuidance, make_guidance
-    from .pipeline import ReImagenPipeline, _local_folder, read_pipeline_json
+    from .pipeline import ReImagenPipeline, pipeline_folder, read_pipeline_json
     from .retrieval.base import load_image
     from .sample_run import prompt_table, run_sample
     from .train import checkpoint_digest, read_checkpoint_config
@@ -168,7 +168,7 @@ def sample(
     shard_from_env()
     picked = [(str(p), load_image(str(p)), t) for p, t in zip(neighbour_image, neighbour_text)]  # names a bad file
     if pipeline is not None:
-        folder = _local_folder(pipeline)
+        folder = pipeline_folder(pipeline)
         stage_dirs = [folder / st["path"] for st in read_pipeline_json(folder)["stages"]]
     else:
         stage_dirs = list(checkpoint)
@@ -223,7 +223,7 @@ def _pipeline_of(stage_dirs, base_g, sr_g, steps, sr_steps, sampler, index, kb, 
     """The pipeline of --checkpoint / --index / --kb; the index and its knowledge base are opened (and refused
     when missing) before the stages are loaded."""
     from .cascade import Cascade
-    from .pipeline import ReImagenPipeline, _open_kb
+    from .pipeline import ReImagenPipeline, index_knowledge_base
     from .retrieval.base import load_retriever
     from .sampling import SamplerSettings
 
@@ -232,7 +232,7 @@ def _pipeline_of(stage_dirs, base_g, sr_g, steps, sr_steps, sampler, index, kb, 
         if not (Path(index) / "manifest.json").is_file():
             raise FileNotFoundError(f"--index {index} is not a saved index (no manifest.json); build one with "
                                     "`reimagen-eval index build`")
-        knowledge, spec = _open_kb(kb, Path(index), Path.cwd())
+        knowledge, spec = index_knowledge_base(kb, Path(index), Path.cwd())
         if k > len(knowledge):
             raise ValueError(f"--k {k} but the index's knowledge base {spec} holds {len(knowledge)} pairs")
         retriever = load_retriever(index)

@@ -155,7 +155,7 @@ class ReImagenPipeline:
                         knowledge_base: str | None = None) -> "ReImagenPipeline":
         """Load a pipeline folder, or download one from the Hugging Face Hub (``owner/name``) when online.
         ``knowledge_base`` overrides the folder's knowledge-base spec."""
-        folder = _local_folder(path)
+        folder = pipeline_folder(path)
         meta = read_pipeline_json(folder)
         guidance = [guidance_from_dict(s["guidance"]) for s in meta["stages"]]
         settings = [SamplerSettings(**s["settings"]) for s in meta["stages"]]
@@ -165,7 +165,7 @@ class ReImagenPipeline:
             from .retrieval.base import load_retriever
 
             index = folder / meta["index"]
-            kb, spec = _open_kb(spec, index, folder)
+            kb, spec = index_knowledge_base(spec, index, folder)
             retriever = load_retriever(index)
         cascade = Cascade.from_checkpoints([folder / s["path"] for s in meta["stages"]], guidance, settings,
                                            device=device)
@@ -192,7 +192,7 @@ def read_pipeline_json(folder: Path) -> dict:
     return meta
 
 
-def _local_folder(path: str | Path) -> Path:
+def pipeline_folder(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if p.exists():
         return p
@@ -209,7 +209,7 @@ def _local_folder(path: str | Path) -> Path:
                                 f"`huggingface-cli download {path} --local-dir DIR` and pass DIR") from None
 
 
-def _open_kb(spec: str | None, index: Path, folder: Path):
+def index_knowledge_base(spec: str | None, index: Path, folder: Path):
     """The knowledge base of an index: ``spec`` (relative paths against the pipeline folder), else the source the
     index recorded; a missing one names every place looked at."""
     from .retrieval.readers import open_knowledge_base
@@ -228,4 +228,5 @@ def _open_kb(spec: str | None, index: Path, folder: Path):
                             "pass it with --kb SPEC (knowledge_base=SPEC)")
 
 
-__all__ = ["ReImagenPipeline", "PipelineOutput", "read_pipeline_json", "PIPELINE_FILE"]
+__all__ = ["ReImagenPipeline", "PipelineOutput", "read_pipeline_json", "pipeline_folder", "index_knowledge_base",
+           "PIPELINE_FILE"]
