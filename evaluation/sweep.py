@@ -356,6 +356,19 @@ class FidSweep:
             raise ValueError(f"only {len(self.reference)} of the {len(ds.reference)} reference images can be decoded; "
                              "FID needs at least 2")
 
+    def _check_neighbour_images(self, table) -> None:
+        """Every retrieved neighbour image decodes, checked once before any sampling: a corrupt one is refused by
+        name (not found hours later, mid-sweep)."""
+        kb = self.db.kb
+        ids = sorted({n for ids, _ in table.values() for n in ids})
+        bad = mt.unreadable_images([kb.absolute_ref(kb.index_of(i)) for i in ids], label="neighbour images",
+                                   workers=max(2, self.cfg.workers), progress=self.cfg.progress)
+        if bad:
+            eg = "; ".join(f"{r} ({why})" for r, why in list(bad.items())[:3])
+            raise ValueError(f"{len(bad)} of the {len(ids)} retrieved neighbour images of database {self.db.name} "
+                             f"cannot be decoded (e.g. {eg}); re-download them, or rebuild the database's index from "
+                             "a knowledge base read with ?verify=true, which leaves undecodable images out")
+
     def _neighbours_table(self) -> dict[str, tuple[list[str], list[float]]]:
         c = self.cfg
         path = self.out / NEIGHBOURS
@@ -427,6 +440,8 @@ class FidSweep:
 
         use_db = self.db.kb is not None
         table = self._neighbours_table() if use_db else None
+        if table is not None:
+            self._check_neighbour_images(table)
         base_nbrs = self._neighbours_fn(table, self.base_model.cfg.image_size) if use_db else None
         sr_nbrs = self._neighbours_fn(table, self.sr.cfg.image_size) if (use_db and self.sr is not None) else None
         base_settings = SamplerSettings(steps=c.steps, sampler=c.sampler)

@@ -373,6 +373,23 @@ def test_a_corrupt_reference_image_is_listed_counted_and_left_out(world, tmp_pat
     assert "1 of 40 reference images cannot be decoded" in (out / "results.md").read_text()
 
 
+def test_a_corrupt_neighbour_image_is_refused_before_any_image_is_made(world, tmp_path):
+    import shutil
+
+    root = tmp_path / "coco"
+    shutil.copytree(world["coco"], root)
+    for f in (root / "train2014").iterdir():  # every train image: whichever the prompts retrieve
+        f.write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
+    out = tmp_path / "run"
+    args = [str(root) if a == str(world["coco"]) else a for a in base_args(world, out, "--db", "coco-train",
+                                                                           "--guidance-64", "1", "--steps", "2")]
+    res = run(*args)
+    assert res.exit_code == 2, res.output
+    assert "retrieved neighbour images of database coco-train cannot be decoded" in " ".join(res.output.split())
+    assert "COCO_train2014_" in res.output
+    assert not (out / "base").exists()  # no sampling happened
+
+
 # ----------------------------------------------------------------------------------------------
 # Subprocesses: SIGKILL and resume, two processes
 # ----------------------------------------------------------------------------------------------
