@@ -25,11 +25,15 @@ demo: $(STAMP)
 
 # First the layers contract (pyproject.toml, [tool.importlinter]); then the suite runs as a new machine would expose it: a narrow terminal (COLUMNS=60), one torch thread instead of the
 # machine's two, and a random test order (pytest-randomly; rerun one order with SEED=N make test).
+# Another terminal width or thread count: make test TEST_COLUMNS=200 TEST_THREADS=2.
 SEED ?= $(shell date +%s)
+TEST_COLUMNS ?= 60
+TEST_THREADS ?= 1
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
-	@echo "test order: pytest -p randomly --randomly-seed=$(SEED)  (COLUMNS=60, OMP_NUM_THREADS=1)"
-	COLUMNS=60 OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -p randomly --randomly-seed=$(SEED)
+	@echo "test order: pytest -p randomly --randomly-seed=$(SEED)  (COLUMNS=$(TEST_COLUMNS), OMP_NUM_THREADS=$(TEST_THREADS))"
+	COLUMNS=$(TEST_COLUMNS) OMP_NUM_THREADS=$(TEST_THREADS) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+		$(PY) -m pytest -q -p randomly --randomly-seed=$(SEED)
 
 bench: $(STAMP)
 	$(PY) benchmarks/guided_step.py
