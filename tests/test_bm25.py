@@ -274,3 +274,17 @@ def test_an_index_of_another_tokenizer_is_refused(cls, tmp_path):
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="tokenizer version 999.*rebuild the index"):
         load_retriever(folder)
+
+
+def test_retrieval_leaves_torchs_thread_count_alone():
+    """numba's OpenMP layer set the process's OpenMP threads (torch's) when it started: images sampled after a
+    retrieval then had other float rounding than those sampled without one. The kernel runs on numba's own pool."""
+    import torch
+
+    before = torch.get_num_threads()
+    docs = zipf_captions(300, seed=7)
+    r = BM25Retriever.build(docs, ids_for(docs), progress=False)
+    for threads in (1, 2):
+        r.threads = threads
+        r.search_rows(zipf_captions(20, seed=8), 2)
+        assert torch.get_num_threads() == before

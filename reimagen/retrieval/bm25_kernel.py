@@ -13,12 +13,20 @@ same operations in the same order as the sparse product, so both paths give the 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 try:  # numba is optional: without it BM25Retriever uses the scipy sparse product
     import numba
 except ImportError:  # pragma: no cover - depends on the install
     numba = None
+
+if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
+    # numba's own thread pool, not OpenMP: its OpenMP layer sets the process's OpenMP thread count when it starts,
+    # which is torch's too (seen: torch.get_num_threads() 1 -> 2 after one query), so that images sampled after a
+    # retrieval came out with other float rounding than images sampled without one.
+    numba.config.THREADING_LAYER = "workqueue"
 
 
 def available() -> bool:
