@@ -132,7 +132,7 @@ if numba is not None:
         return rows, scores, counts
 
 
-def dense_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_docs: int, min_df: float = 1 / 16,
+def dense_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_docs: int, min_df: float = 1 / 8,
                budget: float = 1.0, max_bytes: int = 512 << 20) -> tuple[np.ndarray, np.ndarray]:
     """(dense_of (n_terms,) int64: a term's row in ``rows`` or -1, rows (m, n_docs) float32): the weights of the
     commonest terms (in at least ``min_df`` of the documents), most common first, within ``budget`` times the
