@@ -209,18 +209,14 @@ class NeighbourProvider:
     def check(self) -> None:
         """Decode every planned neighbour image once, before any sampling: a missing or corrupt file is refused
         with its name (``CorruptImageError`` / ``FileNotFoundError``), not found after hours of generation."""
-        from reimagen.retrieval.base import load_image
+        from reimagen.retrieval.base import unreadable_images
 
-        bad = []
-        for prompt_id, row in self.plan.rows.items():
-            for n in row[: self.k]:
-                try:
-                    load_image(n["image"])
-                except (OSError, ValueError) as err:  # CorruptImageError's message starts with the file's name
-                    bad.append(str(err).splitlines()[0][:300])
+        refs = sorted({n["image"] for row in self.plan.rows.values() for n in row[: self.k]})
+        bad = unreadable_images(refs)  # CorruptImageError's message starts with the file's name
         if bad:
-            raise ValueError(f"{len(bad)} neighbour images cannot be read: {'; '.join(bad[:5])}; re-fetch them "
-                             "(entitydraw-fetch), replace them, or remove them so that their entities are skipped")
+            raise ValueError(f"{len(bad)} neighbour images cannot be read: {'; '.join(list(bad.values())[:5])}; "
+                             "re-fetch them (entitydraw-fetch), replace them, or remove them so that their entities "
+                             "are skipped")
 
     def _row(self, prompt_id: str):
         if prompt_id not in self._cache:

@@ -345,33 +345,18 @@ def reference_stats(backend, dataset_name: str, split: str, refs: Sequence[str],
 
 def unreadable_images(refs: Sequence[str], root: str | None = None, label: str = "images", workers: int = 2,
                       progress: bool = False, cache: str | os.PathLike | None = None) -> dict[str, str]:
-    """{reference: reason} of the images among ``refs`` that cannot be opened or decoded, found by decoding every
-    one (threads: PIL releases the GIL while decoding). With ``cache`` (the statistics cache) the answer is kept
-    there under the list's fingerprint (sizes included), so a reference set is scanned once."""
-    from concurrent.futures import ThreadPoolExecutor
+    """``reimagen.retrieval.base.unreadable_images`` with a progress bar and, with ``cache`` (the statistics
+    cache), the answer kept there under the list's fingerprint (sizes included), so a reference set is scanned
+    once."""
+    from reimagen.retrieval.base import unreadable_images as scan
 
     fp = items_fingerprint(refs, root)
     path = stats_cache_dir(cache) / "scans" / (safe_name(label) + f"__n{len(refs)}__{fp}.json") if cache else None
     if path is not None and path.is_file():
         return dict(json.loads(path.read_text())["unreadable"])
-
-    def check(ref: str) -> str | None:
-        from .protocol import load_rgb
-
-        try:
-            load_rgb(ref, root).load()
-        except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError, truncated data, bad headers
-            return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-        return None
-
     bar = _progress(progress, f"checking {label} ({len(refs)} images)", len(refs), 0)
-    bad: dict[str, str] = {}
     try:
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for ref, why in zip(refs, pool.map(check, refs, chunksize=64)):
-                if why is not None:
-                    bad[ref] = why
-                bar(1)
+        bad = scan(refs, root, workers, on_done=bar)
     finally:
         bar(None)
     if path is not None:

@@ -46,6 +46,11 @@ NEIGHBOURS = "neighbours.json"
 UNREADABLE = "reference_unreadable.json"
 
 
+def _examples(bad: dict[str, str], n: int = 3) -> str:
+    """A few "file (why)" of an unreadable_images answer, for an error message."""
+    return "; ".join(f"{r} ({why})" for r, why in list(bad.items())[:n])
+
+
 # ----------------------------------------------------------------------------------------------
 # The sweep
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +202,7 @@ class FidSweep:
                                      f"(e.g. {eg}); images are named <prompt_id>__0.png (or <prompt_id>.png)")
                 bad = mt.unreadable_images([str(self.folder_gen.path_of(j)) for j in self.jobs], label=str(c.model))
                 if bad:
-                    eg = "; ".join(f"{r} ({why})" for r, why in list(bad.items())[:3])
+                    eg = _examples(bad)
                     raise ValueError(f"{len(bad)} images of {c.model} cannot be decoded (e.g. {eg}); every prompt "
                                      "needs its image: regenerate or replace them")
 
@@ -347,7 +352,7 @@ class FidSweep:
         self.reference = [r for r in ds.reference if r not in bad]
         write_json(self.out / UNREADABLE, bad, **mt.JSON_FORMAT)
         if bad:
-            eg = "; ".join(f"{r} ({why})" for r, why in list(bad.items())[:3])
+            eg = _examples(bad)
             note = (f"{len(bad)} of {len(ds.reference)} reference images cannot be decoded and are left out of the "
                     f"statistics (listed in {self.out / UNREADABLE}; e.g. {eg}); re-download them to use them")
             self.notes.append(note)
@@ -364,7 +369,7 @@ class FidSweep:
         bad = mt.unreadable_images([kb.absolute_ref(kb.index_of(i)) for i in ids], label="neighbour images",
                                    workers=max(2, self.cfg.workers), progress=self.cfg.progress)
         if bad:
-            eg = "; ".join(f"{r} ({why})" for r, why in list(bad.items())[:3])
+            eg = _examples(bad)
             raise ValueError(f"{len(bad)} of the {len(ids)} retrieved neighbour images of database {self.db.name} "
                              f"cannot be decoded (e.g. {eg}); re-download them, or rebuild the database's index from "
                              "a knowledge base read with ?verify=true, which leaves undecodable images out")

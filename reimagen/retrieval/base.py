@@ -23,7 +23,7 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 class CorruptImageError(ValueError):
@@ -84,6 +84,30 @@ def load_image(ref: str, root: str | Path | None = None):
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise CorruptImageError(f"{ref}: cannot decode image ({err})") from None
     return im.convert("RGB")
+
+
+def unreadable_images(refs: Sequence[str], root: str | Path | None = None, workers: int = 2,
+                      on_done: Callable[[int], None] | None = None) -> dict[str, str]:
+    """{reference: why} of the images among ``refs`` that are missing or cannot be decoded, found by decoding
+    each one (``load_image``) on ``workers`` threads (PIL releases the GIL while decoding); ``on_done(1)`` after
+    each image (a progress bar)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def why(ref: str) -> str | None:
+        try:
+            load_image(ref, root)
+        except (OSError, ValueError, SyntaxError) as err:  # CorruptImageError, a missing file, PIL's broken PNG
+            return (str(err).splitlines() or [type(err).__name__])[0][:300]
+        return None
+
+    bad: dict[str, str] = {}
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for ref, reason in zip(refs, pool.map(why, refs, chunksize=64)):
+            if reason is not None:
+                bad[ref] = reason
+            if on_done is not None:
+                on_done(1)
+    return bad
 
 
 def _resolve(path: str, root: str | Path | None) -> str:
