@@ -104,7 +104,7 @@ def cascade_generator(checkpoints: Sequence[str | Path], cfg: RunConfig):
     from reimagen.generate import CascadeGenerator
     from reimagen.guidance import JointGuidance, make_guidance
     from reimagen.sampling import SamplerSettings
-    from reimagen.train import checkpoint_digest, read_checkpoint_config
+    from reimagen.checkpoint import checkpoint_digest, read_checkpoint_config
 
     if not checkpoints:
         raise ValueError("no model: pass --model CHECKPOINT (repeat for super-resolution stages)")

@@ -168,7 +168,7 @@ class FidSweep:
         self.base_model = self.sr = self.folder_gen = self.base_cfg = self.sr_cfg = None
         if self.kind == "reimagen":
             from reimagen.config import UNetConfig
-            from reimagen.train import read_checkpoint_config
+            from reimagen.checkpoint import read_checkpoint_config
 
             self.base_cfg = UNetConfig.from_dict(read_checkpoint_config(c.model)["unet"])
             if self.base_cfg.is_super_resolution:
@@ -209,7 +209,7 @@ class FidSweep:
     def _load_models(self) -> None:
         c = self.cfg
         if self.kind == "reimagen":
-            from reimagen.train import load_stage
+            from reimagen.checkpoint import load_stage
 
             self.base_model, self.base_encoder = load_stage(c.model, device=self.device)
             if c.sr_model:

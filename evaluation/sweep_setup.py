@@ -116,7 +116,7 @@ def model_kind(path: str) -> str:
     p = Path(path)
     if p.is_dir():
         if (p / "config.json").is_file():
-            from reimagen.train import read_config_json
+            from reimagen.checkpoint import read_config_json
 
             meta = read_config_json(p / "config.json")  # names a damaged config.json
             if isinstance(meta, dict) and meta.get("unet") is not None:
@@ -135,7 +135,7 @@ def model_kind(path: str) -> str:
 
 
 def checkpoint_identity(path: str) -> dict[str, Any]:
-    from reimagen.train import read_checkpoint_config
+    from reimagen.checkpoint import read_checkpoint_config
 
     meta = read_checkpoint_config(path)
     p = Path(path)

@@ -177,7 +177,7 @@ class Cascade:
         guidance and one sampler setting per stage, sharing the base stage's text encoder. A stage without
         neighbour attention samples its joint guidance text-only; interleaved or weighted guidance needs
         neighbour attention (refused, naming the checkpoint)."""
-        from .train import load_stage
+        from .checkpoint import load_stage
 
         if not checkpoints:
             raise ValueError("no stage checkpoints: give the base stage first, then each super-resolution stage")

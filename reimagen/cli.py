@@ -39,8 +39,14 @@ class SamplerName(str, Enum):
 @app.command()
 @friendly
 def train(
-    triples: Path = typer.Option(..., exists=False, help="KNN-ImageText triples table (.parquet/.jsonl/.csv) with "
-                                 "columns id, text, image, neighbor_ids."),
+    triples: Optional[Path] = typer.Option(None, help="KNN-ImageText triples table (.parquet/.jsonl/.csv) with "
+                                           "columns id, text, image, neighbor_ids, loaded into RAM (small data)."),
+    shards: Optional[Path] = typer.Option(None, help="Training shards (`reimagen-eval shards`), streamed: for data "
+                                          "that does not fit in RAM. Give --triples or --shards."),
+    text_store: Optional[Path] = typer.Option(None, help="Precomputed text embeddings of the shards "
+                                              "(`reimagen-eval embed-text`); default SHARDS/text/<encoder>. Needed "
+                                              "with --shards and a frozen encoder (minilm, t5), which is then "
+                                              "never loaded."),
     out: Path = typer.Option(..., help="Run folder: checkpoints in OUT/last, loss log in OUT/log.jsonl. "
                              "Rerunning with the same folder resumes."),
     preset: str = typer.Option("small-32", help="Stage configuration (see `reimagen-eval presets`)."),
@@ -72,33 +78,137 @@ def train(
                                         "their default): caps the weight of low-noise steps at gamma. 0 trains "
                                         "with the paper's loss. The logged loss is the weighted one."),
     ckpt_every: int = typer.Option(500, min=1, help="Checkpoint every N steps."),
-    seed: int = typer.Option(0, help="Seed: every step's randomness is a function of (seed, step)."),
-    device: str = typer.Option("cpu", help="torch device, e.g. cuda."),
+    log_every: int = typer.Option(25, min=1, help="Log the mean loss (over steps and processes) every N steps."),
+    keep_last: int = typer.Option(0, min=0, help="Besides OUT/last, keep the N most recent OUT/step-XXXXXXXX "
+                                  "checkpoints."),
+    grad_accum: int = typer.Option(1, min=1, help="Micro-batches per step: --batch-size is the global batch, "
+                                   "split over processes and then into N micro-batches."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 autocast (fp16 with a gradient scaler that skips "
+                                  "non-finite steps). bf16 also runs on CPU."),
+    grad_checkpointing: bool = typer.Option(False, help="Recompute block activations in the backward pass: less "
+                                            "memory, ~30% more compute."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the stage network."),
+    fsdp: bool = typer.Option(False, help="With torchrun: shard parameters, gradients and optimiser state (FSDP2) "
+                              "instead of replicating them (DDP), for stages that do not fit one GPU."),
+    workers: int = typer.Option(0, min=0, help="DataLoader worker processes per rank (decoding, crops, noise)."),
+    random_crop: bool = typer.Option(False, help="Random square crops of the training images instead of centred "
+                                     "ones (Imagen trains its super-resolution stages on random crops)."),
+    seed: int = typer.Option(0, help="Seed: every sample's randomness is a function of (seed, its stream position)."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cuda (under torchrun each process takes the GPU "
+                               "LOCAL_RANK)."),
 ) -> None:
-    """Train one cascade stage (base or super-resolution, from the preset) on KNN-ImageText triples."""
+    """Train one cascade stage (base or super-resolution, from the preset) on KNN-ImageText triples.
+
+    One process, or many: `torchrun --nproc-per-node 8 -m reimagen_eval.cli train ...` (DDP, or FSDP2 with --fsdp;
+    multi-node with torchrun's --nnodes / --rdzv-endpoint). The batch is global, so a run resumes on another
+    number of processes."""
     from .config import get_preset
     from .data import TripleData
-    from .text import build_text_encoder
     from .train import TrainConfig, Trainer
     from .unet import ReImagenUNet
 
-    spec = {"name": text_encoder.value}
-    if text_encoder == TextEncoderName.t5:
-        spec["name_or_path"] = t5
-    enc = build_text_encoder(spec, device=device)
-    overrides = {k: v for k, v in (("prediction", prediction), ("schedule", schedule)) if v}
-    cfg = get_preset(preset, text_dim=enc.dim, **overrides)
-    data = TripleData.from_table(triples, cfg.image_size)
-    if data.skipped:
-        console.print(f"[yellow]skipped[/] {sum(data.skipped.values())} rows: {data.skipped}")
+    if (triples is None) == (shards is None):
+        raise typer.BadParameter("give exactly one of --triples (a table, in RAM) and --shards (streamed)")
     tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, optimizer=optimizer,
-                     ema_decay=ema_decay, ema_warmup=ema_warmup,
-                     grad_clip=grad_clip, p_drop_text=p_drop_text, p_drop_neighbours=p_drop_neighbours,
-                     max_aug_level=max_aug_level, min_snr_gamma=min_snr_gamma, ckpt_every=ckpt_every, seed=seed)
-    trainer = Trainer(ReImagenUNet(cfg), enc, data, tc, out_dir=out, device=device)
+                     ema_decay=ema_decay, ema_warmup=ema_warmup, grad_clip=grad_clip, p_drop_text=p_drop_text,
+                     p_drop_neighbours=p_drop_neighbours, max_aug_level=max_aug_level, min_snr_gamma=min_snr_gamma,
+                     ckpt_every=ckpt_every, log_every=log_every, keep_last=keep_last, grad_accum=grad_accum, precision=precision,
+                     grad_checkpointing=grad_checkpointing, compile=compile, fsdp=fsdp, workers=workers,
+                     random_crop=random_crop, seed=seed)
+    enc, store = _train_text(text_encoder, t5, shards, text_store, device)
+    dim = store.dim if store is not None else enc.dim
+    overrides = {k: v for k, v in (("prediction", prediction), ("schedule", schedule)) if v}
+    cfg = get_preset(preset, text_dim=dim, **overrides)
+    if shards is not None:
+        data = shards
+    else:
+        data = TripleData.from_table(triples, cfg.image_size)
+        if data.skipped:
+            console.print(f"[yellow]skipped[/] {sum(data.skipped.values())} rows: {data.skipped}")
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # the same initial weights in every process and run
+        torch.manual_seed(seed)
+        model = ReImagenUNet(cfg)
+    trainer = Trainer(model, store.encoder_spec if store is not None else enc, data, tc, out_dir=out,
+                      device=device, text_store=store)
     hist = trainer.fit()
-    if hist:
+    if hist and trainer.dist.is_main:
         console.print(f"loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f}; checkpoint: {out / 'last'}")
+
+
+def _train_text(name: TextEncoderName, t5: str, shards: Optional[Path], text_store: Optional[Path], device: str):
+    """(encoder, None) for in-RAM data or the trainable tiny encoder; (None, store) for shards with a frozen one."""
+    from .text import build_text_encoder
+
+    spec = {"name": name.value}
+    if name == TextEncoderName.t5:
+        spec["name_or_path"] = t5
+    if shards is None or name == TextEncoderName.tiny:
+        return build_text_encoder(spec, device=device), None
+    from .text_store import TextStore
+
+    store = TextStore(text_store or shards / "text" / name.value)
+    if store.encoder_spec.get("name") != name.value:
+        raise typer.BadParameter(f"the text store {store.store} holds {store.encoder_spec.get('name')} embeddings, "
+                                 f"not {name.value}")
+    return None, store
+
+
+@app.command()
+@friendly
+def shards(
+    triples: Path = typer.Option(..., help="KNN-ImageText triples table (`reimagen-eval triples`)."),
+    out: Path = typer.Option(..., help="Shard folder: shard-000000.tar ..., their sidecars, manifest.json. Rerun "
+                             "to resume; under torchrun (RANK / WORLD_SIZE) each process writes its shards."),
+    samples_per_shard: int = typer.Option(1000, min=1, help="Samples per tar shard."),
+    max_side: Optional[int] = typer.Option(None, min=8, help="Re-encode images (and neighbours) as JPEG with the "
+                                           "longer side at most this; default: keep the original bytes."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the table's first N rows as samples (a quick trial); "
+                                        "their neighbours still come from the whole table."),
+) -> None:
+    """Write webdataset training shards: each sample carries its image, caption and K neighbours' images and
+    captions, so that training reads sequentially. Missing or unreadable images are counted and skipped."""
+    from .distributed import shard_from_env
+    from .shards import ShardSettings, write_shards
+
+    rank, world = shard_from_env()
+    report = write_shards(triples, out, ShardSettings(samples_per_shard, max_side), rank, world, limit=limit)
+    console.print(str(report), highlight=False)
+
+
+@app.command("embed-text")
+@friendly
+def embed_text(
+    shards: Path = typer.Option(..., help="Shard folder written by `reimagen-eval shards`."),
+    text_encoder: TextEncoderName = typer.Option(TextEncoderName.minilm, help="The frozen encoder: minilm (offline) "
+                                                 "or t5 (the paper's T5-XXL)."),
+    t5: str = typer.Option("google/t5-v1_1-xxl", help="T5 checkpoint id or local folder (with --text-encoder t5)."),
+    dtype: str = typer.Option("fp16", help="Stored precision: fp16, bf16 or fp32."),
+    batch_size: int = typer.Option(64, min=1, help="Texts per encoder call."),
+    device: str = typer.Option("cpu", help="torch device, e.g. cuda (under torchrun: the GPU LOCAL_RANK)."),
+) -> None:
+    """Encode every caption and neighbour caption of the shards once (into SHARDS/text/<encoder>), so that
+    training never runs the text encoder. Resumable; under torchrun each process encodes its shards."""
+    import os
+
+    from .distributed import shard_from_env
+    from .text import build_text_encoder
+    from .text_store import DTYPES, embed_shards
+
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if text_encoder == TextEncoderName.tiny:
+        raise typer.BadParameter("the tiny encoder is trained with the model; nothing to precompute")
+    rank, world = shard_from_env()
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    spec = {"name": text_encoder.value, **({"name_or_path": t5} if text_encoder == TextEncoderName.t5 else {})}
+    enc = build_text_encoder(spec, device=device)
+    enc.batch_size = batch_size
+    store = embed_shards(shards, enc, dtype=dtype, rank=rank, world_size=world)
+    console.print(f"text embeddings: {store}" if store else "this process's shards are done; others pending",
+                  highlight=False)
 
 
 @app.command()
@@ -153,7 +263,7 @@ def sample(
     from .pipeline import ReImagenPipeline, pipeline_folder, read_pipeline_json
     from .retrieval.base import load_image
     from .sample_run import prompt_table, run_sample
-    from .train import checkpoint_digest, read_checkpoint_config
+    from .checkpoint import checkpoint_digest, read_checkpoint_config
 
     # 1. Every argument and input file is checked before a model is loaded or a file written.
     ids, texts, queries = prompt_table(prompt, prompts)

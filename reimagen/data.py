@@ -81,28 +81,14 @@ class TripleData:
     @classmethod
     def from_table(cls, path: str | Path, image_size: int, progress: bool = True) -> "TripleData":
         """Read a triples table (see the module docstring)."""
-        import pandas as pd
-
+        from .loader import square_image
         from .retrieval.base import CorruptImageError, load_image
+        from .shards import neighbour_lists, read_table
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"triples table {path} does not exist")
-        if path.suffix == ".parquet":
-            df = pd.read_parquet(path)
-        elif path.suffix in (".jsonl", ".json"):
-            df = pd.read_json(path, lines=path.suffix == ".jsonl")
-        elif path.suffix == ".csv":
-            df = pd.read_csv(path)
-        else:
-            raise ValueError(f"unsupported table format {path.suffix!r}: use .parquet, .jsonl or .csv")
-        missing = {"id", "text", "image", "neighbor_ids"} - set(df.columns)
-        if missing:
-            raise ValueError(f"triples table {path} lacks columns {sorted(missing)}; expected id, text, image, neighbor_ids")
+        df = read_table(path)
         ids = df["id"].astype(str).tolist()
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"triples table {path} has duplicate ids")
-        nbrs = [list(v.split("|")) if isinstance(v, str) else [str(x) for x in v] for v in df["neighbor_ids"]]
+        nbrs = neighbour_lists(df["neighbor_ids"])
         ks = {len(v) for v in nbrs}
         if len(ks) > 1:
             raise ValueError(f"rows have different neighbour counts {sorted(ks)}; every row needs the same K")
@@ -112,7 +98,7 @@ class TripleData:
 
         for pid, ref in track(list(zip(ids, df["image"].astype(str))), description="loading images", disable=not progress):
             try:
-                images[pid] = _square_resize(load_image(ref, root=path.parent), image_size)
+                images[pid] = square_image(load_image(ref, root=path.parent), image_size)
             except FileNotFoundError:
                 skipped["missing image"] = skipped.get("missing image", 0) + 1
             except (CorruptImageError, OSError):
@@ -138,15 +124,3 @@ class TripleData:
         data.ids, data.skipped = [ids[i] for i in loaded], skipped
         data.train_rows = torch.tensor(train, dtype=torch.long)
         return data
-
-
-def _square_resize(im, size: int) -> np.ndarray:
-    """Center crop to a square, resize to ``size`` (bicubic, antialiased), HWC uint8."""
-    from PIL import Image
-
-    w, h = im.size
-    s = min(w, h)
-    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    if s != size:
-        im = im.resize((size, size), Image.BICUBIC, reducing_gap=None)
-    return np.asarray(im, dtype=np.uint8)

@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import abc
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from .atomic import replacing_path, write_json
 from .cascade import Cascade, Neighbours, to_uint8
+from .distributed import shard_from_env
 
 Tensor = torch.Tensor
 MANIFEST = "run.json"
@@ -51,29 +51,6 @@ class Job:
     prompt_id: str
     prompt: str
     sample_index: int
-
-
-def shard_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """(rank, world size) from the RANK and WORLD_SIZE that torchrun / accelerate launch set, else (0, 1).
-    A half-set launcher environment (one of the two) or a value that is not an integer is refused."""
-    env = os.environ if environ is None else environ
-    given = [k for k in ("RANK", "WORLD_SIZE") if k in env]
-    if not given:
-        return 0, 1
-    if len(given) == 1:
-        other = "WORLD_SIZE" if given[0] == "RANK" else "RANK"
-        raise ValueError(f"{given[0]}={env[given[0]]} is set but {other} is not: a launcher (torchrun, accelerate "
-                         "launch) sets both; set both or neither")
-    values = {}
-    for k in given:
-        try:
-            values[k] = int(env[k])
-        except ValueError:
-            raise ValueError(f"{k}={env[k]!r} is not an integer") from None
-    rank, world = values["RANK"], values["WORLD_SIZE"]
-    if not 0 <= rank < world:
-        raise ValueError(f"RANK {rank} outside WORLD_SIZE {world}")
-    return rank, world
 
 
 class ImageGenerator(abc.ABC):

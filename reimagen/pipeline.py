@@ -122,7 +122,7 @@ class ReImagenPipeline:
     # -- the folder ----------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the pipeline folder (see the module docstring) atomically: to ``<folder>.tmp``, then renamed."""
-        from .train import save_checkpoint
+        from .checkpoint import save_checkpoint
 
         folder = Path(folder)
         tmp = folder.with_name(folder.name + ".tmp")

@@ -6,34 +6,42 @@ null embeddings, so the guided predictions of Eq. 5 / Eq. 6 are one network), an
 Super-resolution stages also get the downsampled image as c_x with a random noise-augmentation level.
 
 The paper trains with Adafactor (64x64) and Adam with lr 1e-4 (256 SR); here AdamW or Adafactor, EMA
-weights, gradient clipping and checkpoints (safetensors + JSON) that resume exactly: every random number
-of step s (batch indices, t, noise, dropout) comes from a generator seeded by (seed, s).
+weights and gradient clipping. Data come from RAM (a ``TripleData``) or from training shards
+(``reimagen.shards``) through one loader (``reimagen.loader``): a global sample order cut into per-rank,
+per-micro-batch slices, with each sample's randomness a function of (seed, stream position). So a run
+resumes exactly, and 1 rank x B, 2 ranks x B/2 and 2 micro-batches of B/2 train on the same samples with the
+same noise. ``torchrun`` runs it on many GPUs or nodes (DDP, or FSDP2 for stages that do not fit one GPU), in
+fp32, bf16 or fp16 (with a gradient scaler that skips non-finite steps).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import hashlib
 import json
-import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .atomic import write_jsonl
+from .checkpoint import read_checkpoint_config, read_safetensors, write_checkpoint
 from .config import UNetConfig
 from .data import TripleData
 from .diffusion import diffusion_loss, get_schedule, min_snr_weight, q_sample
+from .distributed import init_distributed, shardable_blocks, wrap_model
+from .loader import MemorySamples, Randomness, ShardSamples, Slicing, StreamOrder, make_loader
 from .sampling import sample_seed
-from .text import TextEncoder, TextEncoding, build_text_encoder
+from .text import TextEncoder, TextEncoding
 from .unet import ReImagenUNet
 
 Tensor = torch.Tensor
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -55,6 +63,15 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 25
     ckpt_every: int = 500
+    keep_last: int = 0                # besides last/, keep the N most recent step-XXXXXXXX/ checkpoints
+    grad_accum: int = 1               # micro-batches per optimiser step (batch_size is the global batch)
+    precision: str = "fp32"           # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
+    grad_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    compile: bool = False             # torch.compile the stage network
+    fsdp: bool = False                # FSDP2 instead of DDP (with torchrun)
+    workers: int = 0                  # DataLoader worker processes (decoding, crops, noise)
+    random_crop: bool = False         # random square crops of the training images (Imagen's SR recipe)
+    shuffle_window: int = 4           # samples are shuffled within windows of this many shards
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "adafactor"):
@@ -65,251 +82,318 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
         if self.min_snr_gamma < 0:
             raise ValueError(f"min_snr_gamma must be >= 0 (0 disables), got {self.min_snr_gamma}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: <dir>/config.json, model.safetensors, ema.safetensors, [text_encoder.safetensors],
-# trainer_state.pt (optimiser, step; only needed to resume)
-# ----------------------------------------------------------------------------------------------
-def save_checkpoint(path: str | Path, model: ReImagenUNet, text_encoder: TextEncoder, ema: ReImagenUNet | None = None,
-                    train_config: TrainConfig | None = None, step: int = 0, optimizer: torch.optim.Optimizer | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint folder atomically (to ``<path>.tmp`` first, then renamed)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    _rmtree(tmp)
-    tmp.mkdir(parents=True)
-    meta = {"unet": model.cfg.to_dict(), "text_encoder": text_encoder.spec(), "step": step,
-            "train": asdict(train_config) if train_config else None, **(extra or {})}
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    if ema is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
-    if getattr(text_encoder, "trainable", False):
-        save_file({k: v.detach().cpu().contiguous() for k, v in text_encoder.state_dict().items()},  # type: ignore[attr-defined]
-                  str(tmp / "text_encoder.safetensors"))
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / "trainer_state.pt")
-    if path.exists():  # swap: the old checkpoint survives until the new one is complete
-        old = path.with_name(path.name + ".old")
-        _rmtree(old)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        _rmtree(old)
-    else:
-        os.replace(tmp, path)
-    return path
-
-
-def _rmtree(p: Path) -> None:
-    import shutil
-
-    shutil.rmtree(p, ignore_errors=True)
-
-
-def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path} is not a reimagen checkpoint folder (no config.json)")
-    meta = read_config_json(cfg_file)
-    if not isinstance(meta, dict) or "unet" not in meta:
-        raise ValueError(f"{cfg_file} has no 'unet' entry: not a reimagen stage checkpoint")
-    return meta
-
-
-def read_config_json(cfg_file: Path) -> Any:
-    """A checkpoint's config.json; a damaged one is refused by name."""
-    try:
-        return json.loads(cfg_file.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{cfg_file} is not valid JSON ({err}); the checkpoint is damaged: copy it again or "
-                         "resume training from an earlier one") from None
-
-
-def checkpoint_digest(path: str | Path) -> str:
-    """A location-independent digest of a checkpoint: its config.json (configuration, text encoder, training
-    step) and the names and sizes of its weight files. Moving or copying the folder keeps it."""
-    path = Path(path)
-    h = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").is_file() else b"")
-    for f in sorted(path.glob("*.safetensors")):
-        h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
-    return h.hexdigest()[:16]
-
-
-def load_weights(model: ReImagenUNet, path: str | Path, ema: bool = True) -> None:
-    """Load a checkpoint's weights into ``model``; refuses a checkpoint saved under another config."""
-    meta = read_checkpoint_config(path)
-    saved = UNetConfig.from_dict(meta["unet"])
-    if saved != model.cfg:
-        diff = [f.name for f in fields(UNetConfig) if getattr(saved, f.name) != getattr(model.cfg, f.name)]
-        raise ValueError(f"checkpoint {path} was saved with another stage configuration; differing fields: "
-                         + ", ".join(f"{d} (checkpoint {getattr(saved, d)!r}, model {getattr(model.cfg, d)!r})" for d in diff))
-    f = Path(path) / ("ema.safetensors" if ema and (Path(path) / "ema.safetensors").exists() else "model.safetensors")
-    model.load_state_dict(_read_safetensors(f))
-
-
-def _read_safetensors(f: Path) -> dict[str, torch.Tensor]:
-    if not f.is_file():
-        raise FileNotFoundError(f"{f} does not exist: the checkpoint folder is incomplete")
-    try:
-        return load_file(str(f))
-    except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) on damaged files
-        raise ValueError(f"{f} cannot be read as safetensors ({str(err).splitlines()[0][:200]}); the checkpoint is "
-                         "damaged: copy it again or resume training from an earlier one") from None
-
-
-def load_stage(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[ReImagenUNet, TextEncoder]:
-    """A stage network (EMA weights by default) and the text encoder it was trained with."""
-    meta = read_checkpoint_config(path)
-    model = ReImagenUNet(UNetConfig.from_dict(meta["unet"]))
-    load_weights(model, path, ema=ema)
-    enc = build_text_encoder(meta["text_encoder"], device=device)
-    te_file = Path(path) / "text_encoder.safetensors"
-    if te_file.exists():
-        enc.load_state_dict(_read_safetensors(te_file))  # type: ignore[attr-defined]
-        enc.eval()  # type: ignore[attr-defined]
-    return model.to(device).eval(), enc
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("steps, batch_size and grad_accum must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.workers < 0 or self.keep_last < 0:
+            raise ValueError("workers and keep_last must be >= 0")
 
 
 # ----------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------
-class Trainer:
-    """Trains one stage. ``fit()`` runs to ``cfg.steps``, resuming from ``out_dir/last`` if it exists."""
+class StageLoss(nn.Module):
+    """Eq. 2 on a micro-batch: the stage network plus, when it is trained, the tiny text encoder, as one module
+    so that DDP / FSDP synchronise the gradients of both."""
 
-    def __init__(self, model: ReImagenUNet, text_encoder: TextEncoder, data: TripleData, cfg: TrainConfig,
-                 out_dir: str | Path | None = None, device: str | torch.device = "cpu"):
-        if data.image_size != model.cfg.image_size:
-            raise ValueError(f"training images are {data.image_size}px but the stage is {model.cfg.image_size}px")
-        if text_encoder.dim != model.cfg.text_dim:
-            raise ValueError(f"text encoder gives {text_encoder.dim}-d embeddings, the stage expects {model.cfg.text_dim}")
-        if model.cfg.neighbour_attention and data.k < 1:
-            raise ValueError("the stage attends to neighbours but the training data has K = 0 neighbours")
-        self.model, self.text_encoder, self.data, self.cfg = model.to(device), text_encoder, data, cfg
-        self.device = torch.device(device)
-        self.out_dir = Path(out_dir) if out_dir else None
-        self.ema = copy.deepcopy(self.model)  # no fresh initialisation: leaves the global RNG alone
-        self.ema.requires_grad_(False).eval()
-        self.trainable_text = bool(getattr(text_encoder, "trainable", False))
-        params = list(model.parameters()) + (list(text_encoder.parameters()) if self.trainable_text else [])  # type: ignore[attr-defined]
-        if cfg.optimizer == "adafactor":
-            self.opt = torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.step = 0
-        self.log_snr = get_schedule(model.cfg.schedule)
-        self._text_cache: TextEncoding | None = None
-        self.history: list[dict[str, float]] = []
+    def __init__(self, unet: ReImagenUNet, text_encoder: TextEncoder | None, cfg: TrainConfig):
+        super().__init__()
+        self.unet, self.cfg = unet, cfg
+        self.text_encoder = text_encoder if isinstance(text_encoder, nn.Module) else None
+        self.log_snr = get_schedule(unet.cfg.schedule)
 
-    # -- text ---------------------------------------------------------------------------------
-    def _encode(self, idx: Tensor) -> TextEncoding:
-        """Text encodings of data rows ``idx``: frozen encoders run once over the whole corpus."""
-        if self.trainable_text:
-            return self.text_encoder.encode([self.data.texts[i] for i in idx.tolist()])
-        if self._text_cache is None:
-            self._text_cache = self.text_encoder.encode(self.data.texts)
-        return self._text_cache.index(idx)
+    def _texts(self, batch: dict[str, Any], dev: torch.device) -> tuple[TextEncoding, TextEncoding | None]:
+        b = batch["x0"].shape[0]
+        if "text_emb" in batch:  # precomputed: (B, K + 1, L, d) and lengths (B, K + 1)
+            emb, n = batch["text_emb"].to(dev), batch["text_len"].to(dev)
+            mask = torch.arange(emb.shape[2], device=dev) < n.unsqueeze(-1)
+            own = TextEncoding(emb[:, 0], mask[:, 0])
+            k = emb.shape[1] - 1
+            nbr = TextEncoding(emb[:, 1:].flatten(0, 1), mask[:, 1:].flatten(0, 1)) if k else None
+            return own, nbr
+        enc = self.text_encoder
+        if enc is None:
+            raise RuntimeError("the batch carries texts but no trainable text encoder is attached")
+        own = enc.encode(batch["text"]).to(dev)
+        nbr = enc.encode([t for row in batch["nbr_text"] for t in row]).to(dev) if batch["nbr_text"][0] else None
+        assert own.embeddings.shape[0] == b
+        return own, nbr
 
-    # -- one step -----------------------------------------------------------------------------
-    def batch_generator(self, step: int) -> torch.Generator:
-        g = torch.Generator()
-        g.manual_seed(sample_seed(self.cfg.seed, "train", step))
-        return g
-
-    def loss_on(self, idx: Tensor, g: torch.Generator) -> Tensor:
-        """Eq. 2 on data rows ``idx`` with the randomness of generator ``g``."""
-        m, cfg, dev = self.model, self.cfg, self.device
-        b = idx.shape[0]
-        x0 = self.data.images_at(idx).to(dev)
-        t = torch.rand(b, generator=g).to(dev)
-        noise = torch.randn(x0.shape, generator=g).to(dev)
-        drop_text = (torch.rand(b, generator=g) < cfg.p_drop_text).to(dev)
-        drop_nbr = (torch.rand(b, generator=g) < cfg.p_drop_neighbours).to(dev)
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        m, cfg = self.unet, self.cfg
+        dev = next(m.parameters()).device
+        x0, t, noise = batch["x0"].to(dev), batch["t"].to(dev), batch["noise"].to(dev)
+        b = x0.shape[0]
         lt = self.log_snr(t)
         x_t = q_sample(x0, lt, noise)  # Eq. 1
-        enc = self._encode(idx)
-        text = m.project_text(enc.embeddings.to(dev), enc.mask.to(dev))
+        own, nbr = self._texts(batch, dev)
+        text = m.project_text(own.embeddings, own.mask)
         memory = None
         if m.neighbour_attn is not None:
-            nidx = self.data.neighbours[idx]  # (B, K) row indices
-            nimg = self.data.images_at(nidx.reshape(-1)).reshape(b, self.data.k, *x0.shape[1:]).to(dev)
-            nenc = self._encode(nidx.reshape(-1))
-            memory = m.encode_neighbours(nimg, m.project_text(nenc.embeddings.to(dev), nenc.mask.to(dev)))
+            nimg = batch["nimg"].to(dev)  # (B, K, 3, S, S)
+            memory = m.encode_neighbours(nimg, m.project_text(nbr.embeddings, nbr.mask))  # type: ignore[union-attr]
         lowres = aug_t = None
         if m.cfg.is_super_resolution:
             low = F.interpolate(x0, size=(m.cfg.lowres_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
-            aug_t = (torch.rand(b, generator=g) * cfg.max_aug_level).to(dev)
-            lowres = m.lowres_input(low, aug_t, torch.randn(x0.shape, generator=g).to(dev))
+            aug_t = batch["aug_t"].to(dev)
+            lowres = m.lowres_input(low, aug_t, batch["aug_noise"].to(dev))
+        drop_text, drop_nbr = batch["drop_text"].to(dev).bool(), batch["drop_nbr"].to(dev).bool()
         pred = m(x_t, t, text, memory, drop_text, drop_nbr, lowres, aug_t)
         weight = min_snr_weight(lt, cfg.min_snr_gamma, m.cfg.prediction) if cfg.min_snr_gamma > 0 else None
-        return diffusion_loss(pred, x0, noise, lt, m.cfg.prediction, weight)  # Eq. 2
+        assert pred.shape[0] == b
+        # A batch without a dropped text skips null_text; a zero term gives it a zero gradient instead of none, so
+        # that DDP needs no unused-parameter search and AdamW treats it alike on 1 or N ranks.
+        return diffusion_loss(pred, x0, noise, lt, m.cfg.prediction, weight) + 0.0 * m.null_text.sum()  # Eq. 2
+
+
+def enable_grad_checkpointing(unet: nn.Module) -> None:
+    """Recompute each residual / attention block in the backward pass (activation memory of one block)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in shardable_blocks(unet):
+        fwd = block.forward
+        block.forward = lambda *a, _f=fwd, **kw: checkpoint(_f, *a, use_reentrant=False, **kw)  # type: ignore[method-assign]
+
+
+class Trainer:
+    """Trains one stage. ``fit()`` runs to ``cfg.steps``, resuming from ``out_dir/last`` if it exists.
+
+    ``data``: a ``TripleData`` in RAM, or a shard folder (``reimagen.shards``); ``text_store``: its precomputed
+    text embeddings (``reimagen.text_store.TextStore``), required for shards with a frozen encoder.
+    ``text_encoder`` may then be just the encoder's spec (a dict): it is never loaded. Under ``torchrun`` each
+    process trains its slice of every batch (``cfg.batch_size`` is the global batch).
+    """
+
+    def __init__(self, model: ReImagenUNet, text_encoder: TextEncoder | dict[str, Any], data: TripleData | str | Path,
+                 cfg: TrainConfig, out_dir: str | Path | None = None, device: str | torch.device = "cpu",
+                 text_store: Any = None):
+        self.dist, self.device = init_distributed(str(device))
+        self.trainable_text = bool(getattr(text_encoder, "trainable", False))
+        self.text_spec = text_encoder if isinstance(text_encoder, dict) else text_encoder.spec()
+        dim = text_store.dim if text_store is not None else getattr(text_encoder, "dim", None)
+        if dim is not None and dim != model.cfg.text_dim:
+            raise ValueError(f"text encoder gives {dim}-d embeddings, the stage expects {model.cfg.text_dim}")
+        self.model, self.text_encoder, self.cfg = model.to(self.device), text_encoder, cfg
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.slicing = Slicing(cfg.batch_size, self.dist.world_size, self.dist.rank, cfg.grad_accum)
+        self.data, self.dataset = data, self._dataset(data, text_store)
+        if model.cfg.neighbour_attention and self.dataset.k < 1:
+            raise ValueError("the stage attends to neighbours but the training data has K = 0 neighbours")
+        self.order = StreamOrder(self.dataset.lengths, cfg.seed, cfg.shuffle_window)
+        self.fsdp = cfg.fsdp
+        self._ema_setup()
+        if cfg.grad_checkpointing:
+            enable_grad_checkpointing(self.model)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        loss = StageLoss(self.model, text_encoder if self.trainable_text else None, cfg)  # type: ignore[arg-type]
+        self.module = wrap_model(loss, self.dist, self.device, fsdp=cfg.fsdp)
+        self.loss_fn = torch.compile(self.module) if cfg.compile else self.module
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        opt_cls = torch.optim.Adafactor if cfg.optimizer == "adafactor" else torch.optim.AdamW
+        self.opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+        self.step = 0
+        self.skipped: dict[str, int] = {"unreadable samples": 0, "non-finite fp16 steps": 0}
+        self.history: list[dict[str, float]] = []
+        self._batches: Iterator[dict[str, Any]] | None = None
+
+    # -- data -----------------------------------------------------------------------------------
+    def _dataset(self, data: Any, text_store: Any):
+        rnd = Randomness(self.model.cfg.image_size, self.cfg.seed, self.cfg.p_drop_text, self.cfg.p_drop_neighbours,
+                         self.cfg.max_aug_level, self.cfg.random_crop)
+        if isinstance(data, TripleData):
+            if data.image_size != self.model.cfg.image_size:
+                raise ValueError(f"training images are {data.image_size}px but the stage is {self.model.cfg.image_size}px")
+            encoding = None
+            if not self.trainable_text:  # a frozen encoder runs once over the corpus
+                with torch.no_grad():
+                    encoding = self.text_encoder.encode(data.texts)  # type: ignore[union-attr]
+            return MemorySamples(data, rnd, encoding)
+        if not self.trainable_text and text_store is None:
+            raise ValueError(f"training on shards with the frozen {self.text_spec.get('name')} encoder needs its "
+                             "precomputed embeddings: run `reimagen-eval embed-text --shards ...` and pass --text-store")
+        if text_store is not None and text_store.encoder_spec != self.text_spec:
+            raise ValueError(f"the text store {text_store.store} was made with {text_store.encoder_spec}, not with "
+                             f"the chosen encoder {self.text_spec}")
+        return ShardSamples(data, rnd, text_store if not self.trainable_text else None)
+
+    def _loader(self) -> Iterator[dict[str, Any]]:
+        return iter(make_loader(self.dataset, self.order, self.slicing, self.step, self.cfg.workers,
+                                pin_memory=self.device.type == "cuda"))
+
+    # -- EMA --------------------------------------------------------------------------------------
+    def _ema_setup(self) -> None:
+        # deepcopy, not a fresh model: leaves the global RNG alone. Under FSDP the EMA is kept as shards
+        # (copies of the sharded parameters, made after wrapping, in fit's first step).
+        self.ema = None if self.fsdp else copy.deepcopy(self.model).requires_grad_(False).eval()
+        self._ema_params: list[Tensor] | None = None if self.fsdp else list(self.ema.parameters())  # type: ignore[union-attr]
+
+    def ema_decay_at(self, step: int) -> float:
+        d = self.cfg.ema_decay
+        return min(d, (1 + step) / (10 + step)) if self.cfg.ema_warmup else d
+
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        if self._ema_params is None:
+            self._ema_init()
+        d = self.ema_decay_at(self.step)
+        for pe, pm in zip(self._ema_params, self.model.parameters()):
+            pe.lerp_(pm.detach(), 1 - d)
+        if self.ema is not None:
+            for be, bm in zip(self.ema.buffers(), self.model.buffers()):
+                be.copy_(bm)
 
     def lr_at(self, step: int) -> float:
         if self.cfg.warmup_steps and step < self.cfg.warmup_steps:
             return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
         return self.cfg.lr
 
-    def ema_decay_at(self, step: int) -> float:
-        d = self.cfg.ema_decay
-        return min(d, (1 + step) / (10 + step)) if self.cfg.ema_warmup else d
-
+    # -- one step -------------------------------------------------------------------------------
     def train_step(self) -> float:
+        """One optimiser step over ``grad_accum`` micro-batches; returns this rank's mean loss."""
         # In-network dropout draws from the global RNG: seed it per step, without disturbing the caller's state.
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(sample_seed(self.cfg.seed, "dropout", self.step))
             return self._train_step()
 
+    def _sync(self, on: bool):
+        if self.fsdp:
+            self.module.set_requires_gradient_sync(on)  # type: ignore[operator]
+            return contextlib.nullcontext()
+        return self.module.no_sync() if (not on and hasattr(self.module, "no_sync")) else contextlib.nullcontext()
+
     def _train_step(self) -> float:
-        g = self.batch_generator(self.step)
-        rows = self.data.train_rows
-        idx = rows[torch.randint(len(rows), (self.cfg.batch_size,), generator=g)]
+        if self._batches is None:
+            self._batches = self._loader()
         self.model.train()
         if self.trainable_text:
-            self.text_encoder.train()  # type: ignore[attr-defined]
-        loss = self.loss_on(idx, g)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {self.step}; lower the learning rate")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+            self.text_encoder.train()  # type: ignore[union-attr]
+        dtype, a = PRECISIONS[self.cfg.precision], self.cfg.grad_accum
+        total = 0.0
+        for m in range(a):
+            batch = next(self._batches)
+            self.skipped["unreadable samples"] += len(batch["skipped"])
+            with self._sync(m == a - 1):
+                with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                    loss = self.loss_fn(batch)
+                if not torch.isfinite(loss) and self.scaler is None:
+                    raise FloatingPointError(f"non-finite loss at step {self.step}; lower the learning rate")
+                scaled = loss / a
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            total += float(loss.detach()) / a
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
         if self.cfg.grad_clip > 0:
-            params = [p for grp in self.opt.param_groups for p in grp["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], self.cfg.grad_clip)
         for grp in self.opt.param_groups:
             grp["lr"] = self.lr_at(self.step)
-        self.opt.step()
-        with torch.no_grad():
-            d = self.ema_decay_at(self.step)
-            for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
-                pe.lerp_(pm, 1 - d)
-            for be, bm in zip(self.ema.buffers(), self.model.buffers()):
-                be.copy_(bm)
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.opt)  # skipped when a gradient is not finite
+            self.scaler.update()
+            self.skipped["non-finite fp16 steps"] += int(self.scaler.get_scale() < scale)
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self._ema_update()
         self.step += 1
-        return float(loss.detach())
+        return total
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def _weights(self) -> dict[str, dict[str, Tensor] | None]:
+        from .distributed import full_tensors
+
+        model = full_tensors(self.model.state_dict())
+        if self._ema_params is None:
+            self._ema_init()
+        names = [n for n, _ in self.model.named_parameters()]
+        ema = dict(model, **full_tensors(dict(zip(names, self._ema_params))))  # type: ignore[arg-type]
+        text = full_tensors(self.text_encoder.state_dict()) if self.trainable_text else None  # type: ignore[union-attr]
+        return {"model": model, "ema": ema, "text_encoder": text}
+
+    def _ema_init(self) -> None:
+        """FSDP: the EMA as copies of this rank's parameter shards."""
+        self._ema_params = [p.detach().clone() for p in self.model.parameters()]
+
+    def trainer_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opt = get_optimizer_state_dict(self.module, self.opt, options=StateDictOptions(full_state_dict=True,
+                                                                                       cpu_offload=True))
+        return {"optimizer": opt, "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "step": self.step, "position": self.step * self.cfg.batch_size, "global_batch": self.cfg.batch_size,
+                "world_size": self.dist.world_size, "seed": self.cfg.seed, "skipped": dict(self.skipped)}
+
     def save(self, path: str | Path) -> Path:
-        return save_checkpoint(path, self.model, self.text_encoder, self.ema, self.cfg, self.step, self.opt)
+        """Every rank gathers (FSDP), rank 0 writes atomically, and all wait for it."""
+        path = Path(path)
+        weights, state = self._weights(), self.trainer_state()
+        if self.dist.is_main:
+            extra = {"data": {"position": self.step * self.cfg.batch_size, "skipped": dict(self.skipped)}}
+            write_checkpoint(path, self.model.cfg, self.text_spec, weights, self.cfg, self.step, state, extra)
+            self._keep_last(path)
+        self.dist.barrier()
+        return path
+
+    def _keep_last(self, last: Path) -> None:
+        if not self.cfg.keep_last:
+            return
+        snap = last.with_name(f"step-{self.step:08d}")
+        if not snap.exists():
+            tmp = snap.with_name(snap.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(last, tmp)
+            tmp.rename(snap)
+        for old in sorted(last.parent.glob("step-????????"))[:-self.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def resume(self, path: str | Path) -> None:
-        """Restore weights, EMA, optimiser and step from a checkpoint written by ``save``."""
+        """Restore weights, EMA, optimiser, scaler, step and data position from ``save``'s checkpoint (written
+        by any number of processes: the batch is global, so the world size may differ)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        from .distributed import load_full
+
         path = Path(path)
         meta = read_checkpoint_config(path)
-        load_weights(self.model, path, ema=False)
-        self.ema.load_state_dict(_read_safetensors(path / "ema.safetensors"))
-        te = path / "text_encoder.safetensors"
-        if self.trainable_text and te.exists():
-            self.text_encoder.load_state_dict(_read_safetensors(te))  # type: ignore[attr-defined]
+        saved = UNetConfig.from_dict(meta["unet"])
+        if saved != self.model.cfg:
+            raise ValueError(f"checkpoint {path} was saved with another stage configuration; use a new --out folder")
         try:
-            state = torch.load(path / "trainer_state.pt", map_location=self.device, weights_only=True)
+            state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError) as err:
             raise ValueError(f"{path / 'trainer_state.pt'} cannot be read ({str(err).splitlines()[0][:200]}); the "
                              "checkpoint is damaged: delete it to start over or resume from a copy") from None
-        self.opt.load_state_dict(state["optimizer"])
+        if state.get("global_batch", self.cfg.batch_size) != self.cfg.batch_size:
+            raise ValueError(f"{path} was trained with a global batch of {state['global_batch']}, not "
+                             f"{self.cfg.batch_size}: resume with --batch-size {state['global_batch']} (any world size)")
+        model, ema = read_safetensors(path / "model.safetensors"), read_safetensors(path / "ema.safetensors")
+        sd = self.model.state_dict()
+        for k, v in sd.items():
+            load_full(v, model[k])
+        self._ema_init()
+        for (n, _), e in zip(self.model.named_parameters(), self._ema_params):  # type: ignore[arg-type]
+            load_full(e, ema[n])
+        if self.ema is not None:
+            self.ema.load_state_dict(ema)
+            self._ema_params = list(self.ema.parameters())
+        te = path / "text_encoder.safetensors"
+        if self.trainable_text and te.exists():
+            self.text_encoder.load_state_dict(read_safetensors(te))  # type: ignore[union-attr]
+        if "position" in state:
+            set_optimizer_state_dict(self.module, self.opt, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
+        else:  # written before the data position was recorded: a plain optimiser state dict
+            self.opt.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.skipped.update(state.get("skipped", {}))
         self.step = int(meta["step"])
+        self._batches = None  # the loader restarts at position step * batch_size
 
     def _resume_log(self) -> float:
         """On a resumed run, drop the log rows written after the checkpoint being resumed (a run stopped between
@@ -320,13 +404,22 @@ class Trainer:
             return 0.0
         rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
         keep = [r for r in rows if r["step"] <= self.step]
-        if len(keep) != len(rows):
+        if len(keep) != len(rows) and self.dist.is_main:
             write_jsonl(log, keep)
         return float(keep[-1]["seconds"]) if keep and self.step else 0.0
 
+    def _log(self, rec: dict[str, float], on_log: Callable[[dict[str, float]], None] | None) -> None:
+        self.history.append(rec)
+        if self.out_dir and self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        if on_log:
+            on_log(rec)
+
     def fit(self, progress: bool = True, on_log: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-        """Train to ``cfg.steps``; logs mean loss every ``log_every`` steps to ``out_dir/log.jsonl`` and
-        checkpoints to ``out_dir/last`` every ``ckpt_every`` steps and at the end."""
+        """Train to ``cfg.steps``; logs the mean loss (over steps and ranks) every ``log_every`` steps to
+        ``out_dir/log.jsonl`` and checkpoints to ``out_dir/last`` every ``ckpt_every`` steps and at the end."""
         last = self.out_dir / "last" if self.out_dir else None
         if last is not None and (last / "trainer_state.pt").exists():
             self.resume(last)
@@ -336,24 +429,21 @@ class Trainer:
                 TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
         running, n, t0 = 0.0, 0, time.time()
         t0 -= self._resume_log()
-        with Progress(*cols, disable=not progress, transient=False) as prog:
+        with Progress(*cols, disable=not progress or not self.dist.is_main, transient=False) as prog:
             task = prog.add_task("train", total=self.cfg.steps, completed=self.step, loss="-")
             while self.step < self.cfg.steps:
                 running += self.train_step()
                 n += 1
                 if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                    rec = {"step": self.step, "loss": running / n, "seconds": time.time() - t0}
-                    self.history.append(rec)
-                    if self.out_dir:
-                        self.out_dir.mkdir(parents=True, exist_ok=True)
-                        with open(self.out_dir / "log.jsonl", "a") as fh:
-                            fh.write(json.dumps(rec) + "\n")
-                    if on_log:
-                        on_log(rec)
+                    rec = {"step": self.step, "loss": self.dist.mean(running / n), "seconds": time.time() - t0,
+                           "samples": self.step * self.cfg.batch_size}
+                    bad = self.dist.sum_int(self.skipped["unreadable samples"])
+                    if bad:
+                        rec["unreadable_samples"] = bad
+                    self._log(rec, on_log)
                     prog.update(task, loss=f"{rec['loss']:.4f}")
                     running, n = 0.0, 0
                 prog.update(task, completed=self.step)
                 if last is not None and (self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps):
                     self.save(last)
         return self.history
-

@@ -42,3 +42,7 @@ app.add_typer(toy_app, name="toy")
 
 def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - console entry
     app(argv)
+
+
+if __name__ == "__main__":  # pragma: no cover  (torchrun -m reimagen_eval.cli train ...)
+    app()

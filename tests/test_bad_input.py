@@ -19,7 +19,7 @@ from conftest import make_model, randomize
 from reimagen_eval.cli import app
 from reimagen.retrieval.base import KnowledgeBase
 from reimagen.text import TinyTextEncoder
-from reimagen.train import save_checkpoint
+from reimagen.checkpoint import save_checkpoint
 from test_fid_cli import write_coco
 
 runner = CliRunner()

@@ -21,7 +21,7 @@ from conftest import make_model, randomize
 from entitydrawbench.cli import register
 from entitydrawbench.entities import load_entities, select
 from reimagen.text import TinyTextEncoder
-from reimagen.train import save_checkpoint
+from reimagen.checkpoint import save_checkpoint
 
 TINY_CLIP = {"embed_dim": 32,
              "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},

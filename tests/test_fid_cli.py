@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from evaluation.cli import fid
 from reimagen.config import get_preset
 from reimagen.text import TinyTextEncoder
-from reimagen.train import save_checkpoint
+from reimagen.checkpoint import save_checkpoint
 from reimagen.unet import ReImagenUNet
 
 REPO = Path(__file__).resolve().parents[1]

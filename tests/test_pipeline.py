@@ -15,7 +15,7 @@ from reimagen import Cascade, InterleavedGuidance, JointGuidance, SamplerSetting
 from reimagen.pipeline import ReImagenPipeline
 from reimagen.retrieval.base import KnowledgeBase
 from reimagen.text import TinyTextEncoder
-from reimagen.train import save_checkpoint
+from reimagen.checkpoint import save_checkpoint
 from reimagen_eval.cli import app
 
 runner = CliRunner()

@@ -96,7 +96,7 @@ def test_shipped_checkpoints_load_and_sample_finite_images():
     from reimagen.guidance import JointGuidance
     from reimagen.sampling import SamplerSettings
     from toyworld import WEIGHTS
-    from reimagen.train import load_stage
+    from reimagen.checkpoint import load_stage
 
     total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
     assert total <= 30e6
@@ -139,7 +139,7 @@ def test_stage_decomposition_cascade_source_is_the_cascade():
     from reimagen.sampling import SamplerSettings
     from toyworld import WEIGHTS
     from toyworld.diagnose import decomposition_images
-    from reimagen.train import load_stage
+    from reimagen.checkpoint import load_stage
 
     prompts, sidx, nbrs, images = decomposition_images(WEIGHTS / "base", WEIGHTS / "sr", per_split=1, samples=2,
                                                        steps=3, sr_steps=2, sources=("render", "base+sr"))
@@ -253,7 +253,7 @@ def test_shipped_cascade_draws_a_frequent_entity_from_its_reference(judge):
     from reimagen.sampling import SamplerSettings
     from toyworld import WEIGHTS
     from toyworld.judge import verdicts
-    from reimagen.train import load_stage
+    from reimagen.checkpoint import load_stage
 
     base, enc = load_stage(WEIGHTS / "base")
     sr, _ = load_stage(WEIGHTS / "sr")

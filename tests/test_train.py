@@ -15,7 +15,8 @@ from conftest import make_model, make_triples, structured_images
 from reimagen.config import UNetConfig
 from reimagen.data import TripleData
 from reimagen.text import TinyTextEncoder
-from reimagen.train import TrainConfig, Trainer, load_stage, load_weights, save_checkpoint
+from reimagen.checkpoint import load_stage, load_weights, save_checkpoint
+from reimagen.train import TrainConfig, Trainer
 
 
 def _trainer(tmp_path=None, steps=4, batch_size=4, seed=0, model_seed=0, enc_seed=0, data=None, preset="tiny-16", **kw):

@@ -62,7 +62,7 @@ def neighbour_probe(checkpoint: str | Path, world: World | None = None, per_spli
                     levels: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9), seed: int = 0, ema: bool = True) -> list[dict]:
     """Rows (t, condition, split, x0_mse) for a base-stage checkpoint (see the module docstring)."""
     from reimagen.diffusion import get_schedule, q_sample, to_x0
-    from reimagen.train import load_stage
+    from reimagen.checkpoint import load_stage
 
     world = world or World()
     model, enc = load_stage(checkpoint, ema=ema)
@@ -242,7 +242,7 @@ def decomposition_images(base: str | Path, sr: str | Path, world: World | None =
     from reimagen.cascade import Stage, run_stage
     from reimagen.guidance import JointGuidance
     from reimagen.sampling import SamplerSettings
-    from reimagen.train import load_stage
+    from reimagen.checkpoint import load_stage
 
     _check_sources(sources)
     world = world or World()
@@ -327,7 +327,7 @@ def noise_recovery(base: str | Path, judge: str | Path, world: World | None = No
     """
     from reimagen.cascade import Stage, run_stage
     from reimagen.sampling import SamplerSettings
-    from reimagen.train import load_stage
+    from reimagen.checkpoint import load_stage
     from .judge import load_judge
 
     if not times or not all(0.0 < t <= 1.0 for t in times):

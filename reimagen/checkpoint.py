@@ -1,0 +1,137 @@
+"""Stage checkpoints: ``<dir>/config.json`` (the stage's configuration, its text encoder's spec, the training
+step and settings), ``model.safetensors``, ``ema.safetensors`` (the weights sampling uses), the trainable tiny
+text encoder's ``text_encoder.safetensors``, and ``trainer_state.pt`` (optimiser, gradient scaler, data
+position; only needed to resume). Written atomically: to ``<dir>.tmp`` first, then swapped in."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import UNetConfig
+from .text import TextEncoder, build_text_encoder
+from .unet import ReImagenUNet
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: <dir>/config.json, model.safetensors, ema.safetensors, [text_encoder.safetensors],
+# trainer_state.pt (optimiser, step; only needed to resume)
+# ----------------------------------------------------------------------------------------------
+def save_checkpoint(path: str | Path, model: ReImagenUNet, text_encoder: TextEncoder | dict[str, Any],
+                    ema: ReImagenUNet | None = None, train_config: Any = None, step: int = 0,
+                    optimizer: torch.optim.Optimizer | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint folder of live modules (see ``write_checkpoint``)."""
+    te = text_encoder if isinstance(text_encoder, dict) else None
+    weights = {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+               "text_encoder": None if te is not None or not getattr(text_encoder, "trainable", False)
+               else text_encoder.state_dict()}  # type: ignore[union-attr]
+    spec = te if te is not None else text_encoder.spec()  # type: ignore[union-attr]
+    state = {"optimizer": optimizer.state_dict(), "step": step} if optimizer is not None else None
+    return write_checkpoint(path, model.cfg, spec, weights, train_config, step, state, extra)
+
+
+def write_checkpoint(path: str | Path, unet_cfg: UNetConfig, text_spec: dict[str, Any],
+                     weights: dict[str, dict[str, torch.Tensor] | None], train_config: Any = None, step: int = 0,
+                     trainer_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``config.json``, ``{model,ema,text_encoder}.safetensors`` (the non-None ``weights``) and
+    ``trainer_state.pt`` to ``<path>.tmp``, then swap it in: the old checkpoint survives until the new one is
+    complete."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    _rmtree(tmp)
+    tmp.mkdir(parents=True)
+    meta = {"unet": unet_cfg.to_dict(), "text_encoder": text_spec, "step": step,
+            "train": asdict(train_config) if train_config is not None else None, **(extra or {})}
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    for name, sd in weights.items():
+        if sd is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        _rmtree(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        _rmtree(old)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
+def _rmtree(p: Path) -> None:
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not a reimagen checkpoint folder (no config.json)")
+    meta = read_config_json(cfg_file)
+    if not isinstance(meta, dict) or "unet" not in meta:
+        raise ValueError(f"{cfg_file} has no 'unet' entry: not a reimagen stage checkpoint")
+    return meta
+
+
+def read_config_json(cfg_file: Path) -> Any:
+    """A checkpoint's config.json; a damaged one is refused by name."""
+    try:
+        return json.loads(cfg_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{cfg_file} is not valid JSON ({err}); the checkpoint is damaged: copy it again or "
+                         "resume training from an earlier one") from None
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """A location-independent digest of a checkpoint: its config.json (configuration, text encoder, training
+    step) and the names and sizes of its weight files. Moving or copying the folder keeps it."""
+    path = Path(path)
+    h = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").is_file() else b"")
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+    return h.hexdigest()[:16]
+
+
+def load_weights(model: ReImagenUNet, path: str | Path, ema: bool = True) -> None:
+    """Load a checkpoint's weights into ``model``; refuses a checkpoint saved under another config."""
+    meta = read_checkpoint_config(path)
+    saved = UNetConfig.from_dict(meta["unet"])
+    if saved != model.cfg:
+        diff = [f.name for f in fields(UNetConfig) if getattr(saved, f.name) != getattr(model.cfg, f.name)]
+        raise ValueError(f"checkpoint {path} was saved with another stage configuration; differing fields: "
+                         + ", ".join(f"{d} (checkpoint {getattr(saved, d)!r}, model {getattr(model.cfg, d)!r})" for d in diff))
+    f = Path(path) / ("ema.safetensors" if ema and (Path(path) / "ema.safetensors").exists() else "model.safetensors")
+    model.load_state_dict(read_safetensors(f))
+
+
+def read_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} does not exist: the checkpoint folder is incomplete")
+    try:
+        return load_file(str(f))
+    except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) on damaged files
+        raise ValueError(f"{f} cannot be read as safetensors ({str(err).splitlines()[0][:200]}); the checkpoint is "
+                         "damaged: copy it again or resume training from an earlier one") from None
+
+
+def load_stage(path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> tuple[ReImagenUNet, TextEncoder]:
+    """A stage network (EMA weights by default) and the text encoder it was trained with."""
+    meta = read_checkpoint_config(path)
+    model = ReImagenUNet(UNetConfig.from_dict(meta["unet"]))
+    load_weights(model, path, ema=ema)
+    enc = build_text_encoder(meta["text_encoder"], device=device)
+    te_file = Path(path) / "text_encoder.safetensors"
+    if te_file.exists():
+        enc.load_state_dict(read_safetensors(te_file))  # type: ignore[attr-defined]
+        enc.eval()  # type: ignore[attr-defined]
+    return model.to(device).eval(), enc
+
+
