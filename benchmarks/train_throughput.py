@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Training input and scaling ([scale-train]): ratios measured in one run, against baselines of the same run.
+
+* loader        samples/s of the streaming loader (shards through wids, ``--workers`` DataLoader workers: decode,
+                resize, per-sample noise) against the in-RAM path (a ``TripleData`` in memory, through the same
+                loader with no workers) and against the old in-RAM gather (one uint8 index + one batched randn),
+                at the same batch; goal >= 0.9x the in-RAM path with 2 workers. One training step of
+                ``--preset`` at that batch is timed too, so the loader's rate reads against what training needs.
+* memory        peak RSS of a process that streams 60 batches from shards of ``--small`` vs ``--large`` samples
+                (each in its own subprocess); goal flat, < 1.2x.
+* ddp           steps/s of ``torchrun`` with 2 processes (gloo, 1 thread each) against 1 process with 2
+                threads, the same global batch (the train loop's own clock, from log.jsonl).
+* gpu           bf16 vs fp32 step time, and FSDP memory: printed only when CUDA is available.
+
+Run: ``.venv/bin/python benchmarks/train_throughput.py [--batch 32 --size 64 --small 2000 --large 20000]
+[--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_table(folder: Path, n: int, size: int, seed: int = 0) -> Path:
+    """n pairs with PNG images of ``size`` px (a textured background and a square), K = 2 neighbours."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        img = (rng.integers(0, 256, 3) + rng.integers(-20, 20, (size, size, 3))).clip(0, 255).astype(np.uint8)
+        s = size // 4
+        y, x = rng.integers(0, size - s, 2)
+        img[y:y + s, x:x + s] = rng.integers(128, 256, 3)
+        Image.fromarray(img).save(folder / f"{i}.png")
+        rows.append({"id": str(i), "text": f"thing {i % 97} in place {i % 13}", "image": f"{i}.png",
+                     "neighbor_ids": [str((i + 1) % n), str((i + 2) % n)]})
+    pd.DataFrame(rows).to_parquet(folder / "triples.parquet")
+    return folder / "triples.parquet"
+
+
+def shards_of(root: Path, n: int, size: int) -> Path:
+    from reimagen.shards import ShardSettings, write_shards
+
+    out = root / f"shards-{n}"
+    if not (out / "manifest.json").is_file():
+        write_shards(make_table(root / f"data-{n}", n, size), out, ShardSettings(samples_per_shard=500), progress=False)
+    return out
+
+
+def rate(loader_iter, batches: int, batch: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        next(loader_iter)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(loader_iter)
+    return batches * batch / (time.perf_counter() - t)
+
+
+def bench_loader(root: Path, args) -> dict:
+    from reimagen.data import TripleData
+    from reimagen.loader import MemorySamples, Randomness, ShardSamples, Slicing, StreamOrder, make_loader
+
+    shards = shards_of(root, args.small, args.size)
+    rnd = Randomness(args.size, 0, 0.1, 0.1, 1.0)
+    data = TripleData.from_table(root / f"data-{args.small}" / "triples.parquet", args.size, progress=False)
+    mem = MemorySamples(data, rnd)
+    streamed = ShardSamples(shards, rnd)
+    b = args.batch
+    out = {}
+    order = StreamOrder(mem.lengths, 0)
+    out["in_ram"] = rate(iter(make_loader(mem, order, Slicing(b), 0, 0)), args.batches, b)
+    g = torch.Generator().manual_seed(0)
+
+    def old_gather():
+        while True:
+            idx = torch.randint(len(data), (b,), generator=g)
+            x0 = data.images_at(idx)
+            nimg = data.images_at(data.neighbours[idx].reshape(-1))
+            yield x0, nimg, torch.randn(x0.shape, generator=g), torch.rand(b, generator=g)
+
+    out["old_gather"] = rate(old_gather(), args.batches, b)
+    sorder = StreamOrder(streamed.lengths, 0)
+    for w in (0, args.workers):
+        out[f"streamed_{w}w"] = rate(iter(make_loader(streamed, sorder, Slicing(b), 0, w)), args.batches, b)
+    out["train_step_samples_per_s"] = train_step_rate(args)
+    return out
+
+
+def train_step_rate(args) -> float:
+    from reimagen.config import get_preset
+    from reimagen.data import TripleData
+    from reimagen.text import TinyTextEncoder
+    from reimagen.train import TrainConfig, Trainer
+    from reimagen.unet import ReImagenUNet
+
+    cfg = get_preset(args.preset, text_dim=64)
+    n = 64
+    rng = np.random.default_rng(0)
+    data = TripleData.from_arrays(rng.integers(0, 256, (n, cfg.image_size, cfg.image_size, 3), dtype=np.uint8),
+                                  [f"t {i}" for i in range(n)], np.stack([(np.arange(n) + j) % n for j in (1, 2)], 1))
+    tr = Trainer(ReImagenUNet(cfg), TinyTextEncoder(dim=64), data, TrainConfig(steps=10, batch_size=args.batch))
+    tr.train_step()
+    t = time.perf_counter()
+    for _ in range(3):
+        tr.train_step()
+    return 3 * args.batch / (time.perf_counter() - t)
+
+
+STREAM = """
+import resource, sys
+sys.path.insert(0, {root!r})
+from reimagen.loader import Randomness, ShardSamples, Slicing, StreamOrder, make_loader
+ds = ShardSamples({shards!r}, Randomness({size}, 0, 0.1, 0.1, 1.0))
+it = iter(make_loader(ds, StreamOrder(ds.lengths, 0), Slicing({batch}), 0, 0))
+for _ in range(60):
+    next(it)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_memory(root: Path, args) -> dict:
+    out = {}
+    for n in (args.small, args.large):
+        shards = shards_of(root, n, 32)
+        code = STREAM.format(root=str(ROOT), shards=str(shards), size=32, batch=args.batch)
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out[f"peak_rss_mb_{n}"] = int(res.stdout.strip().splitlines()[-1]) / 1024
+    return out
+
+
+def bench_ddp(root: Path, args) -> dict:
+    shards = shards_of(root, args.small, 32)
+    steps = args.ddp_steps
+    out = {}
+    for nproc in (1, 2):
+        run = root / f"ddp-{nproc}"
+        cmd = ["-m", "reimagen_eval.cli", "train", "--shards", str(shards), "--preset", "small-32", "--out", str(run),
+               "--steps", str(steps), "--batch-size", str(args.batch), "--log-every", "2", "--ckpt-every", "100000"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(2 // nproc), HF_HUB_OFFLINE="1")
+        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                        "--nproc-per-node", "2", "--master-port", "29731"]
+        subprocess.run([*launcher, *cmd], check=True, env=env, capture_output=True)
+        log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+        # steps/s after the first logged point (excludes start-up and the first steps' warm-up)
+        out[f"steps_per_s_{nproc}proc"] = (log[-1]["step"] - log[0]["step"]) / (log[-1]["seconds"] - log[0]["seconds"])
+    return out
+
+
+def bench_gpu(args) -> dict:
+    if not torch.cuda.is_available():
+        return {"gpu": "no CUDA device: bf16 vs fp32 and FSDP memory not measured"}
+    from reimagen.config import get_preset
+    from reimagen.unet import ReImagenUNet
+
+    cfg = get_preset(args.preset, text_dim=64)
+    out = {}
+    for prec in ("fp32", "bf16"):
+        model = ReImagenUNet(cfg).cuda()
+        x = torch.randn(args.batch, 3, cfg.image_size, cfg.image_size, device="cuda")
+        text = model.project_text(torch.randn(args.batch, 8, 64, device="cuda"),
+                                  torch.ones(args.batch, 8, dtype=torch.bool, device="cuda"))
+        t = torch.rand(args.batch, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=prec == "bf16"):
+            for i in range(6):
+                if i == 1:
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                model(x, t, text).float().pow(2).mean().backward()
+        torch.cuda.synchronize()
+        out[f"{prec}_step_s"] = (time.perf_counter() - t0) / 5
+    out["bf16_over_fp32"] = out["bf16_step_s"] / out["fp32_step_s"]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=64, help="image size of the loader comparison")
+    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--small", type=int, default=2000)
+    p.add_argument("--large", type=int, default=20000)
+    p.add_argument("--preset", default="small-32")
+    p.add_argument("--ddp-steps", type=int, default=12)
+    p.add_argument("--work", type=Path, default=None, help="folder for the shards (kept; default a temp dir)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    root = args.work or Path(tempfile.mkdtemp(prefix="train-bench-"))
+    res = {"loader": bench_loader(root, args)}
+    lo = res["loader"]
+    print(f"loader, batch {args.batch} at {args.size}px (samples/s):")
+    for k, v in lo.items():
+        print(f"  {k:26s} {v:10.1f}")
+    print(f"  streamed {args.workers} workers / in-RAM path: {lo[f'streamed_{args.workers}w'] / lo['in_ram']:.2f}x "
+          f"(goal >= 0.9x); / old gather: {lo[f'streamed_{args.workers}w'] / lo['old_gather']:.2f}x; "
+          f"/ one {args.preset} train step: {lo[f'streamed_{args.workers}w'] / lo['train_step_samples_per_s']:.1f}x")
+    res["memory"] = bench_memory(root, args)
+    m = res["memory"]
+    print(f"peak RSS streaming 60 batches: {args.small} samples {m[f'peak_rss_mb_{args.small}']:.0f} MB, "
+          f"{args.large} samples {m[f'peak_rss_mb_{args.large}']:.0f} MB: "
+          f"{m[f'peak_rss_mb_{args.large}'] / m[f'peak_rss_mb_{args.small}']:.2f}x (goal < 1.2x)")
+    res["ddp"] = bench_ddp(root, args)
+    d = res["ddp"]
+    print(f"small-32 training, global batch {args.batch}: 1 process (2 threads) {d['steps_per_s_1proc']:.2f} steps/s, "
+          f"2 processes DDP (1 thread each) {d['steps_per_s_2proc']:.2f} steps/s: "
+          f"{d['steps_per_s_2proc'] / d['steps_per_s_1proc']:.2f}x")
+    res["gpu"] = bench_gpu(args)
+    print(res["gpu"])
+    res["peak_rss_self_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
