@@ -122,15 +122,16 @@ def train_step_rate(args) -> float:
     return 3 * args.batch / (time.perf_counter() - t)
 
 
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child would report its parent's peak.
 STREAM = """
-import resource, sys
+import sys
 sys.path.insert(0, {root!r})
 from reimagen.loader import Randomness, ShardSamples, Slicing, StreamOrder, make_loader
 ds = ShardSamples({shards!r}, Randomness({size}, 0, 0.1, 0.1, 1.0))
 it = iter(make_loader(ds, StreamOrder(ds.lengths, 0), Slicing({batch}), 0, 0))
 for _ in range(60):
     next(it)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print([int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM")][0])
 """
 
 

@@ -99,6 +99,8 @@ _CAPTION_COLUMN = typer.Option(None, "--caption-column", help="Caption column of
                                "TEXT, text, ...).")
 _BATCH = typer.Option(8, "--batch-size", help="Images per generation batch.")
 _DEVICE = typer.Option("cpu", "--device", help="torch device, e.g. cuda.")
+_PRECISION = typer.Option("fp32", "--precision", help="Sampling precision of a Re-Imagen cascade: fp32, or bf16 / "
+                          "fp16 autocast on a GPU (bf16 also runs on a CPU).")
 _SIZE = typer.Option(None, "--size", help="Baselines: output size in px (diffusers height/width; folder resize).")
 _DIFF_STEPS = typer.Option(50, "--diffusers-steps", help="Baseline: inference steps of the diffusers pipeline.")
 _DIFF_GUIDANCE = typer.Option(7.5, "--diffusers-guidance", help="Baseline: guidance scale of the diffusers pipeline.")
@@ -148,6 +150,7 @@ class DrawOptions:
     caption_column: Optional[str]  # the corpus's caption column
     batch_size: int  # images per generation block
     device: str  # torch device
+    precision: str  # fp32 | bf16 | fp16
     size: Optional[int]  # baselines: output size
     diffusers_steps: int  # baseline: inference steps
     diffusers_guidance: float  # baseline: guidance scale
@@ -215,7 +218,7 @@ def _config(opts: DrawOptions):
         kb_index=str(o.kb_index) if o.kb_index else None, topup_query=o.topup_query,
         allow_fewer_neighbours=o.allow_fewer_neighbours, strict=o.strict,
         frequency_source=o.frequency_source, caption_column=o.caption_column, batch_size=o.batch_size,
-        device=o.device)
+        device=o.device, precision=o.precision)
     cfg.check()
     if o.references is not None and not Path(o.references).is_dir():
         raise FileNotFoundError(f"reference folder {o.references} does not exist")
@@ -265,7 +268,7 @@ def entitydraw(
     allow_fewer_neighbours: bool = _ALLOW_FEWER, samples_per_prompt: int = _SAMPLES, seed: int = _SEED,
     prompt_seed: int = _PROMPT_SEED, categories: str = _CATEGORIES, per_category: Optional[int] = _PER_CATEGORY,
     strict: bool = _STRICT, frequency_source: str = _FREQ, caption_column: Optional[str] = _CAPTION_COLUMN,
-    batch_size: int = _BATCH, device: str = _DEVICE, size: Optional[int] = _SIZE,
+    batch_size: int = _BATCH, device: str = _DEVICE, precision: str = _PRECISION, size: Optional[int] = _SIZE,
     diffusers_steps: int = _DIFF_STEPS, diffusers_guidance: float = _DIFF_GUIDANCE,
 ) -> None:
     """EntityDrawBench (Sec. 4.2): 4 images per prompt, paper settings, resumable run folder with metadata."""
@@ -525,7 +528,7 @@ def entitydraw_sweep(
     allow_fewer_neighbours: bool = _ALLOW_FEWER, samples_per_prompt: int = _SAMPLES, seed: int = _SEED,
     prompt_seed: int = _PROMPT_SEED, categories: str = _CATEGORIES, per_category: Optional[int] = _PER_CATEGORY,
     strict: bool = _STRICT, frequency_source: str = _FREQ, caption_column: Optional[str] = _CAPTION_COLUMN,
-    batch_size: int = _BATCH, device: str = _DEVICE, size: Optional[int] = _SIZE,
+    batch_size: int = _BATCH, device: str = _DEVICE, precision: str = _PRECISION, size: Optional[int] = _SIZE,
     diffusers_steps: int = _DIFF_STEPS, diffusers_guidance: float = _DIFF_GUIDANCE,
     clip_model: str = _CLIP_MODEL, clip_pretrained: Optional[str] = _CLIP_PRETRAINED, select: str = _SELECT,
 ) -> None:

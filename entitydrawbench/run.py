@@ -69,11 +69,15 @@ class RunConfig:
     caption_column: str | None = None
     batch_size: int = 8
     device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast of the cascade (GPU)
 
     def check(self) -> None:
         """Validate before any model is loaded or file written."""
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
+        from reimagen.precision import check_precision
+
+        check_precision(self.precision, self.device)
         if not (0.0 <= self.eta <= 1.0):
             raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if self.samples_per_prompt < 1:
@@ -126,7 +130,7 @@ def cascade_generator(checkpoints: Sequence[str | Path], cfg: RunConfig):
     settings = [SamplerSettings(steps=cfg.steps, sampler=cfg.sampler)]
     settings += [SamplerSettings(steps=cfg.sr_steps[i], sampler=cfg.sampler, aug_level=cfg.sr_aug_level)
                  for i in range(n_sr)]
-    cascade = Cascade.from_checkpoints(checkpoints, guidance, settings, device=cfg.device)
+    cascade = Cascade.from_checkpoints(checkpoints, guidance, settings, device=cfg.device, precision=cfg.precision)
     gen = CascadeGenerator(cascade, settings={"checkpoints": [checkpoint_digest(p) for p in checkpoints]})
     gen.provenance = {"checkpoints": [str(Path(p).resolve()) for p in checkpoints]}  # not compared on resume
     return gen

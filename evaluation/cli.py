@@ -108,6 +108,8 @@ def fid(
     feature_batch_size: int = typer.Option(64, "--feature-batch-size", help="Images per feature batch."),
     workers: int = typer.Option(0, "--workers", help="DataLoader workers of the feature extraction."),
     device: str = typer.Option("cpu", "--device", help="torch device (cuda uses cuda:LOCAL_RANK under torchrun)."),
+    precision: str = typer.Option("fp32", "--precision", help="Sampling precision of Re-Imagen stages: fp32, or "
+                                  "bf16 / fp16 autocast on a GPU (bf16 also runs on a CPU)."),
     out: Path = typer.Option(Path("runs/fid"), "--out", help="Output folder (rerun to resume; other settings are "
                              "refused)."),
     wait_timeout: float = typer.Option(7 * 24 * 3600.0, "--wait-timeout", help="With several processes: how long "
@@ -121,7 +123,8 @@ def fid(
                       dataset_options=_options(dataset_option), num_prompts=num_prompts, seed=seed, db=db,
                       db_root=db_root, index=None if index is None else str(index), retriever=retriever, k=k,
                       model=model, sr_model=sr_model, guidance_64=guidance_64, guidance_sr=guidance_sr, steps=steps,
-                      sr_steps=sr_steps, sampler=sampler, batch_size=batch_size, device=device, backend=backend,
+                      sr_steps=sr_steps, sampler=sampler, batch_size=batch_size, device=device, precision=precision,
+                      backend=backend,
                       mode=mode, feature_extractor=feature_extractor,
                       inception_weights=None if inception_weights is None else str(inception_weights),
                       resolution=resolution, kid=kid, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,

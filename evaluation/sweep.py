@@ -72,6 +72,9 @@ class FidSweep:
         self.rank, self.world = shard_from_env()
         if c.k < 1:
             raise ValueError(f"--k must be >= 1, got {c.k}")
+        from reimagen.precision import check_precision
+
+        check_precision(c.precision, c.device)
         self.resolution = int(c.resolution) if c.resolution is not None else default_resolution(c.dataset)
         if self.resolution < 16:
             raise ValueError(f"--resolution must be >= 16, got {self.resolution}")
@@ -453,7 +456,8 @@ class FidSweep:
         sr_settings = SamplerSettings(steps=c.sr_steps or c.steps, sampler=c.sampler, aug_level=c.sr_aug_level)
         for w in self.grid_64:
             base = self.out / "base" / f"w64_{fmt_w(w)}"
-            stage = Stage(self.base_model, JointGuidance(w=w, use_neighbours=use_db), base_settings)
+            stage = Stage(self.base_model, JointGuidance(w=w, use_neighbours=use_db), base_settings,
+                          precision=c.precision)
             gen = CascadeGenerator(Cascade([stage], self.base_encoder))
             self.log(f"base stage w64={fmt_w(w)}: generating")
             generate_run(gen, self.jobs, base, c.seed, base_nbrs, c.batch_size, common, shard, c.progress)
@@ -462,7 +466,7 @@ class FidSweep:
             for v in self.grid_sr:
                 p = self.out / "images" / f"w64_{fmt_w(w)}__wsr_{fmt_w(v)}"
                 sr_gen = SuperResolutionGenerator(self.sr, self.sr_encoder, JointGuidance(w=v, use_neighbours=use_db),
-                                                  sr_settings, base, f"base/w64_{fmt_w(w)}")
+                                                  sr_settings, base, f"base/w64_{fmt_w(w)}", precision=c.precision)
                 self.log(f"SR stage w64={fmt_w(w)} wsr={fmt_w(v)}: generating from the cached base images")
                 generate_run(sr_gen, self.jobs, p, c.seed, sr_nbrs, c.batch_size, common, shard, c.progress)
 

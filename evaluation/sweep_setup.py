@@ -43,6 +43,7 @@ class SweepConfig:
     sr_aug_level: float = 0.0                 # SR noise-conditioning augmentation at sampling
     batch_size: int = 16                      # images per generation batch
     device: str = "cpu"
+    precision: str = "fp32"                   # fp32 | bf16 | fp16 autocast of the Re-Imagen stages (GPU)
     backend: str = "clean-fid"                # clean-fid | torch-fidelity
     mode: str = "clean"                       # clean-fid mode: clean | legacy_tensorflow
     feature_extractor: str = "inception"
@@ -152,8 +153,10 @@ class SuperResolutionGenerator(ImageGenerator):
     (within 1/255 of the float one), and it encodes text with the SR checkpoint's own text encoder (``Cascade``
     shares the base stage's; they are the same for the frozen T5 / MiniLM encoders)."""
 
-    def __init__(self, model, text_encoder, guidance, settings, base: Path, base_name: str, stage_index: int = 1):
+    def __init__(self, model, text_encoder, guidance, settings, base: Path, base_name: str, stage_index: int = 1,
+                 precision: str = "fp32"):
         self.model, self.text_encoder, self.guidance, self.settings = model, text_encoder, guidance, settings
+        self.precision = precision
         self.base, self.base_name, self.stage_index = Path(base), base_name, stage_index
         self.uses_neighbours = bool(guidance.needs_neighbours)
 
@@ -178,7 +181,7 @@ class SuperResolutionGenerator(ImageGenerator):
         nt = (self.text_encoder.encode([t for row in neighbours.texts for t in row])
               if neighbours is not None and self.uses_neighbours else None)
         stage = Stage(self.model, self.guidance, self.settings,
-                      name=f"sr {self.model.cfg.lowres_size}->{self.model.cfg.image_size}")
+                      name=f"sr {self.model.cfg.lowres_size}->{self.model.cfg.image_size}", precision=self.precision)
         x = run_stage(stage, text, neighbours if nt is not None else None, nt, seed,
                       [j.prompt_id for j in jobs], [j.sample_index for j in jobs], self.stage_index, lowres=low)
         return ((x + 1) / 2).clamp(0, 1).cpu()
@@ -186,5 +189,6 @@ class SuperResolutionGenerator(ImageGenerator):
     def describe(self) -> dict[str, Any]:
         return {"generator": "reimagen-sr-from-base", "base": self.base_name, "stage_index": self.stage_index,
                 "stage": {"guidance": repr(self.guidance), "settings": repr(self.settings),
-                          "config": self.model.cfg.to_dict()},
+                          "config": self.model.cfg.to_dict(), **({} if self.precision == "fp32" else
+                                                                 {"precision": self.precision})},
                 "text_encoder": self.text_encoder.spec()}

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .guidance import GuidanceStrategy, JointGuidance
+from .precision import autocast, check_precision
 from .sampling import SamplerSettings, make_generators, sample_stage
 from .text import TextEncoder, TextEncoding
 from .unet import ReImagenUNet
@@ -131,14 +132,17 @@ def to_uint8(images: Tensor) -> np.ndarray:
 
 @dataclass
 class Stage:
-    """One cascade stage: a network, its guidance and its sampler settings."""
+    """One cascade stage: a network, its guidance, its sampler settings and its precision (fp32, or bf16 / fp16
+    autocast on a GPU)."""
 
     model: ReImagenUNet
     guidance: GuidanceStrategy = field(default_factory=lambda: JointGuidance(w=1.0))
     settings: SamplerSettings = field(default_factory=SamplerSettings)
     name: str = ""
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision, next(self.model.parameters()).device)
         if not self.name:
             c = self.model.cfg
             self.name = f"{c.lowres_size}->{c.image_size}" if c.is_super_resolution else f"{c.image_size}x{c.image_size}"
@@ -172,13 +176,14 @@ class Cascade:
     @classmethod
     def from_checkpoints(cls, checkpoints: Sequence[str | Path], guidance: Sequence[GuidanceStrategy],
                          settings: Sequence[SamplerSettings], device: str | torch.device = "cpu",
-                         ema: bool = True) -> "Cascade":
+                         ema: bool = True, precision: str = "fp32") -> "Cascade":
         """The cascade of trained stage checkpoints (base first; folders written by ``reimagen.train``) with one
         guidance and one sampler setting per stage, sharing the base stage's text encoder. A stage without
         neighbour attention samples its joint guidance text-only; interleaved or weighted guidance needs
         neighbour attention (refused, naming the checkpoint)."""
         from .checkpoint import load_stage
 
+        check_precision(precision, device)
         if not checkpoints:
             raise ValueError("no stage checkpoints: give the base stage first, then each super-resolution stage")
         if len(guidance) != len(checkpoints) or len(settings) != len(checkpoints):
@@ -192,7 +197,7 @@ class Cascade:
                     raise ValueError(f"{path} has no neighbour attention: {type(g).__name__} needs it; sample "
                                      "it without retrieval")
                 g = JointGuidance(w=g.w, use_neighbours=False)
-            stages.append(Stage(model, g, st))
+            stages.append(Stage(model, g, st, precision=precision))
         return cls(stages, loaded[0][1])
 
     def without_retrieval(self) -> "Cascade":
@@ -201,7 +206,7 @@ class Cascade:
         stages = []
         for st in self.stages:
             w = st.guidance.w if isinstance(st.guidance, JointGuidance) else st.guidance.w_p  # type: ignore[attr-defined]
-            stages.append(Stage(st.model, JointGuidance(w=w, use_neighbours=False), st.settings, st.name))
+            stages.append(Stage(st.model, JointGuidance(w=w, use_neighbours=False), st.settings, st.name, st.precision))
         return Cascade(stages, self.text_encoder)
 
     @property
@@ -300,17 +305,18 @@ def run_stage(stage: Stage, text: TextEncoding, neighbours: Neighbours | None, n
     was_training = model.training
     model.eval()
     try:
-        tc = model.project_text(text.embeddings.to(device), text.mask.to(device))
-        memory = None
-        if neighbours is not None and model.neighbour_attn is not None and stage.guidance.needs_neighbours:
-            if neighbour_text is None:
-                raise ValueError("neighbours were given without their texts")
-            ntc = model.project_text(neighbour_text.embeddings.to(device), neighbour_text.mask.to(device))
-            valid = None if neighbours.mask is None else neighbours.mask.to(device)
-            memory = model.encode_neighbours(neighbours.at_size(model.cfg.image_size).to(device), ntc, valid)
-        return sample_stage(model, tc, memory, stage.guidance, stage.settings,
-                            make_generators(seed, prompt_ids, sample_indices, stage_index, "noise", device),
-                            make_generators(seed, prompt_ids, sample_indices, stage_index, "guidance", device),
-                            lowres=lowres, stage_name=stage.name, callback=callback, init=init)
+        with autocast(stage.precision, device):
+            tc = model.project_text(text.embeddings.to(device), text.mask.to(device))
+            memory = None
+            if neighbours is not None and model.neighbour_attn is not None and stage.guidance.needs_neighbours:
+                if neighbour_text is None:
+                    raise ValueError("neighbours were given without their texts")
+                ntc = model.project_text(neighbour_text.embeddings.to(device), neighbour_text.mask.to(device))
+                valid = None if neighbours.mask is None else neighbours.mask.to(device)
+                memory = model.encode_neighbours(neighbours.at_size(model.cfg.image_size).to(device), ntc, valid)
+            return sample_stage(model, tc, memory, stage.guidance, stage.settings,
+                                make_generators(seed, prompt_ids, sample_indices, stage_index, "noise", device),
+                                make_generators(seed, prompt_ids, sample_indices, stage_index, "guidance", device),
+                                lowres=lowres, stage_name=stage.name, callback=callback, init=init)
     finally:
         model.train(was_training)

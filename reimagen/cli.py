@@ -109,6 +109,9 @@ def train(
 
     if (triples is None) == (shards is None):
         raise typer.BadParameter("give exactly one of --triples (a table, in RAM) and --shards (streamed)")
+    from .distributed import shard_from_env
+
+    shard_from_env()  # a half-set launcher environment is refused before anything is loaded
     tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, optimizer=optimizer,
                      ema_decay=ema_decay, ema_warmup=ema_warmup, grad_clip=grad_clip, p_drop_text=p_drop_text,
                      p_drop_neighbours=p_drop_neighbours, max_aug_level=max_aug_level, min_snr_gamma=min_snr_gamma,
@@ -255,6 +258,7 @@ def sample(
                                                  "and the index as a pipeline folder here (for --pipeline or "
                                                  "ReImagenPipeline.from_pretrained)."),
     device: str = typer.Option("cpu", help="torch device."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16 / fp16 autocast on a GPU (bf16 also runs on a CPU)."),
 ) -> None:
     """Sample a cascade: prompts -> neighbours retrieved from an index (or hand-picked, or none) -> images, with
     the neighbours of every prompt and a contact sheet per prompt in the run folder."""
@@ -273,6 +277,9 @@ def sample(
                          "--no-retrieval")
     if bool(checkpoint) == (pipeline is not None):
         raise ValueError("give the cascade as --checkpoint (repeat, base first) or as --pipeline FOLDER")
+    from .precision import check_precision
+
+    check_precision(precision, device)
     if len(neighbour_image) != len(neighbour_text):
         raise ValueError(f"{len(neighbour_image)} neighbour images but {len(neighbour_text)} neighbour texts")
     shard_from_env()
@@ -294,9 +301,9 @@ def sample(
 
     # 2. The pipeline: the cascade, and the retriever with its knowledge base.
     if pipeline is not None:
-        pipe = ReImagenPipeline.from_pretrained(folder, device=device, knowledge_base=kb)
+        pipe = ReImagenPipeline.from_pretrained(folder, device=device, knowledge_base=kb, precision=precision)
     else:
-        pipe = _pipeline_of(stage_dirs, base_g, sr_g, steps, sr_steps, sampler.value, index, kb, k, device)
+        pipe = _pipeline_of(stage_dirs, base_g, sr_g, steps, sr_steps, sampler.value, index, kb, k, device, precision)
     reads_neighbours = pipe.cascade.stages[0].guidance.needs_neighbours  # (a text-only cascade: never)
     retrieve = pipe.retriever is not None and not no_retrieval and not picked and reads_neighbours
     cascade = pipe.cascade if (retrieve or picked) and reads_neighbours else pipe.cascade.without_retrieval()
@@ -329,7 +336,7 @@ def _neighbour_rows(pipe, ids, queries, k, picked, retrieve):
     return rows, lambda batch: one.index([0] * len(batch))
 
 
-def _pipeline_of(stage_dirs, base_g, sr_g, steps, sr_steps, sampler, index, kb, k, device):
+def _pipeline_of(stage_dirs, base_g, sr_g, steps, sr_steps, sampler, index, kb, k, device, precision):
     """The pipeline of --checkpoint / --index / --kb; the index and its knowledge base are opened (and refused
     when missing) before the stages are loaded."""
     from .cascade import Cascade
@@ -349,7 +356,7 @@ def _pipeline_of(stage_dirs, base_g, sr_g, steps, sr_steps, sampler, index, kb, 
     base = SamplerSettings(steps=steps, sampler=sampler)
     sr = SamplerSettings(steps=sr_steps or steps, sampler=sampler)
     cascade = Cascade.from_checkpoints(stage_dirs, [base_g] + [sr_g] * (len(stage_dirs) - 1),
-                                       [base] + [sr] * (len(stage_dirs) - 1), device=device)
+                                       [base] + [sr] * (len(stage_dirs) - 1), device=device, precision=precision)
     return ReImagenPipeline(cascade, retriever, knowledge, spec)
 
 

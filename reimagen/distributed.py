@@ -55,24 +55,19 @@ class DistContext:
         if self.active:
             dist.barrier()
 
+    def _sum(self, value: float | int, dtype: torch.dtype) -> float | int:
+        t = torch.tensor([value], dtype=dtype)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        return t.item()
+
     def mean(self, value: float) -> float:
         """The mean of a float over the ranks (every rank gets it)."""
-        if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-        return float(t.item()) / self.world_size
+        return value if not self.active else float(self._sum(value, torch.float64)) / self.world_size
 
     def sum_int(self, value: int) -> int:
-        if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-        return int(t.item())
+        return value if not self.active else int(self._sum(value, torch.int64))
 
 
 def init_distributed(device: str, environ: Mapping[str, str] | None = None) -> tuple[DistContext, torch.device]:

@@ -67,6 +67,11 @@ class ImageGenerator(abc.ABC):
         return {"generator": type(self).__name__}
 
 
+def _precision(precision: str) -> dict[str, str]:
+    """{"precision": ...} unless fp32, so that run folders made before the option existed still resume."""
+    return {} if precision == "fp32" else {"precision": precision}
+
+
 class CascadeGenerator(ImageGenerator):
     """A Re-Imagen cascade (``reimagen.Cascade``); image = f(prompt id, sample index, seed)."""
 
@@ -82,7 +87,7 @@ class CascadeGenerator(ImageGenerator):
 
     def describe(self) -> dict[str, Any]:
         stages = [{"name": st.name, "guidance": repr(st.guidance), "settings": repr(st.settings),
-                   "config": st.model.cfg.to_dict()} for st in self.cascade.stages]
+                   "config": st.model.cfg.to_dict(), **_precision(st.precision)} for st in self.cascade.stages]
         return {"generator": "cascade", "stages": stages, "text_encoder": self.cascade.text_encoder.spec(),
                 **self.settings}
 

@@ -152,9 +152,10 @@ class ReImagenPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        knowledge_base: str | None = None) -> "ReImagenPipeline":
+                        knowledge_base: str | None = None, precision: str = "fp32") -> "ReImagenPipeline":
         """Load a pipeline folder, or download one from the Hugging Face Hub (``owner/name``) when online.
-        ``knowledge_base`` overrides the folder's knowledge-base spec."""
+        ``knowledge_base`` overrides the folder's knowledge-base spec; ``precision``: fp32, or bf16 / fp16
+        autocast (``reimagen.precision``)."""
         folder = pipeline_folder(path)
         meta = read_pipeline_json(folder)
         guidance = [guidance_from_dict(s["guidance"]) for s in meta["stages"]]
@@ -168,7 +169,7 @@ class ReImagenPipeline:
             kb, spec = index_knowledge_base(spec, index, folder)
             retriever = load_retriever(index)
         cascade = Cascade.from_checkpoints([folder / s["path"] for s in meta["stages"]], guidance, settings,
-                                           device=device)
+                                           device=device, precision=precision)
         return cls(cascade, retriever, kb, spec)
 
 

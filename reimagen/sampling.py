@@ -98,7 +98,8 @@ def guided_eps(model: ReImagenUNet, x: Tensor, t: Tensor, log_snr_t: Tensor, tex
         drop_nbr = torch.ones_like(drop_nbr)
     x_in = x.repeat(nb, 1, 1, 1)
     with torch.no_grad():
-        pred = model(x_in, t.repeat(nb), text, neighbours, drop_text, drop_nbr, lowres, aug_t, source=source)
+        # .float(): under bf16 / fp16 autocast the sampler's arithmetic stays in fp32
+        pred = model(x_in, t.repeat(nb), text, neighbours, drop_text, drop_nbr, lowres, aug_t, source=source).float()
     eps_branches = to_eps(pred, x_in, log_snr_t.repeat(nb), model.cfg.prediction).reshape(nb, b, *x.shape[1:])
     return guidance.combine(eps_branches, codes)
 

@@ -35,13 +35,13 @@ from .config import UNetConfig
 from .data import TripleData
 from .diffusion import diffusion_loss, get_schedule, min_snr_weight, q_sample
 from .distributed import init_distributed, shardable_blocks, wrap_model
+from .precision import PRECISIONS, autocast
 from .loader import MemorySamples, Randomness, ShardSamples, Slicing, StreamOrder, make_loader
 from .sampling import sample_seed
 from .text import TextEncoder, TextEncoding
 from .unet import ReImagenUNet
 
 Tensor = torch.Tensor
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -272,13 +272,13 @@ class Trainer:
         self.model.train()
         if self.trainable_text:
             self.text_encoder.train()  # type: ignore[union-attr]
-        dtype, a = PRECISIONS[self.cfg.precision], self.cfg.grad_accum
+        a = self.cfg.grad_accum
         total = 0.0
         for m in range(a):
             batch = next(self._batches)
             self.skipped["unreadable samples"] += len(batch["skipped"])
             with self._sync(m == a - 1):
-                with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                with autocast(self.cfg.precision, self.device):
                     loss = self.loss_fn(batch)
                 if not torch.isfinite(loss) and self.scaler is None:
                     raise FloatingPointError(f"non-finite loss at step {self.step}; lower the learning rate")

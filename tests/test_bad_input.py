@@ -46,6 +46,8 @@ def inputs(tmp_path_factory):
     (root / "no-text.csv").write_text("id,colour\nq0,red\n")
     pd.DataFrame([{"id": f"p{i}", "text": t, "image": f"im{i}.png", "neighbor_ids": [f"p{(i + 1) % 8}"]}
                   for i, t in enumerate(texts)]).to_parquet(root / "triples.parquet")
+    pd.DataFrame([{"id": f"p{i}", "text": t, "image": f"im{i}.png", "neighbor_ids": ["nobody" if i == 3 else "p0"]}
+                  for i, t in enumerate(texts)]).to_parquet(root / "bad-triples.parquet")
     enc = TinyTextEncoder(dim=32, seed=0).eval()
     ckpt = save_checkpoint(root / "ckpt", randomize(make_model("tiny-16")), enc)
     damaged = root / "damaged"
@@ -64,7 +66,8 @@ def inputs(tmp_path_factory):
     (bad_refs / f"{chosen[0].id}.png").write_bytes(CORRUPT)
     return {"root": root, "kb": kb, "idx": root / "idx", "triples": root / "triples.parquet", "ckpt": ckpt,
             "damaged": damaged, "coco": write_coco(root / "coco"), "refs": refs, "bad_refs": bad_refs,
-            "img": root / "im0.png", "corrupt": root / "corrupt.png"}
+            "img": root / "im0.png", "corrupt": root / "corrupt.png",
+            "bad_triples": root / "bad-triples.parquet"}
 
 
 def _fid(i, *extra):
@@ -115,12 +118,25 @@ CASES = [
     ("train-missing-table", lambda i: _train(i, "--triples", i["root"] / f"{M}.parquet"), [M, "does not exist"], None),
     ("train-unknown-preset", lambda i: _train(i, "--preset", "nope"), ["nope"], None),
     ("train-negative-gamma", lambda i: _train(i, "--min-snr-gamma", "-1"), ["--min-snr-gamma"], None),
+    ("train-two-sources", lambda i: _train(i, "--shards", i["root"]), ["exactly one of --triples"], None),
+    ("train-unfinished-shards", lambda i: ["train", "--shards", i["root"] / M, "--preset", "tiny-16"],
+     [M, "no manifest.json"], None),
+    ("train-unknown-precision", lambda i: _train(i, "--precision", "fp8"), ["precision must be one of"], None),
+    ("train-batch-not-divisible", lambda i: _train(i, "--batch-size", "3", "--grad-accum", "2"),
+     ["batch size 3 is not divisible"], None),
+    ("train-half-set-launcher", lambda i: _train(i), ["WORLD_SIZE=2 is set but RANK is not"], {"WORLD_SIZE": "2"}),
+    ("shards-missing-table", lambda i: ["shards", "--triples", i["root"] / f"{M}.parquet"], [M, "does not exist"], None),
+    ("shards-bad-neighbours", lambda i: ["shards", "--triples", i["bad_triples"]], ["1 neighbour ids", "not ids"],
+     None),
     ("sample-missing-checkpoint", lambda i: _sample(i, "--checkpoint", i["root"] / M), [M, "config.json"], None),
     ("sample-damaged-checkpoint", lambda i: _sample(i, "--checkpoint", i["damaged"]),
      ["ema.safetensors", "damaged"], None),
     ("sample-corrupt-neighbour", lambda i: _sample(i, neighbour="corrupt"),
      ["corrupt.png", "cannot decode"], None),
     ("sample-eta", lambda i: _sample(i, "--eta", "2"), ["eta must be in [0, 1]"], None),
+    ("sample-fp16-on-cpu", lambda i: _sample(i, "--precision", "fp16"), ["fp16 sampling needs a GPU"], None),
+    ("entitydraw-fp16-on-cpu", lambda i: _draw(i, "--precision", "fp16"), ["fp16 sampling needs a GPU"], None),
+    ("fid-unknown-precision", lambda i: _fid(i, "--precision", "fp8"), ["precision must be one of"], None),
     ("sample-half-set-launcher", lambda i: _sample(i), ["RANK=1 is set but WORLD_SIZE is not"], {"RANK": "1"}),
     ("sample-index-without-kb", lambda i: _sample(i, neighbour=None, index="idx-gone"),
      ["knowledge base of index", "gone.parquet", "was not found (looked for"], None),
@@ -160,7 +176,7 @@ def test_bad_input_exits_nonzero_naming_the_problem_and_leaves_nothing(inputs, t
 def test_the_battery_covers_every_command():
     commands = {c[0].split("-")[0] for c in CASES}
     assert len(CASES) >= 20
-    assert commands >= {"fid", "entitydraw", "index", "retrieve", "triples", "train", "sample", "rate"}
+    assert commands >= {"fid", "entitydraw", "index", "retrieve", "triples", "train", "sample", "rate", "shards"}
 
 
 def test_the_inputs_themselves_are_good(inputs, tmp_path):
