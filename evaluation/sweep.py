@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -471,22 +470,10 @@ class FidSweep:
                 generate_run(sr_gen, self.jobs, p, c.seed, sr_nbrs, c.batch_size, common, shard, c.progress)
 
     def _wait_for_images(self) -> None:
-        start, delay, last_log = time.monotonic(), 0.2, -1e9
-        while True:
-            missing = sum(1 for p in self.points for f in self.image_paths(p) if not os.path.isfile(f))
-            if not missing:
-                return
-            if self.world == 1:
-                raise RuntimeError(f"{missing} images are missing after generation")
-            if time.monotonic() - start > self.cfg.wait_timeout:
-                raise RuntimeError(f"{missing} images of the other processes are still missing after "
-                                   f"{self.cfg.wait_timeout:.0f} s; rerun the same command (one process resumes "
-                                   "what is missing)")
-            if time.monotonic() - last_log > 60:
-                self.log(f"rank 0: waiting for {missing} images from the other {self.world - 1} processes")
-                last_log = time.monotonic()
-            time.sleep(delay)
-            delay = min(delay * 1.5, 5.0)
+        from reimagen.distributed import wait_for_others
+
+        wait_for_others(lambda: sum(1 for p in self.points for f in self.image_paths(p) if not os.path.isfile(f)),
+                        "images", self.cfg.wait_timeout, self.world, self.log)
 
     def _metrics(self) -> list[dict[str, Any]]:
         c, ds, b = self.cfg, self.dataset, self.backend

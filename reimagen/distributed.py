@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -145,3 +146,28 @@ def load_full(target: torch.Tensor, full: torch.Tensor) -> None:
         target.copy_(distribute_tensor(full.to(target.dtype), target.device_mesh, target.placements))
     else:
         target.copy_(full.to(target.device, target.dtype))
+
+
+def wait_for_others(missing: Callable[[], int], what: str, timeout: float, world_size: int,
+                    log: Callable[[str], None] | None = None) -> None:
+    """Rank 0 of a file-sharded job (no process group: each rank writes its part, rank 0 combines): poll until
+    ``missing()`` is 0. Nothing missing with one process is an error at once; a timeout says how to resume."""
+    start, delay, last_log = time.monotonic(), 0.2, -1e9
+    while True:
+        n = missing()
+        if not n:
+            return
+        if world_size == 1:
+            raise RuntimeError(f"{n} {what} are missing after this process's work")
+        if time.monotonic() - start > timeout:
+            raise RuntimeError(f"{n} {what} of the other processes are still missing after {timeout:.0f} s; rerun "
+                               "the same command (one process resumes what is missing)")
+        if log is not None and time.monotonic() - last_log > 60:
+            log(f"rank 0: waiting for {n} {what} from the other {world_size - 1} processes")
+            last_log = time.monotonic()
+        time.sleep(delay)
+        delay = min(delay * 1.5, 5.0)
+
+
+__all__ = ["shard_from_env", "DistContext", "init_distributed", "wrap_model", "unwrap", "shardable_blocks",
+           "full_tensors", "load_full", "wait_for_others"]

@@ -194,3 +194,45 @@ def test_explicit_retriever_and_trainer_reads_the_table(tmp_path):
     assert len(data.train_rows) == len(df)
     with pytest.raises(ValueError, match="another collection"):
         build_triples(make_kb(tmp_path, texts[:-1]), tmp_path / "u.parquet", retriever=retriever, progress=False)
+
+
+def test_ranks_share_the_chunks_and_rank_0_writes_the_same_table(tmp_path):
+    texts = zipf_captions(200, seed=5) + ["zebracorn", "okapi giraffe", "okapi w0"]  # drops and a re-query too
+    kb = make_kb(tmp_path, texts)
+    want = pd.read_parquet(build_triples(kb, tmp_path / "one.parquet", k=2, batch_size=40, progress=False))
+    out = tmp_path / "three.parquet"
+    with pytest.raises(RuntimeError, match="still missing"):  # rank 0 alone: the others' chunks never come
+        build_triples(kb, out, k=2, batch_size=40, progress=False, rank=0, world_size=3, wait_timeout=0.5)
+    assert not out.exists()
+    assert sorted(p.name for p in (tmp_path / "three.parquet.parts").glob("chunk-*")) == [
+        "chunk-00000.parquet", "chunk-00003.parquet"]  # rank 0's share: chunks 0 and 3 of 6
+    for r in (2, 1):
+        assert build_triples(kb, out, k=2, batch_size=40, progress=False, rank=r, world_size=3) is None
+    assert sorted(p.name for p in (tmp_path / "three.parquet.parts").glob("chunk-*"))[-1] == "chunk-00005.parquet"
+    assert build_triples(kb, out, k=2, batch_size=40, progress=False, rank=0, world_size=3) == out
+    pd.testing.assert_frame_equal(pd.read_parquet(out), want)
+    assert triples_report(out).requeried == triples_report(tmp_path / "one.parquet").requeried >= 1
+    with pytest.raises(ValueError, match="--no-resume with several processes"):
+        build_triples(kb, tmp_path / "x.parquet", k=2, resume=False, progress=False, rank=0, world_size=2)
+
+
+def test_two_launched_processes_build_the_table_together(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    texts = zipf_captions(120, seed=6)
+    pd.DataFrame({"id": [f"p{i}" for i in range(120)], "text": texts,
+                  "image": [f"img/{i}.png" for i in range(120)]}).to_parquet(tmp_path / "kb.parquet")
+    cmd = [sys.executable, "-m", "reimagen_eval.cli", "triples", "--kb", str(tmp_path / "kb.parquet"), "--out",
+           str(tmp_path / "t.parquet"), "--batch-size", "30"]
+    procs = [subprocess.Popen(cmd, env=dict(os.environ, RANK=str(r), WORLD_SIZE="2"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "rank 1: chunks written" in outs[1][1]
+    single = tmp_path / "single.parquet"
+    res = subprocess.run([*cmd[:-5], str(tmp_path / "kb.parquet"), "--out", str(single), "--batch-size", "30"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "t.parquet"), pd.read_parquet(single))

@@ -381,9 +381,15 @@ def triples(
     batch_size: int = typer.Option(1024, "--batch-size", help="Queries per retrieval batch (and per checkpoint)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue a partially written table."),
     threads: int = typer.Option(1, "--threads", min=1, help="Threads scoring the queries (BM25 with numba)."),
+    wait_timeout: float = typer.Option(7 * 24 * 3600.0, "--wait-timeout", help="With several processes: how long "
+                                       "rank 0 waits for the other processes' chunks before it writes the table."),
 ) -> None:
     """Build the KNN-ImageText triples table: every pair with its top-k neighbours from the same collection,
-    excluding itself (Sec. 4; BM25 by default)."""
+    excluding itself (Sec. 4; BM25 by default). Under torchrun (RANK / WORLD_SIZE) each process queries its
+    chunks, rank 0 writes the table: pass a saved --index so that every process memory-maps one index."""
+    from ..distributed import shard_from_env
+
+    rank, world = shard_from_env()
     _check_k(k)
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
@@ -399,8 +405,12 @@ def triples(
     from .triples import build_triples
 
     path = build_triples(knowledge, out, k=k, retriever=retriever, exclude_duplicate_texts=exclude_duplicate_texts,
-                         batch_size=batch_size, resume=resume, progress=True, threads=threads)
-    err_console.print(f"wrote {escape(str(path))}", highlight=False)
+                         batch_size=batch_size, resume=resume, progress=True, threads=threads, rank=rank,
+                         world_size=world, wait_timeout=wait_timeout)
+    if path is None:
+        err_console.print(f"rank {rank}: chunks written; rank 0 writes {escape(str(out))}", highlight=False)
+    else:
+        err_console.print(f"wrote {escape(str(path))}", highlight=False)
 
 
 # ``app.command()(retrieve)`` in reimagen_eval/cli.py registers the functions; wrap them for friendly errors here so

@@ -233,12 +233,18 @@ def _read_chunk(path: Path, lo: int, hi: int):
 # ----------------------------------------------------------------------------------------------
 def build_triples(kb: KnowledgeBase, out: str | Path, k: int = 2, retriever: Retriever | None = None,
                   exclude_duplicate_texts: bool = False, batch_size: int = 1024, resume: bool = True,
-                  progress: bool = True, threads: int = 1) -> Path:
+                  progress: bool = True, threads: int = 1, rank: int = 0, world_size: int = 1,
+                  wait_timeout: float = 7 * 24 * 3600.0) -> Path | None:
     """Write the KNN-ImageText triples table of ``kb`` to ``out`` (parquet; see the module docstring) and
     return its path. ``retriever`` defaults to a ``BM25Retriever`` built on ``kb`` (it must be built on
     ``kb``: its ids are looked up in it). ``resume=False`` discards the parts of an earlier run. The report
     is printed when ``progress`` and stored in the table (``triples_report(out)``). ``threads`` score each
-    chunk's queries in parallel (BM25 with numba); the table does not depend on it."""
+    chunk's queries in parallel (BM25 with numba); the table does not depend on it.
+
+    Several processes (torchrun's RANK / WORLD_SIZE): rank r computes chunks r, r + W, ... (each querying its
+    own, ideally memory-mapped, copy of the index); rank 0 then waits for the others' chunks (up to
+    ``wait_timeout`` seconds), does the fix-up and writes ``out``; the other ranks return None. The table is
+    the same for any number of processes."""
     import pyarrow as pa
 
     if k < 1:
@@ -247,6 +253,9 @@ def build_triples(kb: KnowledgeBase, out: str | Path, k: int = 2, retriever: Ret
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(kb) == 0:
         raise ValueError("the knowledge base is empty")
+    if world_size > 1 and not resume:
+        raise ValueError("--no-resume with several processes would let one delete the others' chunks: delete "
+                         f"{Path(out).name}.parts yourself, then launch again")
     if retriever is not None and getattr(retriever, "ids", None) is not None and list(retriever.ids) != kb.ids:
         raise ValueError("the retriever was built on another collection (its ids differ from the knowledge base's)")
     t0 = time.perf_counter()
@@ -268,28 +277,29 @@ def build_triples(kb: KnowledgeBase, out: str | Path, k: int = 2, retriever: Ret
     n = len(kb)
     n_chunks = (n + batch_size - 1) // batch_size
     report = TriplesReport(pairs=n, k=k, exclude_duplicate_texts=bool(exclude_duplicate_texts), chunks=n_chunks)
-    tables, dropped = [], []
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    chunk_path = [parts / f"chunk-{c:05d}.parquet" for c in range(n_chunks)]
+    bounds = [(c * batch_size, min(n, (c + 1) * batch_size)) for c in range(n_chunks)]
+    mine = [c for c in range(n_chunks) if c % world_size == rank]
+    resumed = _compute_chunks(ctx, mine, chunk_path, bounds, progress, f"triples k={k} (chunks of {batch_size}"
+                              + (f", rank {rank}/{world_size})" if world_size > 1 else ")"))
+    if rank != 0:
+        return None
+    from ..distributed import wait_for_others
 
-    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress) as bar:
-        task = bar.add_task(f"triples k={k} (chunks of {batch_size})", total=n_chunks)
-        for c in range(n_chunks):
-            lo, hi = c * batch_size, min(n, (c + 1) * batch_size)
-            path = parts / f"chunk-{c:05d}.parquet"
-            got = _read_chunk(path, lo, hi) if path.exists() else None
-            if got is not None:
-                report.chunks_resumed += 1
-            else:
-                got = _compute_chunk(ctx, lo, hi)
-                _atomic_write_table(got[0], path)
-            table, stats = got
-            tables.append(table)
-            dropped.extend(stats["dropped"])
-            report.duplicates_excluded += stats["duplicates_excluded"]
-            report.rows_with_duplicates += stats["rows_with_duplicates"]
-            bar.advance(task)
+    wait_for_others(lambda: sum(1 for f in chunk_path if not f.is_file()), "triples chunks", wait_timeout,
+                    world_size, (lambda m: print(m, flush=True)) if progress else None)
+    tables, dropped = [], []
+    for c in range(n_chunks):
+        got = _read_chunk(chunk_path[c], *bounds[c])
+        if got is None:  # damaged: recompute it here
+            got = _compute_chunk(ctx, *bounds[c])
+            _atomic_write_table(got[0], chunk_path[c])
+        table, stats = got
+        tables.append(table)
+        dropped.extend(stats["dropped"])
+        report.duplicates_excluded += stats["duplicates_excluded"]
+        report.rows_with_duplicates += stats["rows_with_duplicates"]
+    report.chunks_resumed = resumed
     report.dropped_too_few = len(dropped)
 
     nbr, scr, banned = _without_dropped(ctx, tables, dropped, report)
@@ -314,6 +324,26 @@ def build_triples(kb: KnowledgeBase, out: str | Path, k: int = 2, retriever: Ret
 
         Console(stderr=True).print(str(report), highlight=False)
     return out
+
+
+def _compute_chunks(ctx: "_Ctx", chunks: list[int], paths: list[Path], bounds: list[tuple[int, int]],
+                    progress: bool, description: str) -> int:
+    """Compute and write the ``chunks`` not already on disk; returns how many were (a damaged one is recomputed
+    when the table is assembled)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    resumed = 0
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress) as bar:
+        task = bar.add_task(description, total=len(chunks))
+        for c in chunks:
+            if paths[c].exists():
+                resumed += 1
+            else:
+                _atomic_write_table(_compute_chunk(ctx, *bounds[c])[0], paths[c])
+            bar.advance(task)
+    return resumed
 
 
 def _without_dropped(ctx: "_Ctx", tables: list, dropped: list[int], report: TriplesReport
