@@ -1,7 +1,9 @@
 """Stage checkpoints: ``<dir>/config.json`` (the stage's configuration, its text encoder's spec, the training
 step and settings), ``model.safetensors``, ``ema.safetensors`` (the weights sampling uses), the trainable tiny
 text encoder's ``text_encoder.safetensors``, and ``trainer_state.pt`` (optimiser, gradient scaler, data
-position; only needed to resume). Written atomically: to ``<dir>.tmp`` first, then swapped in."""
+position; only needed to resume). A checkpoint written under FSDP has no ``model.safetensors`` and no optimiser
+in ``trainer_state.pt``: each rank's shards of them (and of the EMA) are in ``dcp/`` (torch.distributed.checkpoint).
+Written atomically: to ``<dir>.tmp`` first, then swapped in."""
 
 from __future__ import annotations
 
@@ -39,14 +41,17 @@ def save_checkpoint(path: str | Path, model: ReImagenUNet, text_encoder: TextEnc
 
 def write_checkpoint(path: str | Path, unet_cfg: UNetConfig, text_spec: dict[str, Any],
                      weights: dict[str, dict[str, torch.Tensor] | None], train_config: Any = None, step: int = 0,
-                     trainer_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+                     trainer_state: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                     staged: bool = False) -> Path:
     """Write ``config.json``, ``{model,ema,text_encoder}.safetensors`` (the non-None ``weights``) and
     ``trainer_state.pt`` to ``<path>.tmp``, then swap it in: the old checkpoint survives until the new one is
-    complete."""
+    complete. ``staged``: ``<path>.tmp`` was made (by ``staging_dir``'s caller) and already holds files, e.g.
+    the sharded state every rank wrote under FSDP."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    _rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(path)
+    if not staged:
+        _rmtree(tmp)
+        tmp.mkdir(parents=True)
     meta = {"unet": unet_cfg.to_dict(), "text_encoder": text_spec, "step": step,
             "train": asdict(train_config) if train_config is not None else None, **(extra or {})}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -64,6 +69,22 @@ def write_checkpoint(path: str | Path, unet_cfg: UNetConfig, text_spec: dict[str
     else:
         os.replace(tmp, path)
     return path
+
+
+def staging_dir(path: str | Path) -> Path:
+    """Where a checkpoint is written before it is swapped in."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
+def refuse_other_config(path: str | Path, saved: UNetConfig, cfg: UNetConfig, hint: str = "") -> None:
+    """ValueError naming the fields where a checkpoint's stage configuration differs from ``cfg``."""
+    if saved == cfg:
+        return
+    diff = [f.name for f in fields(UNetConfig) if getattr(saved, f.name) != getattr(cfg, f.name)]
+    raise ValueError(f"checkpoint {path} was saved with another stage configuration; differing fields: "
+                     + ", ".join(f"{d} (checkpoint {getattr(saved, d)!r}, model {getattr(cfg, d)!r})" for d in diff)
+                     + (f"; {hint}" if hint else ""))
 
 
 def _rmtree(p: Path) -> None:
@@ -103,12 +124,11 @@ def checkpoint_digest(path: str | Path) -> str:
 def load_weights(model: ReImagenUNet, path: str | Path, ema: bool = True) -> None:
     """Load a checkpoint's weights into ``model``; refuses a checkpoint saved under another config."""
     meta = read_checkpoint_config(path)
-    saved = UNetConfig.from_dict(meta["unet"])
-    if saved != model.cfg:
-        diff = [f.name for f in fields(UNetConfig) if getattr(saved, f.name) != getattr(model.cfg, f.name)]
-        raise ValueError(f"checkpoint {path} was saved with another stage configuration; differing fields: "
-                         + ", ".join(f"{d} (checkpoint {getattr(saved, d)!r}, model {getattr(model.cfg, d)!r})" for d in diff))
+    refuse_other_config(path, UNetConfig.from_dict(meta["unet"]), model.cfg)
     f = Path(path) / ("ema.safetensors" if ema and (Path(path) / "ema.safetensors").exists() else "model.safetensors")
+    if not f.is_file() and (Path(path) / "dcp").is_dir():
+        raise FileNotFoundError(f"{path} is an FSDP checkpoint: its raw weights are sharded in dcp/ (resume training "
+                                "from it); sample its EMA weights (ema.safetensors)")
     model.load_state_dict(read_safetensors(f))
 
 

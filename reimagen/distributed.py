@@ -94,20 +94,24 @@ def init_distributed(device: str, environ: Mapping[str, str] | None = None) -> t
     return DistContext(rank, world, local), dev
 
 
-def wrap_model(module: nn.Module, ctx: DistContext, device: torch.device, fsdp: bool = False) -> nn.Module:
+def wrap_model(module: nn.Module, ctx: DistContext, device: torch.device, fsdp: bool = False,
+               param_dtype: torch.dtype | None = None) -> nn.Module:
     """DDP across the ranks, or FSDP2: each of the U-Net's blocks sharded on its own, then the root (parameters,
-    gradients and optimiser state split over the ranks: the paper-64 stages do not fit one GPU with AdamW)."""
+    gradients and optimiser state split over the ranks: the paper-64 stages do not fit one GPU with AdamW).
+    ``param_dtype`` (bf16 / fp16 training): FSDP gathers the weights in it and reduces gradients in fp32, so
+    that autocast finds them cast already and keeps no full-size low-precision copy for the backward pass."""
     if fsdp:
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         if not dist.is_initialized():
             raise ValueError("--fsdp needs a torchrun launch (a process group); one process has nothing to shard")
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
         for block in shardable_blocks(module):
-            fully_shard(block)
+            fully_shard(block, mp_policy=mp)
             for method in ("attend", "memory"):  # NeighbourAttention is also called through these
                 if hasattr(block, method):
                     register_fsdp_forward_method(block, method)
-        fully_shard(module)
+        fully_shard(module, mp_policy=mp)
         return module
     if not ctx.active:
         return module
@@ -127,14 +131,17 @@ def unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
 
 
-__all__ = ["shard_from_env", "DistContext", "init_distributed", "wrap_model", "unwrap", "shardable_blocks"]
-
-
-def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Unsharded CPU copies (FSDP's DTensors are gathered: a collective, every rank must call it)."""
+def full_tensors(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
+    """Unsharded CPU copies (FSDP's DTensors are gathered: a collective, every rank must call it), kept only where
+    ``keep`` (rank 0): a gathered tensor is dropped at once elsewhere, so other ranks never hold the full set."""
     from torch.distributed.tensor import DTensor
 
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in tensors.items()}
+    out = {}
+    for k, v in tensors.items():
+        full = v.full_tensor() if isinstance(v, DTensor) else v
+        if keep:
+            out[k] = full.detach().cpu()
+    return out
 
 
 @torch.no_grad()

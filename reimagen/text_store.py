@@ -107,6 +107,27 @@ class TextStore:
     def encoder_spec(self) -> dict[str, Any]:
         return self.meta["encoder"]
 
+    def check(self, manifest: dict[str, Any]) -> None:
+        """Refuse a store that does not cover a shard folder: another K, or a shard whose file is missing or holds
+        another number of rows than its samples x (K + 1) (every sample needs its embeddings)."""
+        from safetensors import safe_open
+
+        k = int(manifest["k"])
+        if k != self.k:
+            raise ValueError(f"the text store {self.store} has K = {self.k} neighbour texts per sample, the shards "
+                             f"K = {k}: re-run `reimagen-eval embed-text` on these shards")
+        for sh in manifest["shardlist"]:
+            f = self.store / (Path(sh["url"]).stem + ".safetensors")
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} is missing: the samples of shard {sh['url']} have no text embeddings; "
+                                        "re-run `reimagen-eval embed-text` to finish the store")
+            with safe_open(str(f), "pt") as fh:
+                rows = fh.get_slice("emb").get_shape()[0]
+            if rows != sh["nsamples"] * (k + 1):
+                raise ValueError(f"{f} holds {rows} text rows, but shard {sh['url']} has {sh['nsamples']} samples x "
+                                 f"{k + 1} texts = {sh['nsamples'] * (k + 1)}: some samples have no embedding; "
+                                 "delete the file and re-run `reimagen-eval embed-text`")
+
     def _file(self, shard_url: str):
         from safetensors import safe_open
 

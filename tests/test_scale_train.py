@@ -228,6 +228,52 @@ def test_a_changed_global_batch_is_refused_on_resume(shard_dir, tmp_path):
         other.fit(progress=False)
 
 
+def test_resume_refuses_another_preset_another_k_or_another_encoder(shard_dir, tmp_path):
+    cfg = TrainConfig(steps=1, batch_size=4)
+    Trainer(make_model("tiny-16"), TinyTextEncoder(dim=32), shard_dir, cfg, out_dir=tmp_path).fit(progress=False)
+    before = (tmp_path / "last" / "model.safetensors").read_bytes()
+    two = TrainConfig(steps=2, batch_size=4)
+    other = r"another stage configuration; differing fields: base_channels \(checkpoint 16, model 48\)"
+    with pytest.raises(ValueError, match=other):
+        Trainer(make_model("tiny-16", base_channels=48), TinyTextEncoder(dim=32), shard_dir, two,
+                out_dir=tmp_path).fit(progress=False)
+    with pytest.raises(ValueError, match="trained with the text encoder"):
+        Trainer(make_model("tiny-16"), TinyTextEncoder(dim=32, layers=2), shard_dir, two,
+                out_dir=tmp_path).fit(progress=False)
+    k1 = tmp_path / "k1"
+    write_shards(_table(tmp_path / "data-k1", n=8, k=1), k1, ShardSettings(samples_per_shard=4), progress=False)
+    with pytest.raises(ValueError, match="trained with K = 2 neighbours per sample, the data have K = 1"):
+        Trainer(make_model("tiny-16"), TinyTextEncoder(dim=32), k1, two, out_dir=tmp_path).fit(progress=False)
+    assert (tmp_path / "last" / "model.safetensors").read_bytes() == before  # the checkpoint is untouched
+
+
+def test_a_text_store_that_misses_samples_or_has_another_k_is_refused(shard_dir, tmp_path):
+    import shutil
+
+    from reimagen.text import build_text_encoder
+    from reimagen.text_store import TextStore, embed_shards
+
+    local = tmp_path / "shards"
+    shutil.copytree(shard_dir, local)
+    enc = build_text_encoder({"name": "minilm"})
+    store = embed_shards(local, enc, progress=False)
+    model = lambda: make_model("tiny-16", text_dim=enc.dim)  # noqa: E731
+    f = store / "shard-000001.safetensors"
+    f.rename(f.with_suffix(".bak"))
+    with pytest.raises(FileNotFoundError, match="shard-000001.safetensors is missing"):
+        Trainer(model(), enc.spec(), local, TrainConfig(), text_store=TextStore(store))
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(f.with_suffix(".bak")))
+    save_file({k: v[:-3].contiguous() for k, v in t.items()}, str(f))  # one sample's three rows short
+    with pytest.raises(ValueError, match="holds 21 text rows, but shard shard-000001.tar has 8 samples x 3"):
+        Trainer(model(), enc.spec(), local, TrainConfig(), text_store=TextStore(store))
+    meta = json.loads((store / "store.json").read_text())
+    (store / "store.json").write_text(json.dumps(dict(meta, k=1)))
+    with pytest.raises(ValueError, match="K = 1 neighbour texts per sample, the shards K = 2"):
+        Trainer(model(), enc.spec(), local, TrainConfig(), text_store=TextStore(store))
+
+
 # ----------------------------------------------------------------------------------------------
 # torchrun, gloo, 2 processes
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +296,8 @@ def _run(cmd):
 
 
 def _weights(run):
-    return {f"{f}.{k}": v for f in ("model", "ema", "text_encoder")
+    """The checkpoint's weights by file (an FSDP checkpoint has no model.safetensors: its weights are sharded)."""
+    return {f"{f}.{k}": v for f in ("model", "ema", "text_encoder") if (run / "last" / f"{f}.safetensors").is_file()
             for k, v in load_file(str(run / "last" / f"{f}.safetensors")).items()}
 
 
@@ -292,27 +339,55 @@ def test_a_killed_two_process_run_resumes_to_the_same_bits(shard_dir, runs, tmp_
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # bitwise: same world size
 
 
+@pytest.fixture(scope="module")
+def one_to_8(shard_dir, runs, tmp_path_factory):
+    """The 1-process run continued to 8 steps."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("one8") / "one"
+    shutil.copytree(runs / "one", out)
+    _run(_train_cmd(shard_dir, out, 8))
+    return _weights(out)
+
+
 @pytest.mark.slow
-def test_a_two_process_checkpoint_resumes_on_one_process(shard_dir, runs, tmp_path):
+def test_a_two_process_checkpoint_resumes_on_one_process(shard_dir, runs, one_to_8, tmp_path):
     import shutil
 
     shutil.copytree(runs / "two", tmp_path / "two")
     _run(_train_cmd(shard_dir, tmp_path / "two", 8))         # steps 7, 8 on 1 process
-    shutil.copytree(runs / "one", tmp_path / "one")
-    _run(_train_cmd(shard_dir, tmp_path / "one", 8))
     state = torch.load(tmp_path / "two" / "last" / "trainer_state.pt", weights_only=True)
     assert state["position"] == 64 and state["world_size"] == 1
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], msg=k, **SAME_SAMPLES)
+    b = _weights(tmp_path / "two")
+    for k in one_to_8:
+        torch.testing.assert_close(one_to_8[k], b[k], msg=k, **SAME_SAMPLES)
 
 
 @pytest.mark.slow
-def test_fsdp2_on_two_processes_trains_like_one_process(shard_dir, runs, tmp_path):
-    _run(_train_cmd(shard_dir, tmp_path / "fsdp", 6, nproc=2, extra=["--fsdp", "--grad-accum", "2"]))
-    one, fsdp = _weights(runs / "one"), _weights(tmp_path / "fsdp")
-    for k in one:
+def test_fsdp2_on_two_processes_trains_like_one_process_and_resumes_on_one(shard_dir, runs, one_to_8, tmp_path):
+    out = tmp_path / "fsdp"
+    _run(_train_cmd(shard_dir, out, 6, nproc=2, extra=["--fsdp", "--grad-accum", "2"]))
+    # sharded: each rank wrote its part of the weights, EMA and optimiser; rank 0 the EMA for sampling
+    assert sorted(p.name for p in (out / "last" / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (out / "last" / "model.safetensors").exists()
+    one, fsdp = _weights(runs / "one"), _weights(out)
+    assert fsdp.keys() == {k for k in one if not k.startswith("model.")}
+    for k in fsdp:
         torch.testing.assert_close(one[k], fsdp[k], msg=k, **SAME_SAMPLES)
+    _run(_train_cmd(shard_dir, out, 8))                      # steps 7, 8 on 1 process, without FSDP
+    resumed = _weights(out)
+    for k in one_to_8:
+        torch.testing.assert_close(one_to_8[k], resumed[k], msg=k, **SAME_SAMPLES)
+
+
+@pytest.mark.slow
+def test_fsdp2_trains_in_bf16_with_low_precision_gathers(shard_dir, tmp_path):
+    out = tmp_path / "bf16"
+    _run(_train_cmd(shard_dir, out, 12, nproc=2, extra=["--fsdp", "--precision", "bf16", "--lr", "3e-3"]))
+    losses = [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3])
+    ema = load_file(str(out / "last" / "ema.safetensors"))
+    assert all(v.dtype == torch.float32 for v in ema.values())  # fp32 master weights; bf16 only in the gathers
 
 
 def test_a_launch_environment_without_the_rendezvous_address_is_refused():
