@@ -472,13 +472,15 @@ class ReImagenUNet(nn.Module):
                 raise ValueError(f"batch length mismatch: x_t has {b} rows, {name} has {v.shape[0]}")
         if neighbours is not None and neighbours.k.shape[0] != b:
             raise ValueError(f"batch length mismatch: x_t has {b} rows, neighbours have {neighbours.k.shape[0]}")
-        drop_text = torch.zeros(b, dtype=torch.bool, device=x_t.device) if drop_text is None else drop_text
+        if drop_text is not None:
+            text = self.drop_text(text, drop_text)
+        else:  # (no data-dependent branch: the forward also runs on fake tensors, reimagen.memory)
+            drop_text = torch.zeros(b, dtype=torch.bool, device=x_t.device)
         if drop_neighbours is None:
             drop_neighbours = torch.zeros(b, dtype=torch.bool, device=x_t.device)
         if self.neighbour_attn is not None and neighbours is None and not bool(drop_neighbours.all()):
             raise ValueError("this stage attends to neighbours: pass neighbours=encode_neighbours(...) or set "
                              "drop_neighbours for every row (sampling without retrieval)")
-        text = self.drop_text(text, drop_text)
         x = x_t
         if self.cfg.is_super_resolution:
             if lowres is None or aug_t is None:
