@@ -151,14 +151,26 @@ def square_image(im, size: int, crop: float | None = None) -> np.ndarray:
     return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy (torch.from_numpy)
 
 
-def _to_float(img: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 127.5 - 1.0
+def _chw(img: np.ndarray) -> Tensor:
+    """HWC uint8 -> CHW uint8: images cross to the trainer as bytes (4x less than floats between processes and
+    to the GPU); ``to_unit`` makes them floats in [-1, 1] there."""
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
 
 
-def _decode(data: bytes):
+def to_unit(images: Tensor) -> Tensor:
+    """uint8 images -> float in [-1, 1] (as ``TripleData.images_at``)."""
+    return images.float() / 127.5 - 1.0
+
+
+def _decode(data: bytes, size: int | None = None):
+    """Decode image bytes; a JPEG at least twice ``size`` on its shorter side is decoded at a reduced scale
+    (PIL's ``draft``: libjpeg's DCT scaling, the shorter side still >= ``size``), several times faster for
+    LAION-sized images feeding a 64 px stage."""
     from PIL import Image
 
     im = Image.open(io.BytesIO(data))
+    if size is not None and im.format == "JPEG" and min(im.size) >= 2 * size:
+        im.draft("RGB", (size, size))
     im.load()
     return im
 
@@ -202,14 +214,15 @@ class ShardSamples(Dataset):
         raw = {k.lstrip("."): (v.getvalue() if hasattr(v, "getvalue") else v) for k, v in self._dataset()[index].items()}
         r = self.rnd.draw(position)
         try:
-            image = _decode(raw.get("jpg") or raw.get("png") or raw.get("jpeg") or b"")
-            nbr = [_decode(raw.get(f"nbr{j}.jpg") or raw.get(f"nbr{j}.png") or b"") for j in range(self.k)]
+            s = self.rnd.image_size
+            image = _decode(raw.get("jpg") or raw.get("png") or raw.get("jpeg") or b"", s)
+            nbr = [_decode(raw.get(f"nbr{j}.jpg") or raw.get(f"nbr{j}.png") or b"", s) for j in range(self.k)]
         except Exception as err:  # PIL raises many kinds on damaged bytes: the sample is counted and skipped
             return f"{raw.get('__shard__')}#{raw.get('__key__')}: {type(err).__name__}"
         meta = _json(raw["json"])
-        out = dict(r, position=position, row=int(meta["row"]), x0=_to_float(square_image(image, self.rnd.image_size,
-                                                                   r["crop"] if self.rnd.random_crop else None)),
-                   nimg=torch.stack([_to_float(square_image(x, self.rnd.image_size)) for x in nbr]) if nbr else None)
+        out = dict(r, position=position, row=int(meta["row"]), x0=_chw(square_image(image, self.rnd.image_size,
+                                                                 r["crop"] if self.rnd.random_crop else None)),
+                   nimg=torch.stack([_chw(square_image(x, self.rnd.image_size)) for x in nbr]) if nbr else None)
         if self.text_store is not None:
             out["text_emb"], out["text_len"] = self.text_store.rows(raw["__shard__"], int(raw["__shardindex__"]))
         else:
@@ -243,8 +256,7 @@ class MemorySamples(Dataset):
         row = int(self.data.train_rows[index])
         r = self.rnd.draw(position)
         nrows = self.data.neighbours[row]
-        out = dict(r, position=position, row=row, x0=self.data.images_at(torch.tensor([row]))[0],
-                   nimg=self.data.images_at(nrows) if self.k else None)
+        out = dict(r, position=position, row=row, x0=self.data.images[row], nimg=self.data.images[nrows] if self.k else None)
         rows = torch.cat([torch.tensor([row]), nrows])
         if self.encoding is not None:
             enc = self.encoding.index(rows)
@@ -283,4 +295,4 @@ def make_loader(dataset: Dataset, order: StreamOrder, slicing: Slicing, start_st
 
 
 __all__ = ["StreamOrder", "Slicing", "BatchPlan", "Randomness", "ShardSamples", "MemorySamples", "collate",
-           "make_loader", "square_image"]
+           "make_loader", "square_image", "to_unit"]

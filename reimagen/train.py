@@ -36,7 +36,7 @@ from .data import TripleData
 from .diffusion import diffusion_loss, get_schedule, min_snr_weight, q_sample
 from .distributed import init_distributed, shardable_blocks, wrap_model
 from .precision import PRECISIONS, autocast
-from .loader import MemorySamples, Randomness, ShardSamples, Slicing, StreamOrder, make_loader
+from .loader import MemorySamples, Randomness, ShardSamples, Slicing, StreamOrder, make_loader, to_unit
 from .sampling import sample_seed
 from .text import TextEncoder, TextEncoding
 from .unet import ReImagenUNet
@@ -123,7 +123,7 @@ class StageLoss(nn.Module):
     def forward(self, batch: dict[str, Any]) -> Tensor:
         m, cfg = self.unet, self.cfg
         dev = next(m.parameters()).device
-        x0, t, noise = batch["x0"].to(dev), batch["t"].to(dev), batch["noise"].to(dev)
+        x0, t, noise = to_unit(batch["x0"].to(dev)), batch["t"].to(dev), batch["noise"].to(dev)
         b = x0.shape[0]
         lt = self.log_snr(t)
         x_t = q_sample(x0, lt, noise)  # Eq. 1
@@ -131,7 +131,7 @@ class StageLoss(nn.Module):
         text = m.project_text(own.embeddings, own.mask)
         memory = None
         if m.neighbour_attn is not None:
-            nimg = batch["nimg"].to(dev)  # (B, K, 3, S, S)
+            nimg = to_unit(batch["nimg"].to(dev))  # (B, K, 3, S, S)
             memory = m.encode_neighbours(nimg, m.project_text(nbr.embeddings, nbr.mask))  # type: ignore[union-attr]
         lowres = aug_t = None
         if m.cfg.is_super_resolution:
