@@ -77,6 +77,9 @@ def train(
     min_snr_gamma: float = typer.Option(0.0, min=0.0, help="Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is "
                                         "their default): caps the weight of low-noise steps at gamma. 0 trains "
                                         "with the paper's loss. The logged loss is the weighted one."),
+    min_snr_plus_one: bool = typer.Option(False, help="With --min-snr-gamma and v / x0 prediction: weigh the x0 "
+                                          "error by min(SNR, gamma) + 1, so that the high-noise steps, where the "
+                                          "layout is decided, keep the plain loss's weight instead of ~0."),
     ckpt_every: int = typer.Option(500, min=1, help="Checkpoint every N steps."),
     log_every: int = typer.Option(25, min=1, help="Log the mean loss (over steps and processes) every N steps."),
     keep_last: int = typer.Option(0, min=0, help="Besides OUT/last, keep the N most recent OUT/step-XXXXXXXX "
@@ -115,6 +118,7 @@ def train(
     tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, optimizer=optimizer,
                      ema_decay=ema_decay, ema_warmup=ema_warmup, grad_clip=grad_clip, p_drop_text=p_drop_text,
                      p_drop_neighbours=p_drop_neighbours, max_aug_level=max_aug_level, min_snr_gamma=min_snr_gamma,
+                     min_snr_plus_one=min_snr_plus_one,
                      ckpt_every=ckpt_every, log_every=log_every, keep_last=keep_last, grad_accum=grad_accum, precision=precision,
                      grad_checkpointing=grad_checkpointing, compile=compile, fsdp=fsdp, workers=workers,
                      random_crop=random_crop, seed=seed)

@@ -165,7 +165,7 @@ def diffusion_loss(
     return per_sample.mean()
 
 
-def min_snr_weight(log_snr: Tensor, gamma: float, prediction: Prediction) -> Tensor:
+def min_snr_weight(log_snr: Tensor, gamma: float, prediction: Prediction, plus_one: bool = False) -> Tensor:
     """Min-SNR-gamma loss weights (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy",
     ICCV 2023), per sample, as multipliers of the MSE in the network's own parameterisation.
 
@@ -174,9 +174,19 @@ def min_snr_weight(log_snr: Tensor, gamma: float, prediction: Prediction) -> Ten
     ||x0_hat - x0||^2 = ||eps_hat - eps||^2 / SNR = ||v_hat - v||^2 / (SNR + 1), the multiplier is
     min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v and min(SNR, gamma) for x0.
     (diffusers' ``compute_snr`` needs a discrete scheduler; the schedules here are continuous in t.)
+
+    With v-prediction that multiplier tends to SNR -> 0 at high noise, where the layout (which side, which
+    background) is decided: those steps are hardly trained. ``plus_one`` weighs the x0 terms by
+    min(SNR_t, gamma) + 1 instead, so the v multiplier (min(SNR, gamma) + 1) / (SNR + 1) is 1 at high noise (the
+    plain v loss) and (gamma + 1) / (SNR + 1) at low noise; it is refused for eps, whose multiplier would grow
+    without bound as SNR -> 0.
     """
     snr = torch.exp(log_snr.float())
     capped = torch.clamp(snr, max=gamma)
+    if plus_one:
+        if prediction == "eps":
+            raise ValueError("the +1 Min-SNR weighting needs v or x0 prediction (for eps it grows without bound)")
+        capped = capped + 1.0
     if prediction == "eps":
         return capped / snr
     if prediction == "v":

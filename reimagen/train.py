@@ -60,6 +60,7 @@ class TrainConfig:
     p_drop_neighbours: float = 0.1    # ... and c_n independently with 10%
     max_aug_level: float = 1.0        # SR stages: training augmentation level ~ U[0, max_aug_level]
     min_snr_gamma: float = 0.0        # 0: the paper's loss; > 0: Min-SNR-gamma weighting (diffusion.min_snr_weight)
+    min_snr_plus_one: bool = False    # ... with x0 weight min(SNR, gamma) + 1: high-noise steps keep their weight
     seed: int = 0
     log_every: int = 25
     ckpt_every: int = 500
@@ -82,6 +83,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
         if self.min_snr_gamma < 0:
             raise ValueError(f"min_snr_gamma must be >= 0 (0 disables), got {self.min_snr_gamma}")
+        if self.min_snr_plus_one and not self.min_snr_gamma:
+            raise ValueError("min_snr_plus_one modifies Min-SNR weighting: set min_snr_gamma > 0 too")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_size and grad_accum must be >= 1")
         if self.precision not in PRECISIONS:
@@ -140,7 +143,8 @@ class StageLoss(nn.Module):
             lowres = m.lowres_input(low, aug_t, batch["aug_noise"].to(dev))
         drop_text, drop_nbr = batch["drop_text"].to(dev).bool(), batch["drop_nbr"].to(dev).bool()
         pred = m(x_t, t, text, memory, drop_text, drop_nbr, lowres, aug_t)
-        weight = min_snr_weight(lt, cfg.min_snr_gamma, m.cfg.prediction) if cfg.min_snr_gamma > 0 else None
+        weight = (min_snr_weight(lt, cfg.min_snr_gamma, m.cfg.prediction, cfg.min_snr_plus_one)
+                  if cfg.min_snr_gamma > 0 else None)
         assert pred.shape[0] == b
         # A batch without a dropped text skips null_text; a zero term gives it a zero gradient instead of none, so
         # that DDP needs no unused-parameter search and AdamW treats it alike on 1 or N ranks.

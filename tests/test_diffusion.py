@@ -304,6 +304,28 @@ def test_min_snr_weight_is_min_snr_gamma_in_x0_terms(prediction):
     torch.testing.assert_close(w[-1] / uncapped[-1], 5.0 / lt[-1].exp())  # SNR > gamma: capped
 
 
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_min_snr_plus_one_is_min_snr_gamma_plus_one_in_x0_terms(prediction):
+    """The +1 variant: weighted MSE == (min(SNR, gamma) + 1) * ||x0_hat - x0||^2; for v its multiplier tends to
+    1 (the plain v loss) at high noise, where plain Min-SNR's tends to 0."""
+    from reimagen.diffusion import diffusion_loss, min_snr_weight, to_x0, v_from
+
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(6, 3, 8, 8, generator=g), torch.randn(6, 3, 8, 8, generator=g)
+    lt = torch.linspace(-6, 6, 6)
+    x_t = D.q_sample(x0, lt, noise)
+    target = {"x0": x0, "v": v_from(x0, noise, lt)}[prediction]
+    pred = target + 0.1 * torch.randn(target.shape, generator=g)
+    w = min_snr_weight(lt, 5.0, prediction, plus_one=True)
+    x0_err = ((to_x0(pred, x_t, lt, prediction) - x0) ** 2).flatten(1).mean(1)
+    expected = ((torch.clamp(lt.exp(), max=5.0) + 1) * x0_err).mean()
+    torch.testing.assert_close(diffusion_loss(pred, x0, noise, lt, prediction, w), expected, rtol=1e-4, atol=1e-6)
+    if prediction == "v":
+        assert float(w[0]) > 0.99 and float(min_snr_weight(lt, 5.0, "v")[0]) < 0.01  # SNR 0.0025
+    with pytest.raises(ValueError, match="v or x0"):
+        min_snr_weight(lt, 5.0, "eps", plus_one=True)
+
+
 def test_min_snr_gamma_must_not_be_negative():
     from reimagen.train import TrainConfig
 

@@ -34,6 +34,26 @@ def test_other_seed_other_world():
     assert [e.name for e in a.entities] != [e.name for e in c.entities]
 
 
+def test_object_scale_draws_larger_copies_on_their_side_and_keeps_the_earlier_worlds():
+    from dataclasses import asdict
+
+    from toyworld.world import entity_masks
+
+    old, v3 = World(SMALL), World(WorldSpec(**{**SMALL.__dict__, "object_scale": 1.4}))
+    spec = asdict(old.spec)
+    del spec["object_scale"]  # a world.json written before the field existed
+    assert World(WorldSpec(**spec)).fingerprint() == old.fingerprint() != v3.fingerprint()
+    scenes = old.corpus[:40]
+    m_old, m_v3 = entity_masks(old, scenes, "corpus"), entity_masks(v3, scenes, "corpus")
+    ratio = m_v3.sum((1, 2)) / m_old.sum((1, 2))
+    assert 1.7 < np.median(ratio) < 2.2  # area ~ 1.4^2
+    cols = np.arange(64) + 0.5
+    for s, m in zip(scenes, m_v3):
+        cx = (m.sum(0) * cols).sum() / m.sum()
+        assert (cx < 29) if s.position == "left" else (cx > 35), (s, cx)
+        assert m[:, 0].sum() < 1 and m[:, -1].sum() < 1 and m[0].sum() < 1 and m[-1].sum() < 1  # inside the image
+
+
 def test_looks_distinct_and_captions_never_describe_them():
     w = World()
     looks = [e.look.key() for e in w.entities]

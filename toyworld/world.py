@@ -115,6 +115,10 @@ class WorldSpec:
     zipf_q: float = 10.0  # ... and its offset (flattens the head)
     n_references: int = 3  # reference pairs per entity in the knowledge base
     validation_size: int = 2_000  # held-out scenes for FID
+    # Size of the objects relative to the first worlds' (copies 15-25 px across at 64 px). World v3 draws them
+    # 1.4x larger, so that what tells shapes and patterns apart is 1.5-6 px at the base stage's 32 px rather than
+    # 1-4 (toyworld/README.md); 1.0 gives the earlier worlds byte for byte.
+    object_scale: float = 1.0
 
 
 def _rng(*key: object) -> np.random.Generator:
@@ -274,10 +278,14 @@ class World:
     # -- images ------------------------------------------------------------------------------------
     def render(self, scene: Scene, key: Sequence[object]) -> np.ndarray:
         """A 64x64 HWC uint8 image of ``scene``; ``key`` seeds the jitter (layout, background details)."""
-        return render_scene(self.by_id[scene.entity].look, scene, _rng(self.spec.seed, "render", *key))
+        return render_scene(self.by_id[scene.entity].look, scene, _rng(self.spec.seed, "render", *key),
+                            self.spec.object_scale)
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps(asdict(self.spec), sort_keys=True).encode())
+        spec = asdict(self.spec)
+        if spec["object_scale"] == 1.0:  # (added with world v3: the earlier worlds keep their fingerprints)
+            del spec["object_scale"]
+        h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
         h.update(json.dumps([(e.id, e.name, e.look.key(), e.seen) for e in self.entities]).encode())
         h.update(json.dumps(sorted(self.corpus_counts.items())).encode())
         h.update(json.dumps(self.corpus_captions).encode())
@@ -386,23 +394,28 @@ def _pattern(pattern: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarr
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
-def _layout(scene: Scene, rng: np.random.Generator) -> list[tuple[float, float, float]]:
-    """(cy, cx, r) of each copy, in 64px units: left copies have cx < 26, right ones cx > 38."""
+def _layout(scene: Scene, rng: np.random.Generator, scale: float = 1.0) -> list[tuple[float, float, float]]:
+    """(cy, cx, r) of each copy, in 64px units: left copies have cx < 26, right ones cx > 38 (at ``scale`` 1; larger
+    copies are moved in so that their outer edge stays in the image, and two copies further apart)."""
     side = -1 if scene.position == "left" else 1
-    cx = 32 + side * rng.uniform(11, 16)
+    offset = rng.uniform(11, 16)
     if scene.count == 1:
-        return [(rng.uniform(30, 42), cx, rng.uniform(10, 12.5))]
-    r = rng.uniform(7.5, 8.5)
-    return [(rng.uniform(18, 21), cx + rng.uniform(-2, 2), r), (rng.uniform(43, 47), cx + rng.uniform(-2, 2), r)]
+        cy, r = rng.uniform(30, 42), rng.uniform(10, 12.5) * scale
+        return [(cy, 32 + side * min(offset, max(11.0, 30 - r)), r)]
+    r = rng.uniform(7.5, 8.5) * scale
+    cx = 32 + side * min(offset, max(11.0, 30 - r))
+    spread = 8 * (scale - 1)  # two copies stacked: keep them apart
+    return [(rng.uniform(18, 21) - spread, cx + rng.uniform(-2, 2), r),
+            (rng.uniform(43, 47) + spread / 2, cx + rng.uniform(-2, 2), r)]
 
 
-def _draw(look: Look, scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _draw(look: Look, scene: Scene, rng: np.random.Generator, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """The supersampled float image of a scene and the boolean mask of its objects' silhouettes."""
     img = _background(scene.background, rng)
     mask = np.zeros(_YY.shape, dtype=bool)
     body = np.array(PALETTE[look.body], dtype=np.float32)
     pc = np.array(PALETTE[look.pattern_colour], dtype=np.float32) if look.pattern_colour else body
-    for cy, cx, r in _layout(scene, rng):
+    for cy, cx, r in _layout(scene, rng, scale):
         dy, dx = _YY - cy, _XX - cx
         sil = _silhouette(look.shape, dy, dx, r)
         # a soft shadow under the object, then the object
@@ -420,20 +433,20 @@ def _box_filter(a: np.ndarray) -> np.ndarray:
     return a.reshape(n, SUPERSAMPLE, n, SUPERSAMPLE, *a.shape[2:]).mean(axis=(1, 3))
 
 
-def render_scene(look: Look, scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    return np.clip(np.round(_box_filter(_draw(look, scene, rng)[0])), 0, 255).astype(np.uint8)
+def render_scene(look: Look, scene: Scene, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    return np.clip(np.round(_box_filter(_draw(look, scene, rng, scale)[0])), 0, 255).astype(np.uint8)
 
 
-def render_mask(look: Look, scene: Scene, rng: np.random.Generator) -> np.ndarray:
+def render_mask(look: Look, scene: Scene, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
     """The 64x64 float mask (coverage in [0, 1]) of the objects that ``render_scene`` draws with the same
     ``rng`` state: the entity's pixels, where its look shows (``toyworld.diagnose``)."""
-    return _box_filter(_draw(look, scene, rng)[1].astype(np.float32))
+    return _box_filter(_draw(look, scene, rng, scale)[1].astype(np.float32))
 
 
 def entity_masks(world: World, scenes: Sequence[Scene], key: str) -> np.ndarray:
     """(N, 64, 64) masks of the entities in ``render_many(world, scenes, key)``'s images, image for image."""
-    return np.stack([render_mask(world.by_id[s.entity].look, s, _rng(world.spec.seed, "render", key, i))
-                     for i, s in enumerate(scenes)])
+    return np.stack([render_mask(world.by_id[s.entity].look, s, _rng(world.spec.seed, "render", key, i),
+                                 world.spec.object_scale) for i, s in enumerate(scenes)])
 
 
 def scene_attributes(world: World, scene: Scene) -> dict[str, object]:
@@ -445,7 +458,7 @@ def scene_attributes(world: World, scene: Scene) -> dict[str, object]:
 
 def _render_chunk(args: tuple) -> np.ndarray:
     spec, looks, scenes, key, start = args
-    return np.stack([render_scene(looks[s.entity], s, _rng(spec.seed, "render", key, start + i))
+    return np.stack([render_scene(looks[s.entity], s, _rng(spec.seed, "render", key, start + i), spec.object_scale)
                      for i, s in enumerate(scenes)])
 
 
