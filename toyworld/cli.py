@@ -10,10 +10,15 @@ from rich.console import Console
 
 from reimagen.cliutil import friendly
 from . import WEIGHTS
+from .world import V3_OBJECT_SCALE
 
 console = Console(stderr=True)
 toy_app = typer.Typer(no_args_is_help=True, help="The synthetic long-tail world: build it, train its judge, "
                       "run the paper's measurements on it.")
+
+
+_OBJECT_SCALE = typer.Option(1.0, min=0.5, max=1.6, help=f"Size of the entities: 1.0 is the shipped cascade's world "
+                             f"(copies 15-25 px across at 64 px), {V3_OBJECT_SCALE} world v3 (in training).")
 
 
 @toy_app.command()
@@ -21,12 +26,13 @@ toy_app = typer.Typer(no_args_is_help=True, help="The synthetic long-tail world:
 def build(out: Path = typer.Option(Path("runs/toyworld"), help="Folder for the world's image shards, knowledge "
                                    "bases and KNN-ImageText triples."),
           seed: int = typer.Option(0, help="World seed: the same seed gives the same world, byte for byte."),
-          k: int = typer.Option(2, min=1, help="Neighbours per training pair (text BM25, Sec. 3.2).")) -> None:
+          k: int = typer.Option(2, min=1, help="Neighbours per training pair (text BM25, Sec. 3.2)."),
+          object_scale: float = _OBJECT_SCALE) -> None:
     """Render the world (corpus, references, validation) and build its BM25 KNN-ImageText triples."""
     from .build import build_world_files
     from .world import World, WorldSpec
 
-    paths = build_world_files(World(WorldSpec(seed=seed)), out, k=k)
+    paths = build_world_files(World(WorldSpec(seed=seed, object_scale=object_scale)), out, k=k)
     for name, p in paths.items():
         console.print(f"{name:>10}: {p}")
 
@@ -37,12 +43,14 @@ def judge(out: Path = typer.Option(WEIGHTS / "judge", help="Folder for judge.saf
           seed: int = typer.Option(0, help="World seed."),
           n_train: int = typer.Option(16_000, min=256, help="Fresh training renders."),
           n_test: int = typer.Option(3_000, min=100, help="Fresh test renders (accuracy is reported on these)."),
-          epochs: int = typer.Option(5, min=1, help="Training epochs.")) -> None:
+          epochs: int = typer.Option(5, min=1, help="Training epochs."),
+          object_scale: float = _OBJECT_SCALE) -> None:
     """Train the judge CNN on fresh renders and report its per-attribute accuracy on new ones."""
     from .judge import save_judge, train_judge
     from .world import World, WorldSpec
 
-    j, report = train_judge(World(WorldSpec(seed=seed)), n_train=n_train, n_test=n_test, epochs=epochs)
+    j, report = train_judge(World(WorldSpec(seed=seed, object_scale=object_scale)), n_train=n_train, n_test=n_test,
+                            epochs=epochs)
     save_judge(j, out, report)
     for a, v in report["test_accuracy"].items():
         console.print(f"{a:>15}: {v:.4f}")

@@ -101,6 +101,10 @@ class BenchPrompt:
     text: str
 
 
+#: The object scale of world v3, the shipped cascade's world (``toy build`` builds it by default).
+V3_OBJECT_SCALE = 1.4
+
+
 @dataclass(frozen=True)
 class WorldSpec:
     seed: int = 0
@@ -482,6 +486,6 @@ def render_many(world: World, scenes: Iterable[Scene], key: str, workers: int | 
     return np.concatenate(parts) if parts else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
 
 
-__all__ = ["World", "WorldSpec", "rebuild_world", "BenchPrompt", "Entity", "Look", "Scene", "render_scene", "render_many", "scene_attributes",
+__all__ = ["World", "WorldSpec", "V3_OBJECT_SCALE", "rebuild_world", "BenchPrompt", "Entity", "Look", "Scene", "render_scene", "render_many", "scene_attributes",
            "SHAPES", "BODY_COLOURS", "PATTERNS", "PATTERN_COLOURS", "BACKGROUNDS", "POSITIONS", "COUNTS",
            "LOOK_ATTRIBUTES", "SCENE_ATTRIBUTES", "ATTRIBUTE_CLASSES", "IMAGE_SIZE"]
