@@ -262,9 +262,10 @@ def read_rows(path: str | os.PathLike, rows: Sequence[int]) -> np.ndarray:
     return out
 
 
-def kid_from_files(backend, ref_path: str | os.PathLike, gen_path: str | os.PathLike, subsets: int = 100,
-                   subset_size: int = 1000, seed: int = 0) -> tuple[float, float, int]:
-    """(mean, std, m) of KID over ``subsets`` random subsets of m rows of each file (see the module docstring)."""
+def kid_values(backend, ref_path: str | os.PathLike, gen_path: str | os.PathLike, subsets: int = 100,
+               subset_size: int = 1000, seed: int = 0) -> list[float]:
+    """KID of each of ``subsets`` random subsets of m = min(subset_size, rows) rows of each file (see the module
+    docstring)."""
     n_ref, d1, _ = read_header(ref_path)
     n_gen, d2, _ = read_header(gen_path)
     if d1 != d2:
@@ -279,7 +280,22 @@ def kid_from_files(backend, ref_path: str | os.PathLike, gen_path: str | os.Path
         gi = np.sort(rng.choice(n_gen, m, replace=False))
         # float64 kernels: float32 matrix products depend on the BLAS path (alignment, threads) in the 7th digit
         vals.append(backend.kid(read_rows(ref_path, ri).astype(np.float64), read_rows(gen_path, gi).astype(np.float64)))
-    return float(np.mean(vals)), float(np.std(vals)), m
+    return vals
+
+
+def kid_from_files(backend, ref_path: str | os.PathLike, gen_path: str | os.PathLike, subsets: int = 100,
+                   subset_size: int = 1000, seed: int = 0) -> tuple[float, float, int]:
+    """(mean, std, m) of ``kid_values``."""
+    vals = kid_values(backend, ref_path, gen_path, subsets, subset_size, seed)
+    n_ref, _, _ = read_header(ref_path)
+    n_gen, _, _ = read_header(gen_path)
+    return float(np.mean(vals)), float(np.std(vals)), min(int(subset_size), n_ref, n_gen)
+
+
+def read_all(path: str | os.PathLike) -> np.ndarray:
+    """Every row of a feature file (the bootstrap and CMMD need them in memory: n x d floats)."""
+    n, d, _ = read_header(path)
+    return np.concatenate(list(iter_feature_chunks(path, 4096))) if n else np.zeros((0, d), np.float32)
 
 
 def frechet_distance_scipy(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -382,4 +398,5 @@ def clip_score(encoder, refs: Sequence[str], texts: Sequence[str], resolution: i
 
 __all__ = ["JSON_FORMAT", "file_lock", "items_fingerprint", "stats_cache_dir", "safe_name", "reference_key",
            "read_header", "extract_features", "iter_feature_chunks", "feature_stats", "read_rows", "kid_from_files",
+           "kid_values", "read_all",
            "frechet_distance_scipy", "Stats", "stats_for", "reference_stats", "unreadable_images", "clip_score"]
