@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from . import features as fx
+from .library_extractors import LibraryExtractor
 from .protocol import center_crop_resize, load_rgb
 
 BACKENDS = ("clean-fid", "torch-fidelity")
@@ -279,6 +280,10 @@ class TorchFidelityBackend(Backend):
             except Exception as err:  # noqa: BLE001  (any failure to read the user's file is reported the same way)
                 raise RuntimeError(f"cannot load {path} as {fx.FIDELITY_WEIGHTS.what} ({str(err)[:200]}); "
                                    f"download {fx.FIDELITY_WEIGHTS.url} again") from None
+        elif isinstance(self.extractor, LibraryExtractor):  # torch-fidelity's own DINOv2 / CLIP
+            self.registered_name, self.layer = self.extractor.name, self.extractor.layer
+            self.fe = self.extractor.build()
+            self.weights_path = self.extractor.weights_path()
         else:
             self.registered_name = register_with_fidelity(self.extractor)  # type: ignore[arg-type]
             self.layer = "features"

@@ -91,7 +91,16 @@ def fid(
                                              "cropped and resized to this side (PIL bicubic) before the backend's "
                                              "preprocessing (default: the dataset's; COCO / WikiImages 256, "
                                              "synthetic 64)."),
-    kid: bool = typer.Option(True, "--kid/--no-kid", help="Compute KID alongside FID."),
+    metrics: str = typer.Option("fid,kid", "--metrics", help="Comma-separated: fid, kid (the --feature-extractor's "
+                                "features), fd-dinov2 (DINOv2 ViT-L/14, Stein et al. 2023), cmmd (CLIP ViT-L/14@336 "
+                                "MMD, Jayasumana et al. 2024), clip-fid (CLIP ViT-B/32 FID). Each extractor runs "
+                                "once per image set; its weights are checked before any image is generated."),
+    bootstrap: int = typer.Option(100, "--bootstrap", min=0, help="Bootstrap resamples of the generated images for "
+                                  "every metric's 95% interval (0: no intervals). Each resample of a Frechet "
+                                  "distance costs one weighted covariance and one matrix square root."),
+    weights: list[str] = typer.Option([], "--weights", help="METRIC=PATH: a local OpenAI CLIP TorchScript file for "
+                                      "cmmd (ViT-L-14-336px.pt) or clip-fid (ViT-B-32.pt). Repeatable. "
+                                      "fd-dinov2 loads through the torch.hub cache ($TORCH_HOME/hub)."),
     kid_subsets: int = typer.Option(100, "--kid-subsets", help="KID: random subsets (as clean-fid / torch-fidelity)."),
     kid_subset_size: int = typer.Option(1000, "--kid-subset-size", help="KID: images per subset (at most the "
                                         "number of generated and of reference images)."),
@@ -117,6 +126,7 @@ def fid(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
     """FID / zero-shot FID sweep over guidance weights (Table 1): generate, measure, tabulate, plot."""
+    from .metric_set import parse_metrics, parse_weights
     from .sweep import FidSweep, SweepConfig
 
     cfg = SweepConfig(dataset=dataset, out=str(out), dataset_root=None if dataset_root is None else str(dataset_root),
@@ -127,7 +137,8 @@ def fid(
                       backend=backend,
                       mode=mode, feature_extractor=feature_extractor,
                       inception_weights=None if inception_weights is None else str(inception_weights),
-                      resolution=resolution, kid=kid, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                      resolution=resolution, metrics=parse_metrics(metrics), bootstrap=bootstrap,
+                      metric_weights=parse_weights(weights), kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                       clip_model=clip_model, clip_pretrained=clip_pretrained,
                       stats_cache=None if stats_cache is None else str(stats_cache), label=label,
                       feature_batch_size=feature_batch_size, workers=workers, wait_timeout=wait_timeout,
@@ -141,7 +152,8 @@ def fid(
 
 def _report(sweep, result: dict, out: Path) -> None:
     """Rank 0: the results files (CSV, Markdown with the protocol and the paper's numbers, plot) and a table."""
-    from .results import best_row, write_results
+    from .metric_set import COLUMN, METRICS, TITLE
+    from .results import best_row, measured_metrics, write_results
 
     c, ds = sweep.cfg, sweep.dataset
     protocol = (f"{len(sweep.jobs)} prompts drawn with seed {c.seed} from {ds.name} {ds.split}; reference: all "
@@ -155,24 +167,81 @@ def _report(sweep, result: dict, out: Path) -> None:
         notes.append(f"Feature extractor {sweep.backend.extractor_name()} is not Inception: these numbers do not "
                      "compare with published FIDs.")
     paths = write_results(out, result["rows"], f"{sweep.label} sweep: {ds.name} {ds.split}", notes, protocol,
-                          comparable=sweep.backend.extractor_name() == "inception")
-    table = Table(title=f"{sweep.label}: {ds.name} {ds.split}, db {sweep.db.name}")
-    for col in ("w (64)", "w (SR)", sweep.label, "KID", "n"):
+                          comparable=sweep.backend.extractor_name() == "inception",
+                          manifest=getattr(sweep, "protocol", None))
+    cols = measured_metrics(result["rows"])
+    titles = {COLUMN[m]: TITLE[m] for m in METRICS}
+    table = Table(title=f"{sweep.label}: {ds.name} {ds.split}, db {sweep.db.name} (95% intervals)")
+    for col in ("w (64)", "w (SR)", *(titles[c] for c in cols), "n"):
         table.add_column(col, justify="right")
     best = best_row(result["rows"])
     for r in result["rows"]:
         mark = " *" if r is best else ""
+        cells = [f"{r[c]:.5g}" + (f" [{r[c + '_lo']:.4g}, {r[c + '_hi']:.4g}]" if r.get(c + "_lo") is not None else "")
+                 if r.get(c) is not None else "-" for c in cols]
         table.add_row("-" if r["w_64"] is None else f"{r['w_64']:g}", "-" if r["w_sr"] is None else f"{r['w_sr']:g}",
-                      f"{r['fid']:.4f}{mark}", "-" if r.get("kid") is None else f"{r['kid']:.5f}", str(r["n"]))
+                      *[x + (mark if i == 0 else "") for i, x in enumerate(cells)], str(r["n"]))
     Console().print(table)
     for n in notes:
         err_console.print(f"note: {escape(n)}", highlight=False)
     err_console.print(f"wrote {escape(', '.join(str(p) for p in paths.values()))}", highlight=False)
 
 
+@friendly
+def fid_table(
+    runs: list[Path] = typer.Argument(..., help="Output folders of `reimagen-eval fid` (each with results.csv and "
+                                      "protocol.json), e.g. with and without retrieval."),
+    out: Path = typer.Option(..., "--out", help="Folder for the combined results.csv / results.md."),
+    allow_different: bool = typer.Option(False, "--allow-different", help="Keep runs whose protocols differ "
+                                         "(reference set, preprocessing, images, extractors) in the table, each "
+                                         "row marked, instead of refusing."),
+) -> None:
+    """Combine FID sweeps into one table; runs measured under different protocols are refused (or marked)."""
+    import csv
+    import json
+
+    from .protocol_manifest import compare
+    from .results import COLUMNS
+
+    manifests, rows = [], []
+    for run in runs:
+        if not (run / "protocol.json").is_file() or not (run / "results.csv").is_file():
+            raise FileNotFoundError(f"{run} has no protocol.json / results.csv: not a finished `reimagen-eval fid` "
+                                    "output folder (or one written before protocol manifests existed: rerun it)")
+        manifests.append((str(run), json.loads((run / "protocol.json").read_text())))
+        with open(run / "results.csv") as fh:
+            rows += [dict(r, run=str(run)) for r in csv.DictReader(fh) if r["source"] == "measured"]
+    problems, notes = compare(manifests)
+    if problems and not allow_different:
+        raise ValueError("the runs were measured under different protocols, so their numbers do not compare: "
+                         + " | ".join(problems) + " (pass --allow-different to tabulate them anyway, marked)")
+    base = manifests[0][1]["id"]
+    for r in rows:
+        r["comparable"] = "yes" if r.get("protocol_id") == base else f"NO: protocol {r.get('protocol_id')} != {base}"
+    from reimagen.atomic import write_text
+
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["run", "comparable", *COLUMNS], extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "results.csv", buf.getvalue())
+    lines = ["# Combined FID sweeps", "", *[f"- {x}" for x in problems + notes], "",
+             "| run | comparable | point | FID | KID | FD-DINOv2 | CMMD | CLIP-FID | n |", "|---" * 9 + "|"]
+    for r in rows:
+        vals = [r.get(c) or "-" for c in ("fid", "kid", "fd_dinov2", "cmmd", "clip_fid")]
+        lines.append(f"| {r['run']} | {r['comparable']} | {r['point']} | " + " | ".join(vals) + f" | {r['n']} |")
+    write_text(out / "results.md", "\n".join(lines) + "\n")
+    for x in problems + notes:
+        err_console.print(f"note: {escape(x)}", highlight=False)
+    err_console.print(f"wrote {escape(str(out / 'results.csv'))}, {escape(str(out / 'results.md'))}", highlight=False)
+
+
 # ``python -m evaluation.cli fid ...`` works before (and besides) the reimagen-eval registration.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 app.command()(fid)
+app.command("fid-table")(fid_table)
 
 
 @app.callback()

@@ -16,11 +16,13 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from reimagen.atomic import write_bytes, write_text
+from reimagen.atomic import write_bytes, write_json, write_text
 
-COLUMNS = ("source", "dataset", "split", "model", "db", "retriever", "k", "w_64", "w_sr", "metric", "fid", "kid",
-           "kid_std", "clip_score", "n", "n_ref", "n_ref_unreadable", "backend", "mode", "feature_extractor", "resolution", "point",
-           "best")
+from .metric_set import COLUMN, METRIC_COLUMNS, METRICS, TITLE
+
+COLUMNS = ("source", "dataset", "split", "model", "db", "retriever", "k", "w_64", "w_sr", "metric", *METRIC_COLUMNS,
+           "kid_std", "clip_score", "n", "n_ref", "n_ref_unreadable", "backend", "mode", "feature_extractor", "resolution",
+           "point", "protocol_id", "best")
 PAPER = "reported (paper)"
 
 
@@ -62,10 +64,21 @@ def reported_for(dataset: str, metric: str | None = None) -> list[dict[str, Any]
     return [dict(r) for r in REPORTED if r["dataset"] == dataset and (metric is None or r["metric"] == metric)]
 
 
+def measured_metrics(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The metrics (result columns) some measured row has, in ``METRICS`` order."""
+    have = [r for r in rows if r.get("source", "measured") == "measured"]
+    return [COLUMN[m] for m in METRICS if any(_finite(r.get(COLUMN[m])) for r in have)]
+
+
 def best_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The measured row with the lowest finite FID (Table 1 reports the best guidance weights)."""
-    ok = [r for r in rows if r.get("source", "measured") == "measured" and _finite(r.get("fid"))]
-    return min(ok, key=lambda r: r["fid"]) if ok else None
+    """The measured row with the lowest finite FID (Table 1 reports the best guidance weights), or of the first
+    metric measured when FID was not."""
+    cols = measured_metrics(rows)
+    if not cols:
+        return None
+    key = "fid" if "fid" in cols else cols[0]
+    ok = [r for r in rows if r.get("source", "measured") == "measured" and _finite(r.get(key))]
+    return min(ok, key=lambda r: r[key]) if ok else None
 
 
 def _finite(x: Any) -> bool:
@@ -101,10 +114,18 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _cell(r: dict[str, Any], col: str) -> str:
+    """A value, with its 95% interval when the row has one (``<col>_lo`` / ``<col>_hi``)."""
+    v, lo, hi = r.get(col), r.get(f"{col}_lo"), r.get(f"{col}_hi")
+    if _finite(lo) and _finite(hi):
+        return f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]"
+    return _fmt(v)
+
+
 def _md_table(rows: Sequence[dict[str, Any]], cols: Sequence[str], headers: Sequence[str]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(r, c) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -115,9 +136,13 @@ def to_markdown(rows: Sequence[dict[str, Any]], title: str = "FID sweep", notes:
     parts = [f"# {title}", ""]
     if protocol:
         parts += [protocol, ""]
-    cols = ["dataset", "db", "retriever", "k", "w_64", "w_sr", "metric", "fid", "kid", "clip_score", "n"]
-    heads = ["dataset", "db", "retriever", "k", "w (64)", "w (SR)", "metric", "FID", "KID", "CLIP score", "n"]
-    parts += ["## Sweep", "", _md_table(measured, cols, heads), ""]
+    mcols = measured_metrics(measured)
+    titles = {COLUMN[m]: TITLE[m] for m in METRICS}
+    cols = ["dataset", "db", "retriever", "k", "w_64", "w_sr", "metric", *mcols, "clip_score", "n"]
+    heads = ["dataset", "db", "retriever", "k", "w (64)", "w (SR)", "label", *(titles[c] for c in mcols),
+             "CLIP score", "n"]
+    parts += ["## Sweep", "", "Values with their 95% bootstrap intervals over the generated images in brackets.", "",
+              _md_table(measured, cols, heads), ""]
     if best is not None:
         label = best["metric"]
         side = [{**best, "source": "measured (best of the sweep)"}]
@@ -134,12 +159,13 @@ def to_markdown(rows: Sequence[dict[str, Any]], title: str = "FID sweep", notes:
 
 def plot_fid_vs_guidance(rows: Sequence[dict[str, Any]], path: str | os.PathLike,
                          show_reported: bool = True) -> Path | None:
-    """FID against the 64-stage weight (one line per SR weight) and against the SR weight (one line per
-    64-stage weight); with ``show_reported``, the paper's Re-Imagen value of the same dataset and label as a
-    dashed line (off for feature extractors other than Inception, whose numbers do not compare)."""
-    measured = [r for r in rows if r.get("source") == "measured" and _finite(r.get("fid"))
-                and r.get("w_64") is not None]
-    if not measured:
+    """Each measured metric (a row of panels, with its 95% intervals as error bars) against the 64-stage weight
+    (one line per SR weight) and against the SR weight (one line per 64-stage weight); with ``show_reported``,
+    the paper's Re-Imagen FID of the same dataset and label as a dashed line (off for feature extractors other
+    than Inception, whose numbers do not compare)."""
+    mcols = measured_metrics(rows)
+    measured = [r for r in rows if r.get("source") == "measured" and r.get("w_64") is not None]
+    if not measured or not mcols:
         return None  # e.g. images made elsewhere: no guidance weight to plot against
     import matplotlib
 
@@ -147,35 +173,40 @@ def plot_fid_vs_guidance(rows: Sequence[dict[str, Any]], path: str | os.PathLike
     import matplotlib.pyplot as plt
 
     has_sr = any(r.get("w_sr") is not None for r in measured)
-    fig, axes = plt.subplots(1, 2 if has_sr else 1, figsize=(10 if has_sr else 5.5, 4), squeeze=False)
-    axes = axes[0]
-
-    def series(x_key: str, group_key: str):
-        groups: dict[Any, list[tuple[float, float]]] = {}
-        for r in measured:
-            if r.get(x_key) is not None:
-                groups.setdefault(r.get(group_key), []).append((float(r[x_key]), float(r["fid"])))
-        return groups
-
+    ncol = 2 if has_sr else 1
+    fig, axes = plt.subplots(len(mcols), ncol, figsize=(5 * ncol + 0.5, 3.4 * len(mcols)), squeeze=False)
     label = measured[0]["metric"]
     paper = [r for r in REPORTED if r["dataset"] == measured[0]["dataset"] and r["metric"] == label
              and r["model"].startswith("Re-Imagen (")] if show_reported else []
     specs = [("w_64", "w_sr", "guidance weight, 64 stage", "w (SR)")]
     if has_sr:
         specs.append(("w_sr", "w_64", "guidance weight, super-resolution stage", "w (64)"))
-    for ax, (x_key, g_key, xlabel, glabel) in zip(axes, specs):
-        for g, pts in sorted(series(x_key, g_key).items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    label=f"{glabel} = {g:g}" if g is not None else "measured")
-        for r in paper:
-            ax.axhline(r["fid"], ls="--", lw=1, color="grey", label=f"{r['model']}, {r['db']}: {r['fid']} ({PAPER})")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{label} vs classifier-free guidance weight ({measured[0]['dataset']}, db {measured[0]['db']})",
-                 fontsize=10)
+    titles = {COLUMN[m]: TITLE[m] for m in METRICS}
+    for row, col in zip(axes, mcols):
+        for ax, (x_key, g_key, xlabel, glabel) in zip(row, specs):
+            groups: dict[Any, list[dict[str, Any]]] = {}
+            for r in measured:
+                if r.get(x_key) is not None and _finite(r.get(col)):
+                    groups.setdefault(r.get(g_key), []).append(r)
+            for g, pts in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+                pts.sort(key=lambda r: float(r[x_key]))
+                x, y = [float(r[x_key]) for r in pts], [float(r[col]) for r in pts]
+                err = None
+                if all(_finite(r.get(f"{col}_lo")) and _finite(r.get(f"{col}_hi")) for r in pts):
+                    err = [[max(0.0, v - float(r[f"{col}_lo"])) for v, r in zip(y, pts)],
+                           [max(0.0, float(r[f"{col}_hi"]) - v) for v, r in zip(y, pts)]]
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3,
+                            label=f"{glabel} = {g:g}" if g is not None else "measured")
+            if col == "fid":
+                for r in paper:
+                    ax.axhline(r["fid"], ls="--", lw=1, color="grey",
+                               label=f"{r['model']}, {r['db']}: {r['fid']} ({PAPER})")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"{titles[col]} ({label})" if col == "fid" else titles[col])
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"metrics vs classifier-free guidance weight ({measured[0]['dataset']}, db {measured[0]['db']}; "
+                 "bars: 95% bootstrap intervals)", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -184,17 +215,21 @@ def plot_fid_vs_guidance(rows: Sequence[dict[str, Any]], path: str | os.PathLike
 
 
 def write_results(out: str | os.PathLike, measured: Sequence[dict[str, Any]], title: str, notes: Sequence[str] = (),
-                  protocol: str = "", comparable: bool = True) -> dict[str, Path]:
-    """results.csv, results.md and fid_vs_guidance.png in ``out``, each written atomically."""
+                  protocol: str = "", comparable: bool = True,
+                  manifest: dict[str, Any] | None = None) -> dict[str, Path]:
+    """results.csv, results.md, fid_vs_guidance.png and (given the protocol ``manifest``) protocol.json in
+    ``out``, each written atomically."""
     out = Path(out)
     rows = tidy_rows(measured)
     paths = {"csv": write_text(out / "results.csv", to_csv(rows)),
              "md": write_text(out / "results.md", to_markdown(rows, title, notes, protocol))}
+    if manifest is not None:
+        paths["protocol"] = write_json(out / "protocol.json", manifest, indent=2, sort_keys=True, default=str)
     png = plot_fid_vs_guidance(rows, out / "fid_vs_guidance.png", show_reported=comparable)
     if png is not None:
         paths["png"] = png
     return paths
 
 
-__all__ = ["COLUMNS", "PAPER", "REPORTED", "reported_for", "best_row", "tidy_rows", "to_csv", "to_markdown",
+__all__ = ["COLUMNS", "PAPER", "REPORTED", "reported_for", "best_row", "measured_metrics", "tidy_rows", "to_csv", "to_markdown",
            "plot_fid_vs_guidance", "write_results"]

@@ -32,7 +32,10 @@ from typing import Any, Callable
 from reimagen.atomic import write_json, write_jsonl
 from reimagen.generate import Job, image_name
 
+from . import metric_set as ms
 from . import metrics as mt
+from .metric_set import METRIC_COLUMNS
+from .protocol_manifest import protocol_manifest
 from .datasets import FidDataset, default_resolution, open_dataset
 from .protocol import FID, ZS_FID
 from .sweep_setup import (NAMED_DBS, PAPER_GRID_64, PAPER_GRID_SR, Database, Point,  # noqa: F401  (re-exported)
@@ -84,8 +87,11 @@ class FidSweep:
         if c.label not in ("auto", FID, ZS_FID):
             raise ValueError(f"--label must be auto, {FID} or {ZS_FID}, got {c.label!r}")
         self.retriever_name = self._retriever_name()
-        if c.kid and (c.kid_subsets < 1 or c.kid_subset_size < 2):
+        self.metrics = ms.parse_metrics(c.metrics)
+        if "kid" in self.metrics and (c.kid_subsets < 1 or c.kid_subset_size < 2):
             raise ValueError("--kid-subsets must be >= 1 and --kid-subset-size >= 2")
+        if c.bootstrap < 0:
+            raise ValueError(f"--bootstrap must be >= 0 (0: no intervals), got {c.bootstrap}")
         self.grid_64 = parse_grid(c.guidance_64, "--guidance-64")
         self.grid_sr = parse_grid(c.guidance_sr, "--guidance-sr")
         self.device = c.device
@@ -93,6 +99,8 @@ class FidSweep:
             self.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         self.backend = make_backend(c.backend, resolve_extractor(c.feature_extractor), c.mode, self.device,
                                     c.inception_weights, self.resolution)
+        self.backends = ms.MetricBackends.build(self.backend, self.metrics, dict(c.metric_weights), self.device,
+                                                self.resolution)
         self.stats_dir = mt.stats_cache_dir(c.stats_cache)
 
         # The dataset: prompts and the reference set (names the missing files and where to get them).
@@ -104,6 +112,8 @@ class FidSweep:
         self.jobs = [Job(p.prompt_id, p.text, 0) for p in self.dataset.prompts]
         if len(self.jobs) < 2:
             raise ValueError(f"--num-prompts must be >= 2 for FID statistics, got {len(self.jobs)}")
+        ms.check_sample_sizes(self.metrics, len(self.jobs), len(self.dataset.reference), c.kid_subset_size,
+                              c.bootstrap)
         for j in self.jobs:
             image_name(j.prompt_id, 0)  # prompt ids must be file-name safe
 
@@ -141,7 +151,7 @@ class FidSweep:
 
         # Every argument is checked: now the downloads and model loads (Inception weights fail here, not after
         # hours of sampling).
-        self.backend.load()
+        self.backends.load()
         self.clip_encoder = self._clip_encoder()
         self._load_models()
         self.validated = True
@@ -476,35 +486,32 @@ class FidSweep:
                         "images", self.cfg.wait_timeout, self.world, self.log)
 
     def _metrics(self) -> list[dict[str, Any]]:
-        c, ds, b = self.cfg, self.dataset, self.backend
-        self.log(f"reference statistics: {len(self.reference)} {ds.name} {ds.split} images ({b.key()}; cache "
-                 f"{self.stats_dir})")
-        ref = mt.reference_stats(b, ds.name, ds.split, self.reference, ds.reference_root, self.stats_dir,
-                                 c.feature_batch_size, c.workers, c.progress)
+        c, ds = self.cfg, self.dataset
+        ref = {}
+        for b in [self.backend, *self.backends.extra.values()]:
+            self.log(f"reference statistics: {len(self.reference)} {ds.name} {ds.split} images ({b.key()}; cache "
+                     f"{self.stats_dir})")
+            ref[b.key()] = mt.reference_stats(b, ds.name, ds.split, self.reference, ds.reference_root,
+                                              self.stats_dir, c.feature_batch_size, c.workers, c.progress)
+        self.protocol = protocol_manifest(self, ref)
         texts = [j.prompt for j in self.jobs]
         rows = []
         for p in self.points:
             refs = self.image_paths(p)
             fp = mt.items_fingerprint(refs, with_mtime=True)
-            # one folder per backend and resolution: a rerun at another --resolution measures again
-            folder = self.out / "metrics" / p.name / f"{mt.safe_name(b.key())}__{self.resolution}px"
-            want = {"fingerprint": fp, "reference": str(ref.folder.name), "resolution": self.resolution,
-                    "kid": [c.kid, c.kid_subsets, c.kid_subset_size, c.seed],
+            folder = self.out / "metrics" / p.name
+            want = {"fingerprint": fp, "protocol": self.protocol["id"], "metrics": list(self.metrics),
+                    "kid": [c.kid_subsets, c.kid_subset_size, c.seed], "bootstrap": c.bootstrap,
                     "clip": [c.clip_model, c.clip_pretrained] if self.clip_encoder else None}
             mpath = folder / "metrics.json"
             if mpath.is_file() and json.loads(mpath.read_text()).get("key") == want:
                 m = json.loads(mpath.read_text())["metrics"]
             else:
-                self.log(f"{p.name}: metrics on {len(refs)} images")
-                st = mt.stats_for(b, refs, folder, fp, None, c.feature_batch_size, c.workers, c.progress,
-                                  f"features {p.name}")
-                m = {"fid": b.frechet(st.mu, st.sigma, ref.mu, ref.sigma), "n": st.n, "n_ref": ref.n}
-                if c.kid:
-                    m["kid"], m["kid_std"], m["kid_subset_size"] = mt.kid_from_files(
-                        b, ref.features, st.features, c.kid_subsets, c.kid_subset_size, c.seed)
+                self.log(f"{p.name}: {', '.join(self.metrics)} on {len(refs)} images")
+                m = ms.point_metrics(self.metrics, self.backends, refs, ref, folder, fp, c, c.progress, p.name)
                 if self.clip_encoder is not None:
                     m["clip_score"] = mt.clip_score(self.clip_encoder, refs, texts, self.resolution)
-                write_json(mpath, {"key": want, "metrics": m}, **mt.JSON_FORMAT)
+                write_json(mpath, {"key": want, "metrics": m, "protocol": self.protocol}, **mt.JSON_FORMAT)
             rows.append(self._row(p, m))
         return rows
 
@@ -517,12 +524,13 @@ class FidSweep:
             model = "/".join(Path(c.model).resolve().parts[-2:]) + ("+sr" if self.sr is not None else "")
         return {"dataset": self.dataset.name, "split": self.dataset.split, "model": f"{self.kind}:{model}",
                 "db": self.db.name, "retriever": self.retriever_name if uses_db else "-", "k": c.k if uses_db else 0,
-                "w_64": p.w_64, "w_sr": p.w_sr, "metric": self.label, "fid": m["fid"], "kid": m.get("kid"),
-                "kid_std": m.get("kid_std"), "clip_score": m.get("clip_score"), "n": m["n"], "n_ref": m["n_ref"],
+                "w_64": p.w_64, "w_sr": p.w_sr, "metric": self.label,
+                **{k: m.get(k) for k in METRIC_COLUMNS}, "kid_std": m.get("kid_std"),
+                "clip_score": m.get("clip_score"), "n": m["n"], "n_ref": m["n_ref"],
                 "n_ref_unreadable": len(self.dataset.reference) - len(self.reference),
                 "backend": self.backend.name, "mode": self.backend.mode,
                 "feature_extractor": self.backend.extractor_name(), "resolution": self.resolution,
-                "point": p.name, "source": "measured"}
+                "point": p.name, "source": "measured", "protocol_id": self.protocol["id"]}
 
 
 __all__ = ["SweepConfig", "Point", "Database", "FidSweep", "SuperResolutionGenerator", "parse_grid", "fmt_w",

@@ -49,7 +49,9 @@ class SweepConfig:
     feature_extractor: str = "inception"
     inception_weights: str | None = None
     resolution: int | None = None            # None: the dataset's (COCO / WikiImages 256, synthetic 64)
-    kid: bool = True
+    metrics: Sequence[str] = ("fid", "kid")   # evaluation.metric_set.METRICS
+    bootstrap: int = 100                      # resamples of the 95% intervals (0: none)
+    metric_weights: dict[str, str] = field(default_factory=dict)  # cmmd / clip-fid: local CLIP weights files
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     clip_model: str = "ViT-B-32"

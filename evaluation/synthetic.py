@@ -7,7 +7,7 @@ same protocol, registered as a plugin of :mod:`evaluation.datasets`::
     reimagen-eval fid --dataset synthetic --dataset-root runs/toyworld --db synthetic-train \
         --model runs/toy-train/base/last --sr-model runs/toy-train/sr/last --num-prompts 64 \
         --guidance-64 1.0,3.0 --guidance-sr 1 --steps 25 --sampler ddim \
-        --feature-extractor judge --no-kid --out runs/fid-toy
+        --feature-extractor judge --metrics fid --out runs/fid-toy
 
 * **Prompts**: ``--num-prompts`` (default 500: this runs on a CPU) captions drawn with ``--seed`` from the
   world's held-out validation scenes (``validation.parquet``, ids ``v00000`` ...).

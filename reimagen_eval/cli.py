@@ -3,7 +3,7 @@
     train, sample, presets          the model (reimagen.cli)
     index, retrieve, triples        retrieval (reimagen.retrieval.cli)
     entitydraw, entitydraw-*        EntityDrawBench (entitydrawbench.cli)
-    fid                             the FID sweeps (evaluation.cli)
+    fid, fid-table                  the FID sweeps and their combined tables (evaluation.cli)
     rate ...                        the human evaluation (human_eval.cli)
     toy ...                         the synthetic long-tail world (toyworld.cli)
     demo, toy demo                  the main job on the embedded default (reimagen_eval.demo)
@@ -17,7 +17,7 @@ import typer
 
 import reimagen.cli as model_cli
 from entitydrawbench.cli import COMMANDS as ENTITYDRAW_COMMANDS
-from evaluation.cli import fid
+from evaluation.cli import fid, fid_table
 from human_eval.cli import rate_app
 from reimagen.retrieval.cli import index_app, retrieve, triples
 from toyworld.cli import toy_app
@@ -35,6 +35,7 @@ app.command()(triples)
 for _cmd in ENTITYDRAW_COMMANDS:
     app.command()(_cmd)
 app.command()(fid)
+app.command("fid-table")(fid_table)
 app.add_typer(rate_app, name="rate")
 toy_app.command("demo")(demo)
 app.add_typer(toy_app, name="toy")

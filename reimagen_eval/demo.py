@@ -23,7 +23,7 @@ def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 100, pe
     fid = ["fid", "--dataset", "synthetic", "--dataset-root", f"{o}/world", *model, "--sr-model", f"{w}/sr",
            "--num-prompts", str(fid_prompts), "--guidance-64", "3", "--guidance-sr", "1", "--steps", "25",
            "--sr-steps", "10", "--sampler", "ddim", "--feature-extractor", "judge",
-           "--no-kid"]
+           "--metrics", "fid,kid", "--kid-subset-size", str(min(50, fid_prompts))]
     draw = ["entitydraw", "--world", f"{o}/world", *model, "--model", f"{w}/sr", "--per-split", str(per_split),
             "--samples-per-prompt", str(samples)]
     runs = [f"with-retrieval={o}/entitydraw-retrieval", f"text-only={o}/entitydraw-text-only"]
@@ -44,6 +44,7 @@ def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 100, pe
         [*fid, "--db", "none", "--out", f"{o}/fid-text-only"],
         [*draw, "--k", "2", "--eta", "0.5", "--out", f"{o}/entitydraw-retrieval"],
         [*draw, "--no-retrieval", "--out", f"{o}/entitydraw-text-only"],
+        ["fid-table", f"{o}/fid-retrieval", f"{o}/fid-text-only", "--out", f"{o}/fid-table"],
         ["entitydraw-summary", *runs, "--out", f"{o}/entitydraw-summary"],
         ["rate", "tasks", *runs, "--study", f"{o}/study"],
         ["rate", "simulate", "--study", f"{o}/study", "--world", f"{o}/world"],
@@ -92,7 +93,7 @@ def demo(ctx: typer.Context,
     console.rule("done", style="green")
     console.print(f"main job finished in {time.time() - t0:.0f} s. Results:\n"
                   f"  training trial       {out}/train-shards (log.jsonl, last/)\n"
-                  f"  FID tables/plots     {out}/fid-retrieval, {out}/fid-text-only\n"
+                  f"  FID tables/plots     {out}/fid-retrieval, {out}/fid-text-only, {out}/fid-table (both)\n"
                   f"  EntityDrawBench      {out}/entitydraw-summary.md (.csv, .png)\n"
                   f"  rating report        {out}/rating-report (SIMULATED raters)\n"
                   f"  rate it yourself     reimagen-eval rate serve {out}/entitydraw-retrieval "

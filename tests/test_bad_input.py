@@ -72,7 +72,7 @@ def inputs(tmp_path_factory):
 
 def _fid(i, *extra):
     return ["fid", "--dataset", "coco", "--dataset-root", i["coco"], "--model", i["ckpt"], "--num-prompts", "8",
-            "--stats-cache", i["root"] / "cache", "--no-progress", *extra]
+            "--stats-cache", i["root"] / "cache", "--no-progress", "--metrics", "fid", *extra]
 
 
 def _draw(i, *extra):
@@ -137,6 +137,9 @@ CASES = [
     ("sample-fp16-on-cpu", lambda i: _sample(i, "--precision", "fp16"), ["fp16 sampling needs a GPU"], None),
     ("entitydraw-fp16-on-cpu", lambda i: _draw(i, "--precision", "fp16"), ["fp16 sampling needs a GPU"], None),
     ("fid-unknown-precision", lambda i: _fid(i, "--precision", "fp8"), ["precision must be one of"], None),
+    ("fid-unknown-metric", lambda i: _fid(i, "--metrics", "fid,fvd"), ["unknown metric 'fvd'"], None),
+    ("fid-kid-needs-more-images", lambda i: _fid(i, "--metrics", "fid,kid"), ["--kid-subset-size 1000", "8 generated"],
+     None),
     ("sample-half-set-launcher", lambda i: _sample(i), ["RANK=1 is set but WORLD_SIZE is not"], {"RANK": "1"}),
     ("sample-index-without-kb", lambda i: _sample(i, neighbour=None, index="idx-gone"),
      ["knowledge base of index", "gone.parquet", "was not found (looked for"], None),

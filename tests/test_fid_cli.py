@@ -120,7 +120,8 @@ def world(tmp_path_factory):
 def base_args(world, out, *extra) -> list[str]:
     return ["--dataset", "coco", "--dataset-root", str(world["coco"]), "--model", str(world["base"]),
             "--num-prompts", str(N_PROMPTS), "--batch-size", "4", "--feature-extractor", "random-conv-16",
-            "--resolution", "64", "--kid-subsets", "5", "--stats-cache", str(world["cache"]), "--no-progress",
+            "--resolution", "64", "--kid-subsets", "5", "--kid-subset-size", "10", "--stats-cache", str(world["cache"]),
+            "--no-progress",
             "--out", str(out), *[str(e) for e in extra]]
 
 
