@@ -8,9 +8,9 @@ with one rater it is that rater's answer. A cell of Table 2 is the mean over tas
     Figure 5   faithfulness of frequent vs infrequent entities (the run's frequency split, top 50% = frequent);
                runs of the synthetic world give their own ``split`` (frequent / infrequent / unseen), one bar each
     agreement  Fleiss' kappa (tasks with the same number m >= 2 of raters) and Krippendorff's alpha (nominal,
-               any number of raters per task) per criterion
-    CLIP       Pearson (point-biserial) and Spearman correlation of each rating with clip_t / clip_i of the
-               rated image, where ``entitydraw-score`` wrote them
+               any number of raters per task) per criterion, with 95% bootstrap intervals (``human_eval.stats``)
+    scores     Pearson (point-biserial), Spearman and Kendall correlation of each rating with each automatic score
+               of the rated image (CLIP-T / CLIP-I, subject similarity, VQA-style faithfulness), with intervals
 
 Simulated ratings (``human_eval.simulate``: the toy world's judge CNN, source ``simulated``) are reported as such:
 the title says so when all ratings are simulated, a warning when they are mixed with human ones, and
@@ -22,7 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,57 +54,6 @@ def majority(votes: Sequence[int]) -> float:
     """1 if most raters said 1, 0 if most said 0, 0.5 on a tie."""
     ones = sum(votes)
     return 1.0 if 2 * ones > len(votes) else 0.0 if 2 * ones < len(votes) else 0.5
-
-
-def fleiss_kappa(counts: Sequence[Sequence[int]]) -> float | None:
-    """Fleiss' kappa of an items x categories table of counts (every row sums to the same number m >= 2)."""
-    rows = [list(map(int, r)) for r in counts if sum(r) > 0]
-    if not rows:
-        return None
-    m = sum(rows[0])
-    if m < 2 or any(sum(r) != m for r in rows):
-        raise ValueError("Fleiss' kappa needs the same number (>= 2) of ratings for every item")
-    n, k = len(rows), len(rows[0])
-    p_j = [sum(r[j] for r in rows) / (n * m) for j in range(k)]
-    p_i = [(sum(c * c for c in r) - m) / (m * (m - 1)) for r in rows]
-    p_bar, p_e = sum(p_i) / n, sum(p * p for p in p_j)
-    if p_e == 1:
-        return None  # everybody used one category: kappa undefined
-    return (p_bar - p_e) / (1 - p_e)
-
-
-def krippendorff_alpha_nominal(units: Sequence[Sequence[Any]]) -> float | None:
-    """Krippendorff's alpha for nominal data; ``units`` lists each unit's values (missing ratings left out).
-    Units with fewer than 2 values are not pairable and are ignored."""
-    units = [list(u) for u in units if len(u) >= 2]
-    if not units:
-        return None
-    coinc: dict[tuple, float] = defaultdict(float)
-    for u in units:
-        m = len(u)
-        cnt = Counter(u)
-        for a in cnt:
-            for b in cnt:
-                coinc[(a, b)] += cnt[a] * (cnt[b] - (a == b)) / (m - 1)
-    n_c: dict[Any, float] = defaultdict(float)
-    for (a, _), v in coinc.items():
-        n_c[a] += v
-    n = sum(n_c.values())
-    d_o = sum(v for (a, b), v in coinc.items() if a != b)
-    d_e = sum(n_c[a] * n_c[b] for a in n_c for b in n_c if a != b) / (n - 1)
-    if d_e == 0:
-        return None
-    return 1 - d_o / d_e
-
-
-def _pearson_spearman(x: list[float], y: list[float]) -> tuple[float | None, float | None, float | None]:
-    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
-        return None, None, None
-    from scipy import stats
-
-    r, p = stats.pearsonr(x, y)
-    rho, _ = stats.spearmanr(x, y)
-    return float(r), float(p), float(rho)
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -176,27 +125,23 @@ def table2(study: Study, votes: list[dict]) -> list[dict[str, Any]]:
 
 
 def agreement(study: Study, by_task: dict[str, list[dict]]) -> list[dict[str, Any]]:
-    out = []
-    for crit in CRITERIA:
-        multi = {tid: [r[crit] for r in rs] for tid, rs in by_task.items() if len(rs) >= 2}
-        sizes = Counter(len(v) for v in multi.values())
-        kappa, kappa_n, m = None, 0, None
-        if sizes:
-            m = sizes.most_common(1)[0][0]
-            table = [[v.count(1), v.count(0)] for v in multi.values() if len(v) == m]
-            kappa, kappa_n = fleiss_kappa(table), len(table)
-        alpha = krippendorff_alpha_nominal(list(multi.values()))
-        agree = [len(set(v)) == 1 for v in multi.values()]
-        out.append({"criterion": crit, "tasks_with_2plus_raters": len(multi), "fleiss_kappa": kappa,
-                    "fleiss_raters_per_task": m, "fleiss_tasks": kappa_n, "krippendorff_alpha": alpha,
-                    "unanimous_fraction": (sum(agree) / len(agree)) if agree else None})
-    return out
+    from .stats import agreement_stats
+
+    return [agreement_stats(by_task, crit) for crit in CRITERIA]
 
 
-def clip_correlation(study: Study, rows: list[dict]) -> list[dict[str, Any]]:
+def score_correlation(study: Study, rows: list[dict]) -> list[dict[str, Any]]:
+    """Per criterion and automatic score (CLIP-T / CLIP-I, DINO or judge-feature subject similarity, VQA-style
+    faithfulness: whatever ``entitydraw-score`` or the world judge wrote): Pearson, Spearman and Kendall
+    correlation with the ratings of the rated image, with 95% intervals."""
+    from .stats import correlations
+    from .tasks import SCORE_KEYS
+
     out = []
+    present = [k for k in SCORE_KEYS if any(c.get(k) is not None for t in study.tasks.values()
+                                            for c in t.get("candidates", []))]
     for crit in CRITERIA:
-        for metric in ("clip_t", "clip_i"):
+        for metric in present or ["clip_t", "clip_i"]:
             xs, ys = [], []
             for r in rows:
                 t = study.tasks.get(r["task_id"])
@@ -204,9 +149,7 @@ def clip_correlation(study: Study, rows: list[dict]) -> list[dict[str, Any]]:
                 if cand is not None and cand.get(metric) is not None:
                     xs.append(float(r[crit]))
                     ys.append(float(cand[metric]))
-            pr, pp, rho = _pearson_spearman(xs, ys)
-            out.append({"criterion": crit, "clip_metric": metric, "n": len(xs), "pearson_r": pr, "pearson_p": pp,
-                        "spearman_rho": rho})
+            out.append({"criterion": crit, "score": metric, **correlations(xs, ys)})
     return out
 
 
@@ -261,14 +204,24 @@ def markdown(study: Study, t2: list[dict], agree: list[dict], corr: list[dict], 
     lines += ["| " + " | ".join([r["model"], *[_fmt(r[f"faithfulness_{s}"], r[f"faithfulness_{s}_se"]) for s in spl]])
               + " |" for r in t2]
     lines += ["", "## Inter-rater agreement (tasks with 2+ raters; scores are majority votes, ties 0.5)", "",
+              "Fleiss' kappa (statsmodels) and Krippendorff's alpha (krippendorff, nominal), each with a 95% "
+              "bootstrap interval over tasks.", "",
               "| Criterion | Tasks | Fleiss' kappa | Krippendorff's alpha | Unanimous |", "|---|---|---|---|---|"]
-    lines += [f"| {a['criterion']} | {a['tasks_with_2plus_raters']} | {_num(a['fleiss_kappa'])} | "
-              f"{_num(a['krippendorff_alpha'])} | {_num(a['unanimous_fraction'])} |" for a in agree]
-    lines += ["", "## Human ratings vs CLIP scores (per rating, rated image)", "",
-              "| Criterion | CLIP | n | Pearson r | p | Spearman rho |", "|---|---|---|---|---|---|"]
-    lines += [f"| {c['criterion']} | {c['clip_metric']} | {c['n']} | {_num(c['pearson_r'])} | {_num(c['pearson_p'])} | "
-              f"{_num(c['spearman_rho'])} |" for c in corr]
+    lines += [f"| {a['criterion']} | {a['tasks_with_2plus_raters']} | {_ci(a, 'fleiss_kappa')} | "
+              f"{_ci(a, 'krippendorff_alpha')} | {_num(a['unanimous_fraction'])} |" for a in agree]
+    lines += ["", "## Ratings vs automatic scores (per rating, the rated image; 95% intervals)", "",
+              "| Criterion | Score | n | Pearson r | p | Spearman rho | Kendall tau |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['criterion']} | {c['score']} | {c['n']} | {_ci(c, 'pearson_r', 'pearson')} | "
+              f"{_num(c['pearson_p'])} | {_ci(c, 'spearman_rho', 'spearman')} | {_ci(c, 'kendall_tau', 'kendall')} |"
+              for c in corr]
     return "\n".join(lines) + "\n"
+
+
+def _ci(rec: dict, key: str, stem: str | None = None) -> str:
+    """``value [lo, hi]`` of a statistic with its interval (``<stem>_lo`` / ``<stem>_hi``)."""
+    stem = stem or key
+    v, lo, hi = rec.get(key), rec.get(f"{stem}_lo"), rec.get(f"{stem}_hi")
+    return _num(v) if lo is None or hi is None else f"{_num(v)} [{_num(lo)}, {_num(hi)}]"
 
 
 def figure5(t2: list[dict], path: Path, spl: Sequence[str] = ("frequent", "infrequent"),
@@ -304,7 +257,7 @@ def figure5(t2: list[dict], path: Path, spl: Sequence[str] = ("frequent", "infre
 
 
 def write_report(study: Study, out: str | Path, sources: str = "all") -> dict[str, Any]:
-    """Write table2.csv/.md, figure5.png, agreement.csv, majority_votes.csv, clip_correlation.csv, report.md.
+    """Write table2.csv/.md, figure5.png, agreement.csv, majority_votes.csv, score_correlation.csv, report.md.
     ``sources``: all ratings, only human ones or only simulated ones (``human_eval.simulate``)."""
     out = Path(out)
     rows = filter_rows(read_rows(study.db_path), sources)
@@ -314,7 +267,7 @@ def write_report(study: Study, out: str | Path, sources: str = "all") -> dict[st
         raise ValueError(f"no {kind}ratings in {study.db_path} yet: nothing to report")
     t2 = table2(study, data["votes"])
     agree = agreement(study, data["by_task"])
-    corr = clip_correlation(study, data["rows"])
+    corr = score_correlation(study, data["rows"])
     n_sim = sum(r.get("source") == SIM_SOURCE for r in data["rows"])
     note = None
     if n_sim:
@@ -324,6 +277,6 @@ def write_report(study: Study, out: str | Path, sources: str = "all") -> dict[st
     md = markdown(study, t2, agree, corr, len(data["rows"]), n_sim, note)
     files = [atomic_write_text(out / "table2.csv", _csv(t2)), atomic_write_text(out / "agreement.csv", _csv(agree)),
              atomic_write_text(out / "majority_votes.csv", _csv(data["votes"])),
-             atomic_write_text(out / "clip_correlation.csv", _csv(corr)), atomic_write_text(out / "report.md", md),
+             atomic_write_text(out / "score_correlation.csv", _csv(corr)), atomic_write_text(out / "report.md", md),
              figure5(t2, out / "figure5.png", splits(study), simulated=n_sim > 0)]
-    return {"table2": t2, "agreement": agree, "clip": corr, "markdown": md, "files": files}
+    return {"table2": t2, "agreement": agree, "scores": corr, "markdown": md, "files": files}

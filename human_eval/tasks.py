@@ -32,6 +32,10 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 MODES = ("best", "best-of-4")
+#: Automatic scores an image row of a run may carry (entitydraw-score, the world judge), copied to its candidate
+#: for the report's correlations: CLIP-T / CLIP-I, DINO subject similarity, a VQA-style faithfulness, and the toy
+#: world's stand-ins for the last two (judge-feature subject similarity, the judge's P(faithful)).
+SCORE_KEYS = ("clip_t", "clip_i", "dino_i", "vqa", "subject_sim", "judge_faithful")
 STUDY_FILE = "study.json"
 TASKS_FILE = "tasks.jsonl"
 IMAGE_MAP_FILE = "images.json"
@@ -132,7 +136,8 @@ def _run_tasks(model: str, run: Path, mode: str, secret: str, images: dict[str, 
             iid = image_id(secret, path)
             images[iid] = str(path)
             cands.append({"image_id": iid, "sample_index": int(r.get("sample_index", 0)),
-                          "clip_t": r.get("clip_t"), "clip_i": r.get("clip_i"), "selected": bool(r.get("selected"))})
+                          **{k: r.get(k) for k in SCORE_KEYS if r.get(k) is not None},
+                          "selected": bool(r.get("selected"))})
         if mode == "best":
             chosen = [c for c in cands if c["selected"]]
             if len(chosen) != 1:

@@ -8,13 +8,14 @@ import json
 import multiprocessing as mp
 import sqlite3
 
+import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from human_eval.cli import rate_app
-from human_eval.report import (collect, fleiss_kappa, krippendorff_alpha_nominal, majority, mean_se, table2,
-                               write_report)
+from human_eval.report import collect, majority, mean_se, table2, write_report
+from human_eval.stats import correlations, fleiss_kappa, krippendorff_alpha, units_matrix
 from human_eval.store import RatingStore, read_rows
 from human_eval.tasks import Study, build_study, make_raters, read_raters
 from human_eval.testing import make_run
@@ -151,21 +152,77 @@ def test_mean_se_and_majority_by_hand():
     assert [majority(v) for v in ([1, 1, 0], [0, 1], [0, 0, 1], [1])] == [1.0, 0.5, 0.0, 1.0]
 
 
-def test_fleiss_kappa_wikipedia_example():
+def oracle_fleiss_kappa(rows):
+    """Fleiss (1971) written out: the test oracle of statsmodels' implementation."""
+    m = sum(rows[0])
+    n, k = len(rows), len(rows[0])
+    p_j = [sum(r[j] for r in rows) / (n * m) for j in range(k)]
+    p_i = [(sum(c * c for c in r) - m) / (m * (m - 1)) for r in rows]
+    p_bar, p_e = sum(p_i) / n, sum(p * p for p in p_j)
+    return (p_bar - p_e) / (1 - p_e)
+
+
+def oracle_krippendorff_alpha_nominal(units):
+    """Krippendorff's coincidence-matrix computation written out: the test oracle of the krippendorff package."""
+    from collections import Counter, defaultdict
+
+    units = [list(u) for u in units if len(u) >= 2]
+    coinc = defaultdict(float)
+    for u in units:
+        cnt = Counter(u)
+        for a in cnt:
+            for b in cnt:
+                coinc[(a, b)] += cnt[a] * (cnt[b] - (a == b)) / (len(u) - 1)
+    n_c = defaultdict(float)
+    for (a, _), v in coinc.items():
+        n_c[a] += v
+    n = sum(n_c.values())
+    d_o = sum(v for (a, b), v in coinc.items() if a != b)
+    d_e = sum(n_c[a] * n_c[b] for a in n_c for b in n_c if a != b) / (n - 1)
+    return 1 - d_o / d_e
+
+
+def test_fleiss_kappa_wikipedia_example_and_the_oracle():
     # Fleiss (1971) worked example as on Wikipedia: 10 subjects, 14 raters, 5 categories -> kappa = 0.210
     table = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
              [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
-    assert fleiss_kappa(table) == pytest.approx(0.2099, abs=5e-4)
+    assert fleiss_kappa(table) == pytest.approx(0.2099, abs=5e-4) == oracle_fleiss_kappa(table)
     assert fleiss_kappa([[2, 0], [0, 2], [2, 0]]) == pytest.approx(1.0)
+    assert fleiss_kappa([[3, 0], [3, 0]]) is None  # one category only: undefined
     with pytest.raises(ValueError):
         fleiss_kappa([[2, 0], [1, 2]])
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        ones = rng.integers(0, 4, 30)
+        t = [[int(o), 3 - int(o)] for o in ones]
+        assert fleiss_kappa(t) == pytest.approx(oracle_fleiss_kappa(t), rel=1e-12)
 
 
-def test_krippendorff_alpha_published_example():
+def test_krippendorff_alpha_published_example_and_the_oracle():
     # Krippendorff (2011), "Computing Krippendorff's alpha-reliability", nominal example with missing data: 0.743
     units = [[1, 1, 1], [2, 2, 3, 2], [3, 3, 3, 3], [3, 3, 3, 3], [2, 2, 2, 2], [1, 2, 3, 4], [4, 4, 4, 4],
              [1, 1, 2, 1], [2, 2, 2, 2], [5, 5, 5], [1, 1], [3]]
-    assert krippendorff_alpha_nominal(units) == pytest.approx(0.743, abs=5e-4)
+    assert krippendorff_alpha(units_matrix(units)) == pytest.approx(0.743, abs=5e-4)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        units = [list(rng.integers(0, 2, int(rng.integers(2, 5)))) for _ in range(25)]
+        assert krippendorff_alpha(units_matrix(units)) == pytest.approx(oracle_krippendorff_alpha_nominal(units),
+                                                                        rel=1e-9)
+
+
+def test_correlations_come_with_intervals_that_hold_them():
+    from scipy import stats
+
+    rng = np.random.default_rng(2)
+    y = rng.normal(size=80)
+    x = (y + rng.normal(size=80) > 0).astype(float)
+    c = correlations(x, y)
+    assert c["pearson_r"] == pytest.approx(stats.pearsonr(x, y)[0]) and c["n"] == 80
+    assert c["kendall_tau"] == pytest.approx(stats.kendalltau(x, y)[0])
+    for k, lo, hi in (("pearson_r", "pearson_lo", "pearson_hi"), ("spearman_rho", "spearman_lo", "spearman_hi"),
+                      ("kendall_tau", "kendall_lo", "kendall_hi")):
+        assert c[lo] < c[k] < c[hi] and c[lo] > 0, k  # a clear positive relation
+    assert correlations([1, 1, 1], [0.1, 0.2, 0.3])["pearson_r"] is None  # constant ratings
 
 
 def test_table2_numbers_match_a_hand_computation(world):
@@ -189,14 +246,14 @@ def test_table2_numbers_match_a_hand_computation(world):
     assert t2["imagen"]["n_tasks"] == 0 and t2["imagen"]["faithfulness_all"] is None
     out = write_report(study, world["tmp"] / "report")
     names = {p.name for p in out["files"]}
-    assert {"table2.csv", "report.md", "figure5.png", "agreement.csv", "clip_correlation.csv"} <= names
+    assert {"table2.csv", "report.md", "figure5.png", "agreement.csv", "score_correlation.csv"} <= names
     assert (world["tmp"] / "report" / "figure5.png").read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader(open(world["tmp"] / "report" / "table2.csv")))
     assert float(rows[0]["faithfulness_all"]) == 0.75
     assert "| reimagen | 1.00 ± 0.00 | 0.50 ± 0.50 | 0.75 ± 0.25 | 0.75 ± 0.25 | 4 |" in out["markdown"]
     agree = {a["criterion"]: a for a in out["agreement"]}
     assert agree["faithfulness"]["tasks_with_2plus_raters"] == 1
-    clip = {(c["criterion"], c["clip_metric"]): c for c in out["clip"]}
+    clip = {(c["criterion"], c["score"]): c for c in out["scores"]}
     assert clip[("faithfulness", "clip_t")]["n"] == 6
     assert not list((world["tmp"] / "report").glob(".*tmp*"))
 
@@ -208,7 +265,7 @@ def test_clip_correlation_matches_scipy(world):
     tids = sorted(study.tasks)
     for k, tid in enumerate(tids):
         store.submit(TOKENS["alice"], tid, k % 2, (k // 2) % 2)
-    corr = {(c["criterion"], c["clip_metric"]): c for c in write_report(study, world["tmp"] / "rep")["clip"]}
+    corr = {(c["criterion"], c["score"]): c for c in write_report(study, world["tmp"] / "rep")["scores"]}
     xs = [k % 2 for k in range(len(tids))]
     ys = [study.tasks[t]["candidates"][0]["clip_t"] for t in tids]
     assert corr[("faithfulness", "clip_t")]["pearson_r"] == pytest.approx(stats.pearsonr(xs, ys)[0])
