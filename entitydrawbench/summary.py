@@ -61,6 +61,18 @@ def mean_sem(values: list[float], clusters: list | None = None) -> tuple[float |
     return mean, sem, len(v)
 
 
+def ci95(mean: float | None, sem: float | None, bounds: tuple[float, float] | None = None
+         ) -> tuple[float | None, float | None]:
+    """The normal-approximation 95% interval mean +- 1.96 sem (of ``mean_sem``: cluster-robust where clustered),
+    clipped to ``bounds`` (e.g. (0, 1) for rates); (None, None) where the standard error is undefined."""
+    if mean is None or sem is None:
+        return None, None
+    lo, hi = mean - 1.96 * sem, mean + 1.96 * sem
+    if bounds is not None:
+        lo, hi = max(bounds[0], lo), min(bounds[1], hi)
+    return lo, hi
+
+
 def savefig(fig, path: Path) -> Path:
     from reimagen.atomic import replacing_path  # here, not at the top: ``import reimagen`` loads torch
 

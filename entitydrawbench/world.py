@@ -50,15 +50,19 @@ from toyworld.world import LOOK_ATTRIBUTES, SCENE_ATTRIBUTES
 from .entities import read_jsonl, write_json, write_jsonl, write_text
 from .references import ReferencePair
 from .run import IMAGES_FILE, RunConfig, RunResult, read_run, run_prompts
-from .summary import FIGURE, mean_sem, parse_values, savefig, wrap
+from .summary import FIGURE, ci95, mean_sem, parse_values, savefig, wrap
 
 WORLD_BENCHMARK = "entitydrawbench-toyworld-v1"
 SPLITS: tuple[str, ...] = ("frequent", "infrequent", "unseen")
 GROUPS: tuple[str, ...] = SPLITS + ("all",)
 GROUP_TITLES = {"frequent": "Frequent", "infrequent": "Infrequent", "unseen": "Unseen", "all": "All"}
 METRICS: tuple[str, ...] = ("faithful", "look_ok", "scene_ok")
+#: Automatic scores of every image (continuous): the judge's P(faithful), a VQA-style score, and its feature
+#: similarity to the reference image, the toy world's stand-in for DINO subject similarity.
+AUTO_METRICS: tuple[str, ...] = ("judge_faithful", "subject_sim")
 METRIC_TITLES = {"faithful": "Faithfulness (look and scene)", "look_ok": "Entity look as its reference",
-                 "scene_ok": "Scene as the text"}
+                 "scene_ok": "Scene as the text", "judge_faithful": "Judge's P(faithful) (VQA-style score)",
+                 "subject_sim": "Subject similarity to the reference (judge features, DINO's role)"}
 SELECTIONS: tuple[str, ...] = ("best_of_n", "per_image")
 #: The judge's attributes: the entity's look, then the scene.
 ATTRIBUTES: tuple[str, ...] = LOOK_ATTRIBUTES + SCENE_ATTRIBUTES
@@ -255,23 +259,30 @@ def judge_rows(judge, world, run: Path, rows: list[dict], batch_size: int = 64) 
     """Add look_ok, scene_ok, faithful, attributes_ok ("k/n": attributes read as asked, of 6 or 7), judge_match
     (attribute -> read as asked; pattern_colour only for patterned entities) and the judge's readings to ``rows``
     in place (None for rows whose image is missing)."""
-    from toyworld.judge import judged_attributes, verdicts
+    from toyworld.judge import faithful_probability, feature_similarity, judged_attributes, verdicts
     from toyworld.world import Scene, scene_attributes
 
     for r in rows:
-        r.update(look_ok=None, scene_ok=None, faithful=None, attributes_ok=None, judge=None, judge_match=None)
+        r.update(look_ok=None, scene_ok=None, faithful=None, attributes_ok=None, judge=None, judge_match=None,
+                 judge_faithful=None, subject_sim=None)
     present = [r for r in rows if (run / r["image"]).is_file()]
     for start in range(0, len(present), batch_size):
         batch = present[start:start + batch_size]
         scenes = [Scene(r["entity_id"], int(r["count"]), r["position"], r["background"]) for r in batch]
-        for r, s, v in zip(batch, scenes, verdicts(judge, world, _load_images([run / r["image"] for r in batch]),
-                                                   scenes)):
+        images = _load_images([run / r["image"] for r in batch])
+        p_faithful = faithful_probability(judge, world, images, scenes).tolist()
+        refs = [r.get("reference_image") for r in batch]
+        sim = [None] * len(batch)
+        if all(refs):
+            sim = feature_similarity(judge, images, _load_images([run / p for p in refs])).tolist()
+        for r, s, v, pf, si in zip(batch, scenes, verdicts(judge, world, images, scenes), p_faithful, sim):
             truth = scene_attributes(world, s)
             keys = judged_attributes(truth)
             match = {a: bool(v.readings[a] == truth[a]) for a in keys}
             r.update(look_ok=bool(v.look_ok), scene_ok=bool(v.scene_ok), faithful=bool(v.faithful),
                      attributes_ok=f"{sum(match.values())}/{len(keys)}", judge_match=match,
-                     judge={a: (int(x) if isinstance(x, (int, np.integer)) else x) for a, x in v.readings.items()})
+                     judge={a: (int(x) if isinstance(x, (int, np.integer)) else x) for a, x in v.readings.items()},
+                     judge_faithful=round(float(pf), 6), subject_sim=None if si is None else round(float(si), 6))
 
 
 def select_by_judge(rows: list[dict]) -> None:
@@ -332,10 +343,11 @@ def summarize_world(runs: dict[str, list[dict]], judge_info: dict) -> dict[str, 
             for group in GROUPS:
                 members = subset if group == "all" else [r for r in subset if r.get("split") == group]
                 prompts = [r["prompt_id"] for r in members]  # a prompt's samples are not independent
-                for metric in METRICS:
-                    mean, sem, n = mean_sem([r[metric] for r in members], prompts)
+                for metric in METRICS + AUTO_METRICS:
+                    mean, sem, n = mean_sem([r.get(metric) for r in members], prompts)
+                    lo, hi = ci95(mean, sem, (0.0, 1.0) if metric in METRICS else None)
                     records.append({"model": label, "selection": selection, "metric": metric, "split": group,
-                                    "mean": mean, "sem": sem, "n": n})
+                                    "mean": mean, "sem": sem, "ci_lo": lo, "ci_hi": hi, "n": n})
                 if selection == "per_image":  # finer than faithfulness: which attributes come out right
                     for a in ATTRIBUTES:
                         mean, sem, n = mean_sem([(r.get("judge_match") or {}).get(a) for r in members], prompts)
@@ -352,9 +364,9 @@ def find(records: list[dict], model: str, metric: str, split: str, selection: st
 def cell(rec: dict | None) -> str:
     if not rec or rec["mean"] is None:
         return "-"
-    if rec["sem"] is None:
+    if rec.get("ci_lo") is None:
         return f"{rec['mean']:.3f} (n={rec['n']})"
-    return f"{rec['mean']:.3f} ± {rec['sem']:.3f} (n={rec['n']})"
+    return f"{rec['mean']:.3f} [{rec['ci_lo']:.3f}, {rec['ci_hi']:.3f}] (n={rec['n']})"
 
 
 def world_markdown(summary: dict[str, Any]) -> str:
@@ -365,12 +377,12 @@ def world_markdown(summary: dict[str, Any]) -> str:
     j = summary.get("judge") or {}
     lines = ["# EntityDrawBench on the toy world: judged faithfulness", "", f"**{summary['note']}**", "",
              f"Judge: {j.get('path', '?')} (sha256 {j.get('sha256', '?')}, min. attribute accuracy on fresh "
-             f"renders {j.get('min_test_accuracy', '?')}). Rate ± standard error (n). Per-image standard errors "
-             "are clustered by prompt (a prompt's N samples are not independent); best-of-N ones are over "
-             "prompts.", ""]
+             f"renders {j.get('min_test_accuracy', '?')}). Rate [95% interval] (n): mean +- 1.96 standard errors; "
+             "per-image standard errors are clustered by prompt (a prompt's N samples are not independent), "
+             "best-of-N ones are over prompts.", ""]
     for selection, what in (("best_of_n", "best of N samples per prompt (the paper rates the best of 4)"),
                             ("per_image", "every sample")):
-        for metric in METRICS:
+        for metric in METRICS + (AUTO_METRICS if selection == "per_image" else ()):
             lines += [f"## {METRIC_TITLES[metric]}, {what}", "", head, rule]
             lines += [f"| {m} | " + " | ".join(cell(find(recs, m, metric, g, selection)) for g in groups) + " |"
                       for m in models]
@@ -391,8 +403,8 @@ def write_world_summary(summary: dict[str, Any], stem: str | Path) -> list[Path]
     """``<stem>.csv`` (long format), ``<stem>.md`` (tables) and ``<stem>.png`` (Figure 5-style bars)."""
     stem = Path(stem)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["model", "selection", "metric", "split", "mean", "sem", "n", "kind"],
-                       lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=["model", "selection", "metric", "split", "mean", "sem", "ci_lo", "ci_hi", "n",
+                                        "kind"], lineterminator="\n")
     w.writeheader()
     w.writerows({**r, "kind": "toy-world judge"} for r in summary["records"])
     return [write_text(stem.with_suffix(".csv"), buf.getvalue()),
@@ -401,8 +413,8 @@ def write_world_summary(summary: dict[str, Any], stem: str | Path) -> list[Path]
 
 
 def plot_world_summary(summary: dict[str, Any], path: str | Path) -> Path:
-    """Figure 5-style grouped bars: x = frequency split, one bar per model; columns faithfulness / look / scene,
-    rows best of N / per image."""
+    """Figure 5-style grouped bars with 95% intervals: x = frequency split, one bar per model; columns
+    faithfulness / look / scene, rows best of N / per image."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -419,7 +431,8 @@ def plot_world_summary(summary: dict[str, Any], path: str | Path) -> Path:
             for mi, m in enumerate(models):
                 rs = [find(recs, m, metric, g, selection) for g in groups]
                 vals = [r["mean"] if r and r["mean"] is not None else np.nan for r in rs]
-                errs = [r["sem"] if r and r["sem"] is not None else 0.0 for r in rs]
+                errs = [[r["mean"] - r["ci_lo"] if r and r.get("ci_lo") is not None else 0.0 for r in rs],
+                        [r["ci_hi"] - r["mean"] if r and r.get("ci_hi") is not None else 0.0 for r in rs]]
                 x = np.arange(len(groups)) + (mi - (len(models) - 1) / 2) * width
                 ax.bar(x, vals, width, yerr=errs, capsize=2, label=m)
             ax.set_xticks(np.arange(len(groups)))

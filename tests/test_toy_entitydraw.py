@@ -150,7 +150,8 @@ def test_judge_scoring_adds_fields_and_the_per_split_tables_add_up(tw, run, tmp_
     out = tmp_path / "scored"
     shutil.copytree(run[0], out)
     plain = [{k: v for k, v in r.items() if k not in ("look_ok", "scene_ok", "faithful", "attributes_ok", "judge",
-                                                      "judge_match", "selected", "select_score")}
+                                                      "judge_match", "selected", "select_score", "judge_faithful",
+                                                      "subject_sim")}
              for r in rows_of(out)]
     res = invoke(tw, "entitydraw-score", out, "--judge", tw["judge"], "--label", "reimagen")
     assert res.exit_code == 0, res.output
@@ -169,6 +170,20 @@ def test_judge_scoring_adds_fields_and_the_per_split_tables_add_up(tw, run, tmp_
     v = verdicts(load_judge(tw["judge"]), tw["world"], x, [Scene(r["entity_id"], r["count"], r["position"],
                                                                   r["background"])])[0]
     assert (v.look_ok, v.scene_ok, v.faithful) == (r["look_ok"], r["scene_ok"], r["faithful"])
+    # the automatic scores: P(faithful) = the product of the asked values' probabilities; features' cosine
+    judge = load_judge(tw["judge"]).eval()
+    with torch.no_grad():
+        logits = judge(x)
+        ref = torch.from_numpy(np.array(Image.open(out / r["reference_image"]).convert("RGB"))).permute(2, 0, 1)
+        cos = torch.nn.functional.cosine_similarity(judge.features(x), judge.features(ref[None].float() / 255))
+    from toyworld.judge import HEADS, judged_attributes
+    from toyworld.world import scene_attributes
+
+    truth = scene_attributes(tw["world"], Scene(r["entity_id"], r["count"], r["position"], r["background"]))
+    want = np.prod([float(logits[a][0].softmax(-1)[HEADS[a].index(truth[a])]) for a in judged_attributes(truth)])
+    assert r["judge_faithful"] == pytest.approx(want, abs=2e-6) and r["subject_sim"] == pytest.approx(float(cos),
+                                                                                                     abs=2e-6)
+    assert all(0 <= x["judge_faithful"] <= 1 and -1 <= x["subject_sim"] <= 1 for x in rows)
     by_prompt = {}
     for r in rows:
         by_prompt.setdefault(r["prompt_id"], []).append(r)
@@ -253,8 +268,11 @@ def test_summary_compares_runs_with_and_without_retrieval(tw, run, tmp_path):
     md = (tmp_path / "cmp.md").read_text()
     assert "| retrieval |" in md and "| text-only |" in md and (tmp_path / "cmp.png").stat().st_size > 10_000
     csv = pd.read_csv(tmp_path / "cmp.csv")
-    # per model: 2 selections x 3 metrics x 4 groups, and 7 attribute rates x 4 groups (per image)
-    assert set(csv.model) == {"retrieval", "text-only"} and len(csv) == 2 * (2 * 3 * 4 + 7 * 4)
+    # per model: 2 selections x (3 judged rates + 2 automatic scores) x 4 groups, and 7 attribute rates x 4
+    # groups (per image)
+    assert set(csv.model) == {"retrieval", "text-only"} and len(csv) == 2 * (2 * 5 * 4 + 7 * 4)
+    ok = csv.dropna(subset=["ci_lo"])
+    assert len(ok) and ((ok.ci_lo <= ok["mean"] + 1e-12) & (ok["mean"] <= ok.ci_hi + 1e-12)).all()
     unjudged = tmp_path / "unjudged"
     shutil.copytree(without, unjudged)
     (unjudged / "scores.json").unlink()

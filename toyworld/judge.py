@@ -117,6 +117,29 @@ def verdicts(judge: Judge, world: World, images: Tensor, scenes: Sequence[Scene]
     return out
 
 
+@torch.no_grad()
+def faithful_probability(judge: Judge, world: World, images: Tensor, scenes: Sequence[Scene]) -> Tensor:
+    """The judge's P(faithful) per image: the product, over the judged attributes, of its probability for the value
+    the entity and the prompt ask for. The toy world's VQA-style faithfulness score (VQAScore asks a VQA model for
+    P("yes") to "does this figure show <text>?"; here the reader of every attribute answers)."""
+    judge.eval()
+    logits = judge(images.float())
+    out = torch.ones(len(scenes))
+    for i, s in enumerate(scenes):
+        truth = scene_attributes(world, s)
+        for a in judged_attributes(truth):
+            out[i] *= logits[a][i].softmax(-1)[HEADS[a].index(truth[a])]
+    return out
+
+
+@torch.no_grad()
+def feature_similarity(judge: Judge, images: Tensor, references: Tensor) -> Tensor:
+    """Cosine similarity of the judge's features of each image and its reference image: the toy world's subject
+    similarity, the role DINO plays for DreamBench (features that tell instances of a class apart)."""
+    judge.eval()
+    return F.cosine_similarity(judge.features(images.float()), judge.features(references.float()), dim=1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
