@@ -109,7 +109,8 @@ _CLIP_MODEL = typer.Option("ViT-B-32", "--clip-model", help="open-clip architect
 _CLIP_PRETRAINED = typer.Option(None, "--clip-pretrained", help="open-clip weights: a tag (e.g. laion2b_s34b_b79k, "
                                 "downloaded) or a local checkpoint file. Without it the weights are RANDOM and the "
                                 "scores meaningless (tests only).")
-_SELECT = typer.Option("mean", "--select", help="Best-of-N selection score: clip-t, clip-i or mean (of the two).")
+_SELECT = typer.Option("mean", "--select", help="Best-of-N selection score: clip-t, clip-i, mean (of the two) or "
+                       "vqa (the --vqa plug-in's score).")
 
 
 @dataclass(frozen=True)
@@ -421,6 +422,12 @@ def entitydraw_score(
     label: Optional[str] = typer.Option(None, "--label", help="Model name in the summary (default: the folder name)."),
     judge: Optional[Path] = typer.Option(None, "--judge", help="Toy-world runs (entitydraw --world) are judged, not "
                                          "CLIP-scored: the judge folder (default: toyworld/weights/judge)."),
+    dino_model: Optional[str] = typer.Option(None, "--dino-model", help="Also DINO subject similarity to the "
+                                             "reference (dino_i): a ViT model id or folder, e.g. "
+                                             "facebook/dino-vits16 (DreamBench's)."),
+    vqa: Optional[str] = typer.Option(None, "--vqa", help="Also a VQA-style faithfulness P(yes | 'does this figure "
+                                      "show <prompt>?'): hf:<model> (a transformers VQA pipeline), t2v:<model> "
+                                      "(t2v_metrics' VQAScore) or module:attr (f(images, prompts) -> scores)."),
 ) -> None:
     """CLIP-T / CLIP-I of a run, best-of-N selection, Table 2 / Figure 5 summary: automatic proxies, not human.
     A toy-world run is judged instead: look_ok, scene_ok, faithful per image, best of N, per-split rates."""
@@ -436,7 +443,8 @@ def entitydraw_score(
         raise ValueError(f"{run} is not a toy-world run (entitydraw --world): the judge reads only the world's "
                          "scenes; drop --judge to CLIP-score it")
     summary = score_run(run, clip_model=clip_model, pretrained=clip_pretrained, device=device, select=select,
-                        batch_size=batch_size, allow_partial=allow_partial, label=label)
+                        batch_size=batch_size, allow_partial=allow_partial, label=label, dino_model=dino_model,
+                        vqa=vqa)
     _print_summary(summary)
     err.print(f"scores in {escape(str(run / 'images.jsonl'))}; summary in {escape(str(run / 'summary'))}.csv/.md/.png",
               highlight=False)

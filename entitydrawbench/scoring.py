@@ -23,11 +23,12 @@ import numpy as np
 
 from .entities import CATEGORIES, CATEGORY_TITLES, write_json, write_jsonl, write_text
 from .run import IMAGES_FILE, read_run
-from .summary import mean_sem, savefig, wrap
+from .summary import ci95, mean_sem, savefig, wrap
 
-SELECT_MODES = ("clip-t", "clip-i", "mean")
-METRICS = ("clip_t", "clip_i")
-METRIC_TITLES = {"clip_t": "CLIP-T (image-prompt)", "clip_i": "CLIP-I (image-reference)"}
+SELECT_MODES = ("clip-t", "clip-i", "mean", "vqa")
+METRICS = ("clip_t", "clip_i", "dino_i", "vqa")
+METRIC_TITLES = {"clip_t": "CLIP-T (image-prompt)", "clip_i": "CLIP-I (image-reference)",
+                 "dino_i": "DINO (image-reference subject similarity)", "vqa": "VQA-style P(yes | prompt)"}
 SCORES_FILE = "scores.json"
 PROXY_NOTE = ("Automatic proxies (CLIP cosine similarities), not the paper's human faithfulness / photorealism "
               "ratings.")
@@ -35,7 +36,8 @@ PROXY_NOTE = ("Automatic proxies (CLIP cosine similarities), not the paper's hum
 
 def proxy_label(clip: dict[str, Any]) -> str:
     weights = clip.get("pretrained") or "RANDOM WEIGHTS - meaningless, for tests only"
-    return f"{PROXY_NOTE} CLIP: {clip.get('model')} ({weights}); best of N by {clip.get('select')}."
+    extra = "".join(f"; {k.upper()}: {clip[k]}" for k in ("dino", "vqa") if clip.get(k))
+    return f"{PROXY_NOTE} CLIP: {clip.get('model')} ({weights}){extra}; best of N by {clip.get('select')}."
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,7 +73,8 @@ def select_best(rows: list[dict], select: str = "mean") -> None:
         r["select_score"] = None
         if r.get("clip_t") is None:
             continue
-        vals = {"clip-t": [r["clip_t"]], "clip-i": [r.get("clip_i")], "mean": [r["clip_t"], r.get("clip_i")]}[select]
+        vals = {"clip-t": [r["clip_t"]], "clip-i": [r.get("clip_i")], "mean": [r["clip_t"], r.get("clip_i")],
+                "vqa": [r.get("vqa")]}[select]
         vals = [v for v in vals if v is not None] or [r["clip_t"]]  # no reference: fall back to CLIP-T
         r["select_score"] = round(float(np.mean(vals)), 6)
         by_prompt.setdefault(r["prompt_id"], []).append(r)
@@ -82,11 +85,15 @@ def select_best(rows: list[dict], select: str = "mean") -> None:
 
 def score_run(run: str | Path, encoder=None, clip_model: str = "ViT-B-32", pretrained: str | None = None,
               device: str = "cpu", select: str = "mean", batch_size: int = 32, allow_partial: bool = False,
-              label: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """Score every image of a run folder, mark the best of N per prompt, and write the summaries into it.
-    Returns the summary (see ``summarize``)."""
+              label: str | None = None, seed: int = 0, dino_model: str | None = None,
+              vqa: str | None = None) -> dict[str, Any]:
+    """Score every image of a run folder (CLIP-T / CLIP-I; DINO with ``dino_model``; a VQA-style score with the
+    ``vqa`` plug-in, see ``entitydrawbench.scorers``), mark the best of N per prompt, and write the summaries into
+    it. Returns the summary (see ``summarize``)."""
     if select not in SELECT_MODES:
         raise ValueError(f"unknown selection score {select!r}; choose {', '.join(SELECT_MODES)}")
+    if select == "vqa" and not vqa:
+        raise ValueError("--select vqa needs a VQA plug-in (--vqa)")
     run = Path(run)
     _, rows = read_run(run)
     present = [r for r in rows if (run / r["image"]).is_file()]
@@ -108,20 +115,53 @@ def score_run(run: str | Path, encoder=None, clip_model: str = "ViT-B-32", pretr
     refs = sorted({r["reference_image"] for r in present if r.get("reference_image")})
     ref = dict(zip(refs, _embed_images(encoder, refs, batch_size))) if refs else {}
     for r in rows:
-        r["clip_t"] = r["clip_i"] = None
+        r["clip_t"] = r["clip_i"] = r["dino_i"] = r["vqa"] = None
     for r, e in zip(present, img):
         r["clip_t"] = round(float(e @ txt[r["prompt"]]), 6)
         r["clip_i"] = round(float(e @ ref[r["reference_image"]]), 6) if r.get("reference_image") else None
+    _extra_scores(run, present, dino_model, vqa, device, batch_size)
     select_best(rows, select)
     write_jsonl(run / IMAGES_FILE, rows)
     clip = {"model": getattr(encoder, "model_name", clip_model),
             "pretrained": getattr(encoder, "pretrained", pretrained), "select": select,
-            "seed": getattr(encoder, "seed", seed)}
+            "seed": getattr(encoder, "seed", seed), "dino": dino_model, "vqa": vqa}
     summary = summarize({label or run.name: rows}, clip)
     write_json(run / SCORES_FILE, {"clip": clip, "note": proxy_label(clip), "n_images": len(rows),
                                    "n_scored": len(present), "summary": summary["records"]})
     write_summary(summary, run / "summary")
     return summary
+
+
+def _extra_scores(run: Path, rows: list[dict], dino_model: str | None, vqa: str | None, device: str,
+                  batch_size: int) -> None:
+    """dino_i (with a DINO model) and vqa (with a plug-in) of the scored rows, in place."""
+    from PIL import Image
+
+    from .scorers import DinoScorer, load_vqa
+
+    def load(paths):
+        out = []
+        for p in paths:
+            with Image.open(p) as im:
+                out.append(im.convert("RGB"))
+        return out
+
+    if dino_model:
+        dino = DinoScorer(dino_model, device, batch_size)
+        gen = dino.embed(load([run / r["image"] for r in rows]))
+        refs = sorted({r["reference_image"] for r in rows if r.get("reference_image")})
+        ref = dict(zip(refs, dino.embed(load(refs)))) if refs else {}
+        for r, e in zip(rows, gen):
+            r["dino_i"] = round(float(e @ ref[r["reference_image"]]), 6) if r.get("reference_image") else None
+    if vqa:
+        fn = load_vqa(vqa, device)
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            vals = list(fn(load([run / r["image"] for r in chunk]), [r["prompt"] for r in chunk]))
+            if len(vals) != len(chunk):
+                raise RuntimeError(f"the VQA plug-in {vqa} returned {len(vals)} scores for {len(chunk)} images")
+            for r, v in zip(chunk, vals):
+                r["vqa"] = round(float(v), 6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,6 +171,7 @@ def summarize(runs: dict[str, list[dict]], clip: dict[str, Any]) -> dict[str, An
     """Per model (run label): mean, standard error and count of each metric over the best-of-N images, by
     category (+ All) and by frequency split (overall and per category); also over all samples."""
     records = []
+    metrics = [m for m in METRICS if any(r.get(m) is not None for rows in runs.values() for r in rows)]
     for label, rows in runs.items():
         scored = [r for r in rows if r.get("clip_t") is not None]
         for selection, subset in (("best_of_n", [r for r in scored if r.get("selected")]), ("all_samples", scored)):
@@ -144,17 +185,20 @@ def summarize(runs: dict[str, list[dict]], clip: dict[str, Any]) -> dict[str, An
                             [r for r in subset if r["category"] == c and bool(r.get("frequent")) == flag])
                            for c in cats]
             for group_by, group, members in groups:
-                for metric in METRICS:
+                for metric in metrics:
                     mean, sem, n = mean_sem([r.get(metric) for r in members], [r["prompt_id"] for r in members])
+                    lo, hi = ci95(mean, sem)
                     records.append({"model": label, "selection": selection, "metric": metric, "group_by": group_by,
-                                    "group": group, "mean": mean, "sem": sem, "n": n})
+                                    "group": group, "mean": mean, "sem": sem, "ci_lo": lo, "ci_hi": hi, "n": n})
     return {"clip": clip, "note": proxy_label(clip), "records": records, "models": list(runs)}
 
 
 def _cell(rec: dict | None) -> str:
     if not rec or rec["mean"] is None:
         return "-"
-    return f"{rec['mean']:.3f} ± {rec['sem']:.3f}" if rec["sem"] is not None else f"{rec['mean']:.3f} (n=1)"
+    if rec.get("ci_lo") is None:
+        return f"{rec['mean']:.3f} (n={rec['n']})"
+    return f"{rec['mean']:.3f} [{rec['ci_lo']:.3f}, {rec['ci_hi']:.3f}]"
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -165,9 +209,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                      and r["group"] == group and r["selection"] == selection), None)
 
     cats = [c for c in CATEGORIES if any(r["group_by"] == "category" and r["group"] == c and r["n"] for r in recs)]
+    measured = [m for m in METRICS if any(r["metric"] == m and r["n"] for r in recs)]
     lines = ["# EntityDrawBench: automatic proxy scores", "", f"**{summary['note']}**", "",
-             "Mean ± standard error over the best-of-N image of each prompt.", ""]
-    for metric in METRICS:
+             "Mean [95% interval: +- 1.96 standard errors] over the best-of-N image of each prompt.", ""]
+    for metric in measured:
         lines += [f"## {METRIC_TITLES[metric]} by category (shaped like Table 2)", "",
                   "| Model | " + " | ".join(CATEGORY_TITLES[c] for c in cats) + " | All |",
                   "|---" * (len(cats) + 2) + "|"]
@@ -178,7 +223,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines += ["## By entity frequency (shaped like Figure 5)", "",
               "| Model | Metric | Frequent | Infrequent |", "|---|---|---|---|"]
     for m in summary["models"]:
-        for metric in METRICS:
+        for metric in measured:
             lines.append(f"| {m} | {METRIC_TITLES[metric]} | {_cell(find(m, metric, 'split', 'frequent'))} | "
                          f"{_cell(find(m, metric, 'split', 'infrequent'))} |")
     lines.append("")
@@ -194,8 +239,8 @@ def write_summary(summary: dict[str, Any], stem: str | Path) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["model", "selection", "metric", "group_by", "group", "mean", "sem", "n",
-                                        "kind"], lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=["model", "selection", "metric", "group_by", "group", "mean", "sem", "ci_lo",
+                                        "ci_hi", "n", "kind"], lineterminator="\n")
     w.writeheader()
     w.writerows({**r, "kind": "automatic proxy (CLIP), not human rating"} for r in summary["records"])
     for suffix, text in ((".csv", buf.getvalue()), (".md", summary_markdown(summary))):
@@ -227,7 +272,7 @@ def plot_summary(summary: dict[str, Any], path: str | Path) -> Path:
                     rec = next((r for r in recs if r["model"] == m and r["metric"] == metric
                                 and r["group_by"] == group_by and r["group"] == g), None)
                     vals.append(rec["mean"] if rec and rec["mean"] is not None else np.nan)
-                    errs.append(rec["sem"] if rec and rec["sem"] is not None else 0.0)
+                    errs.append(1.96 * rec["sem"] if rec and rec["sem"] is not None else 0.0)  # the 95% interval
                 x = np.arange(len(groups)) + (mi - (len(models) - 1) / 2) * width
                 ax.bar(x, vals, width, yerr=errs, capsize=2, label=m)
             ax.set_xticks(np.arange(len(groups)))

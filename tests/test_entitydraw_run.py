@@ -303,6 +303,52 @@ def test_clip_scores_best_of_4_and_summaries(world, full_run, tmp_path):
     assert res.exit_code == 2 and "not scored yet" in res.output
 
 
+def test_dino_subject_similarity_and_a_vqa_plugin_join_the_scores(world, full_run, tmp_path):
+    import shutil
+
+    import numpy as np
+    from transformers import ViTConfig, ViTModel
+
+    import vqa_plugin
+
+    dino = tmp_path / "dino"  # DINO ViT-S/16's layout with random weights, where a downloaded copy would be
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=224, patch_size=16), add_pooling_layer=False).save_pretrained(dino)
+    run = tmp_path / "scored"
+    shutil.copytree(full_run[0], run)
+    res = invoke(world, "entitydraw-score", run, "--clip-model", world["clip"], "--dino-model", dino, "--vqa",
+                 "vqa_plugin:colour_share", "--select", "vqa")
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (run / "images.jsonl").read_text().splitlines()]
+    r = rows[1]
+    net = ViTModel.from_pretrained(dino, add_pooling_layer=False).eval()
+
+    def cls(path):
+        with Image.open(path) as im:
+            x = torch.from_numpy(np.asarray(im.convert("RGB").resize((224, 224), 3), np.float32)).permute(2, 0, 1) / 255
+        x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        with torch.no_grad():
+            return torch.nn.functional.normalize(net(pixel_values=x[None]).last_hidden_state[0, 0], dim=0)
+
+    assert r["dino_i"] == pytest.approx(float(cls(run / r["image"]) @ cls(r["reference_image"])), abs=1e-5)
+    with Image.open(run / r["image"]) as im:
+        assert r["vqa"] == pytest.approx(vqa_plugin.colour_share([im.convert("RGB")], [r["prompt"]])[0], abs=1e-6)
+    for pid in {x["prompt_id"] for x in rows}:  # best of N by the plug-in's score
+        group = [x for x in rows if x["prompt_id"] == pid]
+        assert next(x for x in group if x["selected"])["vqa"] == max(x["vqa"] for x in group)
+    import pandas as pd
+
+    csv = pd.read_csv(run / "summary.csv")
+    best = csv[(csv.selection == "best_of_n") & (csv.group_by == "category") & (csv.group == "all")]
+    assert set(best.metric) == {"clip_t", "clip_i", "dino_i", "vqa"} and (best.ci_lo <= best["mean"]).all()
+    assert "DINO" in (run / "summary.md").read_text()
+    res = invoke(world, "entitydraw-score", run, "--clip-model", world["clip"], "--dino-model", tmp_path / "nodino")
+    assert res.exit_code == 2 and "dino-vits16" in " ".join(res.output.split())
+    res = invoke(world, "entitydraw-score", run, "--clip-model", world["clip"], "--vqa", "nomodule:f")
+    assert res.exit_code == 2 and "cannot import" in " ".join(res.output.split())
+
+
 def test_scoring_an_unfinished_run_needs_allow_partial(world, full_run, tmp_path):
     import shutil
 
