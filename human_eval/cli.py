@@ -52,13 +52,24 @@ def raters_cmd(names: List[str] = typer.Argument(..., help="Rater ids."),
                   highlight=False)
 
 
+CONTROLS_OPT = typer.Option(0, "--controls", min=0, help="Control items of each kind: the entity's own reference "
+                            "photos (photorealism = 1) and another entity's (faithfulness = 0). They never count in "
+                            "Table 2; the report's rater-quality table scores them.")
+REPEATS_OPT = typer.Option(0, "--repeats", min=0, help="Tasks shown twice under another id (within-rater "
+                           "consistency).")
+CONTROL_FILE_OPT = typer.Option(None, "--control-file", help="Control items of your own (JSON lines: image, prompt, "
+                                "reference_image, reference_text, expected {faithfulness, photorealism}).")
+
+
 @rate_app.command("tasks")
 @friendly
-def tasks_cmd(runs: List[str] = RUNS_ARG, study: Path = STUDY_OPT, mode: str = MODE_OPT):
+def tasks_cmd(runs: List[str] = RUNS_ARG, study: Path = STUDY_OPT, mode: str = MODE_OPT,
+              controls: int = CONTROLS_OPT, repeats: int = REPEATS_OPT,
+              control_file: Optional[Path] = CONTROL_FILE_OPT):
     """Build (or refresh) a blind study folder from one or more run folders."""
     from .tasks import build_study
 
-    s = build_study(runs, study, mode)
+    s = build_study(runs, study, mode, controls, repeats, control_file)
     console.print(f"study {escape(str(study))}: {len(s.tasks)} tasks from {len(s.runs)} run(s), mode {s.mode}",
                   highlight=False)
 
@@ -74,14 +85,16 @@ def serve_command(port: int) -> list[str]:
 @friendly
 def serve_cmd(runs: List[str] = RUNS_ARG, study: Path = STUDY_OPT, mode: str = MODE_OPT,
               raters: Path = typer.Option(..., "--raters", help="Rater list (RATER_ID TOKEN per line)."),
-              port: int = typer.Option(8501, "--port", help="Port on 127.0.0.1.")):
+              port: int = typer.Option(8501, "--port", help="Port on 127.0.0.1."),
+              controls: int = CONTROLS_OPT, repeats: int = REPEATS_OPT,
+              control_file: Optional[Path] = CONTROL_FILE_OPT):
     """Build/refresh the study and run the Streamlit rating app on 127.0.0.1 (Ctrl+C stops it)."""
     from .tasks import build_study, read_raters
 
     if not 0 < port < 65536:
         raise ValueError(f"port must be in 1..65535, got {port}")
     read_raters(raters)  # refuse a bad list before starting
-    s = build_study(runs, study, mode)
+    s = build_study(runs, study, mode, controls, repeats, control_file)
     env = {**os.environ, "REIMAGEN_RATING_STUDY": str(Path(study).resolve()),
            "REIMAGEN_RATING_RATERS": str(Path(raters).resolve())}
     console.print(f"rating app for {len(s.tasks)} tasks on http://127.0.0.1:{port}", highlight=False)
@@ -162,12 +175,20 @@ def simulate_cmd(study: Path = STUDY_OPT,
 @friendly
 def report_cmd(study: Path = STUDY_OPT, out: Path = typer.Option(..., "--out", help="Report folder."),
                sources: str = typer.Option("all", "--sources", help="all, human (leave simulated ratings out) or "
-                                           "simulated (only `rate simulate`'s).")):
-    """Table 2 (CSV + Markdown), Figure 5 (PNG), agreement, majority votes, CLIP correlation."""
+                                           "simulated (only `rate simulate`'s)."),
+               exclude_failing: bool = typer.Option(False, "--exclude-failing", help="Leave out the raters who fail "
+                                                    "the quality controls (control items, repeated tasks)."),
+               min_control: float = typer.Option(0.75, "--min-control-accuracy", min=0.0, max=1.0,
+                                                 help="A rater passes with at least this share of control answers "
+                                                 "as expected."),
+               min_consistency: float = typer.Option(0.6, "--min-consistency", min=0.0, max=1.0,
+                                                     help="... and at least this share of repeated tasks answered "
+                                                     "alike.")):
+    """Table 2 (CSV + Markdown), Figure 5 (PNG), agreement, majority votes, score correlations, rater quality."""
     from .report import write_report
     from .tasks import Study
 
-    res = write_report(Study.load(study), out, sources)
+    res = write_report(Study.load(study), out, sources, exclude_failing, min_control, min_consistency)
     print(res["markdown"])
     console.print(f"wrote {', '.join(p.name for p in res['files'])} to {escape(str(out))}", highlight=False)
 

@@ -89,11 +89,13 @@ def filter_rows(rows: list[dict], sources: str = "all") -> list[dict]:
 
 def collect(study: Study, rows: list[dict] | None = None) -> dict[str, Any]:
     """Per-task majority votes and everything the report needs."""
+    from .controls import is_rated_task
+
     rows = read_rows(study.db_path) if rows is None else rows
+    rows = [r for r in rows if r["task_id"] in study.tasks and is_rated_task(study.tasks[r["task_id"]])]
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
-        if r["task_id"] in study.tasks:
-            by_task[r["task_id"]].append(r)
+        by_task[r["task_id"]].append(r)
     votes = []
     for tid, rs in sorted(by_task.items()):
         t = study.tasks[tid]
@@ -256,11 +258,22 @@ def figure5(t2: list[dict], path: Path, spl: Sequence[str] = ("frequent", "infre
     return path
 
 
-def write_report(study: Study, out: str | Path, sources: str = "all") -> dict[str, Any]:
-    """Write table2.csv/.md, figure5.png, agreement.csv, majority_votes.csv, score_correlation.csv, report.md.
-    ``sources``: all ratings, only human ones or only simulated ones (``human_eval.simulate``)."""
+def write_report(study: Study, out: str | Path, sources: str = "all", exclude_failing: bool = False,
+                 min_control: float | None = None, min_consistency: float | None = None) -> dict[str, Any]:
+    """Write table2.csv/.md, figure5.png, agreement.csv, majority_votes.csv, score_correlation.csv,
+    rater_quality.csv, report.md. ``sources``: all ratings, only human ones or only simulated ones
+    (``human_eval.simulate``). ``exclude_failing``: leave out the raters who fail the quality controls
+    (``human_eval.controls``; thresholds ``min_control`` / ``min_consistency``)."""
+    from .controls import MIN_CONSISTENCY, MIN_CONTROL_ACCURACY, quality_settings, rater_quality
+
     out = Path(out)
+    min_control = MIN_CONTROL_ACCURACY if min_control is None else min_control
+    min_consistency = MIN_CONSISTENCY if min_consistency is None else min_consistency
     rows = filter_rows(read_rows(study.db_path), sources)
+    quality = rater_quality(study, rows, min_control, min_consistency)
+    failing = {q["rater"] for q in quality if not q["passes"]}
+    if exclude_failing:
+        rows = [r for r in rows if r["rater"] not in failing]
     data = collect(study, rows)
     if not data["votes"]:
         kind = "" if sources == "all" else f"{sources} "
@@ -275,8 +288,23 @@ def write_report(study: Study, out: str | Path, sources: str = "all") -> dict[st
 
         note = simulated_note(study)
     md = markdown(study, t2, agree, corr, len(data["rows"]), n_sim, note)
+    md += quality_markdown(quality, quality_settings(min_control, min_consistency), failing, exclude_failing)
     files = [atomic_write_text(out / "table2.csv", _csv(t2)), atomic_write_text(out / "agreement.csv", _csv(agree)),
+             atomic_write_text(out / "rater_quality.csv", _csv(quality)),
              atomic_write_text(out / "majority_votes.csv", _csv(data["votes"])),
              atomic_write_text(out / "score_correlation.csv", _csv(corr)), atomic_write_text(out / "report.md", md),
              figure5(t2, out / "figure5.png", splits(study), simulated=n_sim > 0)]
-    return {"table2": t2, "agreement": agree, "scores": corr, "markdown": md, "files": files}
+    return {"table2": t2, "agreement": agree, "scores": corr, "quality": quality, "markdown": md, "files": files}
+
+
+def quality_markdown(quality: list[dict], rule: str, failing: set[str], excluded: bool) -> str:
+    """The per-rater quality table (controls and repeats never count in the tables above)."""
+    lines = ["", "## Rater quality (control items and repeated tasks; they never count in the tables above)", "",
+             f"Rule: {rule}. " + (f"Excluded from every table above: {', '.join(sorted(failing))}." if excluded and
+                                  failing else "Failing raters are kept (rate report --exclude-failing drops them)."
+                                  if failing else "Every rater passes."), "",
+             "| Rater | Ratings | Control answers | As expected | Repeats | Answered alike | Passes |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {q['rater']} | {q['ratings']} | {q['control_answers']} | {_num(q['control_accuracy'])} | "
+              f"{q['repeats']} | {_num(q['consistency'])} | {'yes' if q['passes'] else 'NO'} |" for q in quality]
+    return "\n".join(lines) + "\n"

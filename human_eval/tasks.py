@@ -147,6 +147,8 @@ def _run_tasks(model: str, run: Path, mode: str, secret: str, images: dict[str, 
         first = group[0]
         ref_id = None
         ref = first.get("reference_image")
+        ref_paths = [str(p) for p in (Path(x) if Path(x).is_absolute() else run / x
+                                      for x in first.get("reference_images") or ([ref] if ref else [])) if p.is_file()]
         if ref:
             ref_path = Path(ref) if Path(ref).is_absolute() else run / ref
             if ref_path.is_file():
@@ -158,31 +160,44 @@ def _run_tasks(model: str, run: Path, mode: str, secret: str, images: dict[str, 
             "prompt": first["prompt"], "frequent": first.get("frequent"), "frequency_rank": first.get("frequency_rank"),
             "split": first.get("split"),  # world runs: frequent | infrequent | unseen (the report's Figure 5)
             "reference_text": first.get("reference_text") or "", "reference_image_id": ref_id, "candidates": cands,
+            "reference_paths": ref_paths,  # server side only: the source of control items
         })
     if not tasks:
         raise ValueError(f"run {model} ({run}) has no images")
     return tasks
 
 
-def build_study(run_specs: Sequence[str | Path], study: str | Path, mode: str = "best") -> "Study":
-    """Write (or refresh) a study folder. Rerunning with the same runs and mode keeps the secret, hence every id
-    and every rating; other runs or another mode are refused (start a new study folder)."""
+def build_study(run_specs: Sequence[str | Path], study: str | Path, mode: str = "best", controls: int = 0,
+                repeats: int = 0, control_file: str | Path | None = None) -> "Study":
+    """Write (or refresh) a study folder. Rerunning with the same runs, mode and controls keeps the secret, hence
+    every id and every rating; other settings are refused (start a new study folder). ``controls`` control items
+    of each kind and ``repeats`` repeated tasks are added, and the items of ``control_file``
+    (``human_eval.controls``)."""
+    from .controls import make_controls, read_control_file
+
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if controls < 0 or repeats < 0:
+        raise ValueError("--controls and --repeats must be >= 0")
+    user_rows = read_control_file(control_file) if control_file else []
     runs = parse_run_specs(run_specs)
     study = Path(study)
     meta_path = study / STUDY_FILE
     runs_json = {k: str(v) for k, v in runs.items()}
+    qc = {"controls": controls, "repeats": repeats, "control_file": str(Path(control_file).resolve())
+          if control_file else None}
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("mode") != mode or meta.get("runs") != runs_json:
-            raise ValueError(f"{study} is a study of other runs or another mode ({meta.get('mode')}: "
-                             f"{', '.join(meta.get('runs', {}))}); use a new --study folder")
+        old_qc = meta.get("quality", {"controls": 0, "repeats": 0, "control_file": None})
+        if meta.get("mode") != mode or meta.get("runs") != runs_json or old_qc != qc:
+            raise ValueError(f"{study} is a study of other runs or another mode or other controls ({meta.get('mode')}: "
+                             f"{', '.join(meta.get('runs', {}))}; {old_qc}); use a new --study folder")
     else:
-        meta = {"version": 1, "mode": mode, "runs": runs_json, "secret": secrets.token_hex(32)}
+        meta = {"version": 1, "mode": mode, "runs": runs_json, "secret": secrets.token_hex(32), "quality": qc}
     images: dict[str, str] = {}
     tasks = [t for name, run in runs.items() for t in _run_tasks(name, run, mode, meta["secret"], images)]
     study.mkdir(parents=True, exist_ok=True)
+    tasks += make_controls(tasks, study, meta["secret"], images, controls, repeats, user_rows)
     atomic_write_text(study / TASKS_FILE, "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in tasks))
     atomic_write_text(study / IMAGE_MAP_FILE, json.dumps(images, indent=1))
     atomic_write_text(meta_path, json.dumps(meta, indent=2))

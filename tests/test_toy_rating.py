@@ -153,7 +153,7 @@ def test_simulated_raters_give_table2_and_figure5_by_split(setup):
     agree = {a["criterion"]: a for a in rep["agreement"]}
     assert agree["faithfulness"]["tasks_with_2plus_raters"] == 2 * n
     assert agree["faithfulness"]["fleiss_raters_per_task"] == 3 and agree["faithfulness"]["fleiss_kappa"] > 0.3
-    votes = rep["files"][2].read_text()
+    votes = next(p for p in rep["files"] if p.name == "majority_votes.csv").read_text()
     assert "unseen" in votes and "n_simulated" in votes
     settings = json.loads((study.folder / "simulated.json").read_text())
     assert "SIMULATED" in settings["note"] and set(settings["raters"]) == set(res["raters"])
@@ -281,3 +281,43 @@ def test_shipped_judge_rates_correct_renders_as_faithful(setup):
     assert t2["with-retrieval"]["faithfulness_all"] >= 0.9 and t2["without-retrieval"]["faithfulness_all"] <= 0.1
     assert t2["with-retrieval"]["photorealism_all"] >= 0.6  # clean renders; the threshold is their 5 % quantile
     assert 0 < reader.info["photoreal_threshold"] <= 1 and "judge_sha256" in reader.info
+
+
+def test_control_items_and_repeats_score_the_raters_and_never_count_in_table2(setup):
+    world, prompts, tmp = setup["world"], setup["prompts"], setup["tmp"]
+    oracle = setup["oracle"]
+    for p in prompts:  # the oracle also knows the reference photos (the controls' images)
+        ref = np.asarray(Image.open(tmp / "with" / "_refs" / f"{p.entity}.png").convert("RGB"))
+        oracle.truth[ref.tobytes()] = Scene(p.entity, 1, "left", "grass")
+    runs = [f"with-retrieval={tmp / 'with'}", f"without-retrieval={tmp / 'without'}"]
+    study = build_study(runs, tmp / "qc", "best", controls=3, repeats=4)
+    kinds = [t.get("control", {}).get("kind") for t in study.tasks.values()]
+    assert kinds.count("photorealism") == 3 and kinds.count("faithfulness") == 3
+    assert sum("repeat_of" in t for t in study.tasks.values()) == 4 and len(study.tasks) == 2 * len(prompts) + 10
+    for tid, t in study.tasks.items():  # a control looks like any task to the rater
+        assert set(study.rater_view(tid)) == set(study.rater_view(next(iter(study.tasks))))
+        assert "control" not in json.dumps(study.rater_view(tid)) and "_refs" not in json.dumps(study.rater_view(tid))
+    simulate(study, world, oracle, n_raters=3, noise=0.0, seed=0)  # exact readers: every control as expected
+    store = RatingStore(study)
+    try:  # a careless rater: every control answered against its expected answer
+        for tid, t in study.tasks.items():
+            exp = t.get("control", {}).get("expected", {})
+            store.record("mallory", tid, 1 - exp.get("faithfulness", 0), 1 - exp.get("photorealism", 0))
+    finally:
+        store.close()
+    rep = write_report(study, tmp / "rep")
+    q = {r["rater"]: r for r in rep["quality"]}
+    assert q["mallory"]["control_accuracy"] == 0 and not q["mallory"]["passes"]
+    assert all(q[r]["passes"] and q[r]["control_accuracy"] == 1 and q[r]["repeats"] == 4 and q[r]["consistency"] == 1
+               for r in ("sim-judge-1", "sim-judge-2", "sim-judge-3"))
+    t2 = {r["model"]: r for r in rep["table2"]}
+    assert set(t2) == {"with-retrieval", "without-retrieval"} and all(r["n_tasks"] == len(prompts) for r in t2.values())
+    assert "Failing raters are kept" in rep["markdown"] and "| mallory |" in rep["markdown"]
+    clean = write_report(study, tmp / "rep2", exclude_failing=True)
+    assert "Excluded from every table above: mallory" in clean["markdown"]
+    assert clean["table2"][0]["faithfulness_all"] >= rep["table2"][0]["faithfulness_all"]  # mallory said 1 vs 0
+    bad = tmp / "controls.jsonl"
+    bad.write_text(json.dumps({"image": str(tmp / "with" / "_refs" / f"{prompts[0].entity}.png"), "prompt": "x"}) + "\n")
+    with pytest.raises(ValueError, match="needs its expected answer"):
+        build_study(runs, tmp / "qc2", "best", control_file=bad)
+    assert not (tmp / "qc2").exists()
