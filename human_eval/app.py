@@ -90,28 +90,47 @@ def _task(store: RatingStore, rater: str, task_id: str) -> None:
         _image(store, view["reference_image_id"])
         st.caption(view["reference_text"] or "(no reference text)")
     with gen_col:
-        st.markdown("**Generated image" + ("s: pick the best one, then rate it**" if len(cands) > 1 else "**"))
+        st.markdown("**Generated image" + ((": rate every one, then pick the best**" if store.study.mode == "rate-all"
+                                            else "s: pick the best one, then rate it**") if len(cands) > 1 else "**"))
         cols = st.columns(len(cands))
         for letter, col, iid in zip(LETTERS, cols, cands):
             with col:
                 _image(store, iid, caption=letter if len(cands) > 1 else None)
+    rate_all = store.study.mode == "rate-all"
     with st.form(f"rate_{task_id}"):
         chosen = None
+        per: dict[str, tuple] = {}
+        if rate_all:  # every image rated, then the best picked
+            prev_all = store.get_candidates(rater, task_id)
+            for letter, iid in zip(LETTERS, cands):
+                old = prev_all.get(iid)
+                a, b = st.columns(2)
+                per[iid] = (a.radio(f"{letter}: faithfulness", F_OPTIONS, index=None if old is None else 1 - old[0],
+                                    horizontal=True, key=f"faith_{letter}_{task_id}"),
+                            b.radio(f"{letter}: photorealism", P_OPTIONS, index=None if old is None else 1 - old[1],
+                                    horizontal=True, key=f"photo_{letter}_{task_id}"))
         if len(cands) > 1:
             letters = list(LETTERS[:len(cands)])
             idx = cands.index(prev["chosen_image"]) if prev and prev["chosen_image"] in cands else None
             chosen = st.radio("Best image", letters, index=idx, horizontal=True, key=f"best_{task_id}")
-        f = st.radio("Faithfulness", F_OPTIONS, index=None if prev is None else 1 - prev["faithfulness"],
-                     horizontal=True, key=f"faith_{task_id}")
-        p = st.radio("Photorealism", P_OPTIONS, index=None if prev is None else 1 - prev["photorealism"],
-                     horizontal=True, key=f"photo_{task_id}")
+        f = p = None
+        if not rate_all:
+            f = st.radio("Faithfulness", F_OPTIONS, index=None if prev is None else 1 - prev["faithfulness"],
+                         horizontal=True, key=f"faith_{task_id}")
+            p = st.radio("Photorealism", P_OPTIONS, index=None if prev is None else 1 - prev["photorealism"],
+                         horizontal=True, key=f"photo_{task_id}")
         if st.form_submit_button("Save and next", type="primary", key="save"):
-            if f is None or p is None or (len(cands) > 1 and chosen is None):
+            missing = (any(None in v for v in per.values()) if rate_all else (f is None or p is None))
+            if missing or (len(cands) > 1 and chosen is None):
                 st.warning("Answer every question before saving.")
                 return
+            pick = cands[LETTERS.index(chosen)] if chosen else None
+            answers = {i: (int(a == F_OPTIONS[0]), int(b == P_OPTIONS[0])) for i, (a, b) in per.items()} or None
+            if rate_all:
+                f, p = (F_OPTIONS[1 - answers[pick][0]], P_OPTIONS[1 - answers[pick][1]])
             try:
                 store.submit(st.session_state.token, task_id, int(f == F_OPTIONS[0]), int(p == P_OPTIONS[0]),
-                             cands[LETTERS.index(chosen)] if chosen else None)
+                             pick, per_image=answers)
             except PermissionError:
                 st.session_state.clear()
                 st.error("Your token is no longer valid; sign in again.")

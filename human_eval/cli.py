@@ -34,7 +34,9 @@ RUNS_ARG = typer.Argument(..., help="EntityDrawBench run folders (RUN_DIR or NAM
                           "folder name and is never shown to raters).")
 STUDY_OPT = typer.Option(..., "--study", help="Study folder (tasks, image map, ratings.sqlite).")
 MODE_OPT = typer.Option("best", "--mode", help="best: rate the pre-selected best of 4 (needs entitydraw-score); "
-                        "best-of-4: the rater picks the best of the 4, then rates it (the paper's protocol).")
+                        "best-of-4: the rater picks the best of the 4, then rates it (the paper's protocol); "
+                        "rate-all: the rater rates all 4 and picks the best (the report compares the human pick "
+                        "with an automatic reranker's and with 'any of the 4').")
 URL_OPT = typer.Option(None, "--url", help="Label Studio URL (default: $LABEL_STUDIO_URL).")
 KEY_OPT = typer.Option(None, "--api-key", help="Label Studio API key (default: $LABEL_STUDIO_API_KEY; prefer the "
                        "variable: options are visible in the process list).", show_default=False)

@@ -30,8 +30,11 @@ LETTERS = "ABCDEFGH"
 YES, NO = "Yes", "No"
 
 
-def label_config(n_candidates: int) -> str:
-    """Prompt, reference image and text, the generated image (or the candidates + a 'best' choice), two yes/no."""
+def label_config(n_candidates: int, rate_all: bool = False) -> str:
+    """Prompt, reference image and text, the generated image (or the candidates + a 'best' choice), two yes/no;
+    ``rate_all`` (``--mode rate-all``): the two yes/no for every candidate (``faithfulness_A`` ...), then the best."""
+    if rate_all and n_candidates > 1:
+        return _rate_all_config(n_candidates)
     if n_candidates == 1:
         images = '  <Image name="image" value="$image_A" maxWidth="384px"/>\n'
         best, target = "", "image"
@@ -56,6 +59,28 @@ def label_config(n_candidates: int) -> str:
                     "Yes if faithful to both the entity's appearance (reference) and the text prompt.")
             + yesno("photorealism", "Photorealism", "Yes if moderately realistic without noticeable artifacts.")
             + "</View>\n")
+
+
+def _rate_all_config(n: int) -> str:
+    def choices(name: str, target: str) -> str:
+        return (f'      <Choices name="{name}" toName="{target}" choice="single-radio" required="true" '
+                f'showInline="true">\n        <Choice value="{YES}"/>\n        <Choice value="{NO}"/>\n'
+                "      </Choices>\n")
+
+    cells = "".join(f'    <View><Header value="{L}" size="5"/><Image name="image_{L}" value="$image_{L}" '
+                    f'maxWidth="256px"/>\n      <Text name="f_{L}" value="Faithful?"/>\n'
+                    + choices(f"faithfulness_{L}", f"image_{L}")
+                    + f'      <Text name="p_{L}" value="Photorealistic?"/>\n'
+                    + choices(f"photorealism_{L}", f"image_{L}") + "    </View>\n" for L in LETTERS[:n])
+    best = (f'  <Header value="Which image is best?" size="5"/>\n  <Choices name="best" toName="image_A" '
+            'choice="single-radio" required="true" showInline="true">\n'
+            + "".join(f'    <Choice value="{L}"/>\n' for L in LETTERS[:n]) + "  </Choices>\n")
+    return ("<View>\n  <Header value=\"$prompt\"/>\n"
+            '  <View><Header value="Reference" size="5"/><Image name="reference" value="$reference_image" '
+            'maxWidth="256px"/><Text name="reference_text" value="$reference_text"/></View>\n'
+            '  <Text name="hint" value="Faithful: to both the entity (reference) and the prompt. Photorealistic: '
+            'moderately realistic without noticeable artifacts."/>\n'
+            '  <View style="display: flex; gap: 8px">\n' + cells + "  </View>\n" + best + "</View>\n")
 
 
 def _client(url: str | None, api_key: str | None):
@@ -169,7 +194,8 @@ def export_study(study: Study, url: str | None = None, api_key: str | None = Non
         project = _find_project(ls, title)
         created = project is None
         if created:
-            project = ls.projects.create(title=title, label_config=label_config(n_cands.pop()),
+            project = ls.projects.create(title=title, label_config=label_config(n_cands.pop(),
+                                                                                study.mode == "rate-all"),
                                          description="Blind EntityDrawBench rating (Re-Imagen, Table 2).")
         if media is not None:
             storages = ls.import_storage.local.list(project=project.id)
@@ -214,6 +240,15 @@ def annotations_to_rows(study: Study, tasks: list[dict]) -> tuple[list[tuple], l
                 continue
             res = a.get("result") or []
             f, p, best = _choice(res, "faithfulness"), _choice(res, "photorealism"), _choice(res, "best")
+            per_image = None
+            if study.mode == "rate-all" and len(cands) > 1:
+                answers = {iid: (_choice(res, f"faithfulness_{L}"), _choice(res, f"photorealism_{L}"))
+                           for L, iid in zip(LETTERS, cands)}
+                if any(x not in (YES, NO) for pair in answers.values() for x in pair) or best not in LETTERS:
+                    problems.append(f"task {tid}: an annotation lacks an answer")
+                    continue
+                per_image = {iid: (int(a == YES), int(b == YES)) for iid, (a, b) in answers.items()}
+                f, p = answers[cands[LETTERS.index(best)]]
             if f not in (YES, NO) or p not in (YES, NO):
                 problems.append(f"task {tid}: an annotation lacks an answer")
                 continue
@@ -231,7 +266,8 @@ def annotations_to_rows(study: Study, tasks: list[dict]) -> tuple[list[tuple], l
             if user in (None, ""):
                 problems.append(f"task {tid}: an annotation has no annotator")
                 continue
-            rows.append((f"labelstudio:{user}", tid, int(f == YES), int(p == YES), chosen, "labelstudio"))
+            rows.append((f"labelstudio:{user}", tid, int(f == YES), int(p == YES), chosen, "labelstudio")
+                        + ((per_image,) if per_image is not None else ()))
     return rows, problems
 
 

@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from .store import SIM_SOURCE, read_rows
+from .store import SIM_SOURCE, read_candidate_rows, read_rows
 from .tasks import Study, atomic_write_text
 
 CRITERIA = ("faithfulness", "photorealism")
@@ -219,6 +219,57 @@ def markdown(study: Study, t2: list[dict], agree: list[dict], corr: list[dict], 
     return "\n".join(lines) + "\n"
 
 
+def best_of_n_comparison(study: Study, rows: list[dict], cand_rows: list[dict]) -> list[dict[str, Any]]:
+    """Per model, what Table 2's faithfulness would be under each best-of-N choice: the raters' own pick, the
+    automatic reranker's pick (the candidate ``entitydraw-score`` / the world judge marked ``selected``) and any
+    of the N (a faithful sample exists; the paper's best of 4 as an upper bound), and how often the raters picked
+    the reranker's image. The last two need ``--mode rate-all`` (every candidate rated), the agreement a pick."""
+    from .controls import is_rated_task
+
+    per: dict[tuple[str, str], dict[str, tuple[int, int]]] = defaultdict(dict)
+    for c in cand_rows:
+        per[(c["rater"], c["task_id"])][c["image_id"]] = (c["faithfulness"], c["photorealism"])
+    out = []
+    for model in study.runs:
+        votes: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        agree = []
+        for r in rows:
+            t = study.tasks.get(r["task_id"])
+            if not t or t["model"] != model or not is_rated_task(t) or len(t["candidates"]) < 2:
+                continue
+            auto = next((c["image_id"] for c in t["candidates"] if c.get("selected")), None)
+            if auto is not None and r.get("chosen_image"):
+                agree.append(r["chosen_image"] == auto)
+            mine = per.get((r["rater"], r["task_id"]))
+            v = votes[r["task_id"]]
+            v["human"].append(r["faithfulness"])
+            if mine:
+                v["any"].append(max(f for f, _ in mine.values()))
+                if auto in mine:
+                    v["reranker"].append(mine[auto][0])
+        rec: dict[str, Any] = {"model": model, "pick_agreement": (sum(agree) / len(agree)) if agree else None,
+                               "picks_compared": len(agree)}
+        for kind in ("human", "reranker", "any"):
+            m, se, n = mean_se([majority(v[kind]) for v in votes.values() if v[kind]])
+            rec[f"faithfulness_{kind}"], rec[f"faithfulness_{kind}_se"], rec[f"faithfulness_{kind}_n"] = m, se, n
+        out.append(rec)
+    return out
+
+
+def best_of_n_markdown(recs: list[dict]) -> str:
+    if not any(r["picks_compared"] or r["faithfulness_any_n"] for r in recs):
+        return ""
+    lines = ["", "## Best of N: the raters' pick, the automatic reranker's pick, any of the N (faithfulness)", "",
+             "Under `--mode rate-all` every sample is rated, so Table 2's faithfulness can be computed for each way "
+             "of choosing the rated sample; 'pick agreement' is how often a rater chose the reranker's image.", "",
+             "| Model | Raters' pick | Reranker's pick | Any of N | Pick agreement (n) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {_fmt(r['faithfulness_human'], r['faithfulness_human_se'])} | "
+              f"{_fmt(r['faithfulness_reranker'], r['faithfulness_reranker_se'])} | "
+              f"{_fmt(r['faithfulness_any'], r['faithfulness_any_se'])} | {_num(r['pick_agreement'])} "
+              f"({r['picks_compared']}) |" for r in recs]
+    return "\n".join(lines) + "\n"
+
+
 def _ci(rec: dict, key: str, stem: str | None = None) -> str:
     """``value [lo, hi]`` of a statistic with its interval (``<stem>_lo`` / ``<stem>_hi``)."""
     stem = stem or key
@@ -287,14 +338,18 @@ def write_report(study: Study, out: str | Path, sources: str = "all", exclude_fa
         from .simulate import simulated_note
 
         note = simulated_note(study)
-    md = markdown(study, t2, agree, corr, len(data["rows"]), n_sim, note)
+    cand_rows = [c for c in read_candidate_rows(study.db_path) if not (exclude_failing and c["rater"] in failing)]
+    best_n = best_of_n_comparison(study, data["rows"], cand_rows)
+    md = markdown(study, t2, agree, corr, len(data["rows"]), n_sim, note) + best_of_n_markdown(best_n)
     md += quality_markdown(quality, quality_settings(min_control, min_consistency), failing, exclude_failing)
     files = [atomic_write_text(out / "table2.csv", _csv(t2)), atomic_write_text(out / "agreement.csv", _csv(agree)),
              atomic_write_text(out / "rater_quality.csv", _csv(quality)),
+             atomic_write_text(out / "best_of_n.csv", _csv(best_n)),
              atomic_write_text(out / "majority_votes.csv", _csv(data["votes"])),
              atomic_write_text(out / "score_correlation.csv", _csv(corr)), atomic_write_text(out / "report.md", md),
              figure5(t2, out / "figure5.png", splits(study), simulated=n_sim > 0)]
-    return {"table2": t2, "agreement": agree, "scores": corr, "quality": quality, "markdown": md, "files": files}
+    return {"table2": t2, "agreement": agree, "scores": corr, "quality": quality, "best_of_n": best_n,
+            "markdown": md, "files": files}
 
 
 def quality_markdown(quality: list[dict], rule: str, failing: set[str], excluded: bool) -> str:

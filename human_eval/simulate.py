@@ -29,7 +29,8 @@ Per task, each simulated rater answers exactly what a human answers in the app, 
    the order of work, and raters disagree now and then, so inter-rater agreement is meaningful (with flip
    probability e, two raters agree on a binary answer with probability (1 - e)^2 + e^2).
 5. **Best of 4** (``--mode best-of-4``): the rater picks the candidate it perceives best (faithful, then
-   photorealistic, then the judge's confidence; ties by its own candidate order) and rates that one.
+   photorealistic, then the judge's confidence; ties by its own candidate order) and rates that one; with
+   ``--mode rate-all`` it also records its answers for every candidate.
 
 Rerunning is an idempotent skip: a rater's already rated tasks are left alone (reported as skipped), so nothing
 is submitted twice; ``force=True`` re-rates them (the store then counts a resubmission in ``n_submits``). A rerun
@@ -259,7 +260,8 @@ def simulate(study: Study, world, reader: Reader, n_raters: int = 3, noise: floa
                     f, p = _answers(r, _flip(seed, rater, tid, iid), noise)
                     seen.append((f, p, r.realism, -k, iid))
                 f, p, _, _, iid = max(seen)
-                rows.append((rater, tid, int(f), int(p), iid if len(cands) > 1 else None, SIM_SOURCE))
+                per_image = {x[4]: (int(x[0]), int(x[1])) for x in seen} if study.mode == "rate-all" else None
+                rows.append((rater, tid, int(f), int(p), iid if len(cands) > 1 else None, SIM_SOURCE, per_image))
             if rows:
                 store.record_many(rows)
                 recorded[rater] = {"settings": settings, "details": info, "updated_at": time.time()}

@@ -30,6 +30,23 @@ CREATE TABLE IF NOT EXISTS ratings (
     PRIMARY KEY (rater, task_id)
 )
 """
+#: ``--mode rate-all``: the rater's answers for every candidate of a task (the ratings row holds the chosen one's).
+CANDIDATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS candidate_ratings (
+    rater         TEXT NOT NULL,
+    task_id       TEXT NOT NULL,
+    image_id      TEXT NOT NULL,
+    faithfulness  INTEGER NOT NULL CHECK (faithfulness IN (0, 1)),
+    photorealism  INTEGER NOT NULL CHECK (photorealism IN (0, 1)),
+    updated_at    REAL NOT NULL,
+    PRIMARY KEY (rater, task_id, image_id)
+)
+"""
+CANDIDATE_UPSERT = """
+INSERT INTO candidate_ratings (rater, task_id, image_id, faithfulness, photorealism, updated_at) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (rater, task_id, image_id) DO UPDATE SET
+    faithfulness = excluded.faithfulness, photorealism = excluded.photorealism, updated_at = excluded.updated_at
+"""
 UPSERT = """
 INSERT INTO ratings (rater, task_id, faithfulness, photorealism, chosen_image, source, created_at, updated_at)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -50,6 +67,7 @@ def connect(path: str | Path, timeout: float = 60.0) -> sqlite3.Connection:
     con.execute("PRAGMA synchronous=NORMAL")
     con.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
     con.execute(SCHEMA)
+    con.execute(CANDIDATE_SCHEMA)
     return con
 
 
@@ -101,39 +119,59 @@ class RatingStore:
             raise ValueError(f"image {chosen_image} is not a candidate of task {task_id}")
         return task_id, f, p, chosen_image
 
+    def validate_all(self, task_id: str, chosen_image: str | None, per_image: dict[str, tuple]) -> tuple:
+        """``--mode rate-all``: an answer for every candidate and a pick; the ratings row is the pick's answers."""
+        cands = [c["image_id"] for c in self.study.tasks[task_id]["candidates"]] if task_id in self.study.tasks else []
+        if set(per_image) != set(cands):
+            raise ValueError(f"task {task_id}: rate every one of its {len(cands)} images (got {len(per_image)})")
+        if chosen_image not in per_image:
+            raise ValueError(f"task {task_id}: pick the best of the {len(cands)} images")
+        f, p = per_image[chosen_image]
+        return self.validate(task_id, f, p, chosen_image)
+
     def submit(self, token: str, task_id: str, faithfulness: Any, photorealism: Any,
-               chosen_image: str | None = None) -> dict[str, Any]:
+               chosen_image: str | None = None, per_image: dict[str, tuple] | None = None) -> dict[str, Any]:
         """A rater's answer (authenticated by token). Returns the stored row."""
         rater = self.authenticate(token)
-        return self.record(rater, task_id, faithfulness, photorealism, chosen_image, source="app")
+        return self.record(rater, task_id, faithfulness, photorealism, chosen_image, source="app", per_image=per_image)
 
     def record(self, rater: str, task_id: str, faithfulness: Any, photorealism: Any, chosen_image: str | None = None,
-               source: str = "app") -> dict[str, Any]:
-        """Upsert one validated row for an already identified rater (the app after login, Label Studio import)."""
-        if not rater:
-            raise PermissionError("anonymous ratings are not accepted")
-        row = self.validate(task_id, faithfulness, photorealism, chosen_image)
-        now = time.time()
-        self._write([(rater, *row, source, now, now)])
+               source: str = "app", per_image: dict[str, tuple] | None = None) -> dict[str, Any]:
+        """Upsert one validated row for an already identified rater (the app after login, Label Studio import).
+        A ``rate-all`` study also needs ``per_image``: image id -> (faithfulness, photorealism) of every candidate
+        (the row's two answers are then the chosen image's)."""
+        self.record_many([(rater, task_id, faithfulness, photorealism, chosen_image, source, per_image)])
         return self.get(rater, task_id)
 
     def record_many(self, rows: list[tuple]) -> int:
-        """Upsert many (rater, task_id, f, p, chosen, source) rows in one transaction (all validated first)."""
+        """Upsert many (rater, task_id, f, p, chosen, source[, per_image]) rows in one transaction (all validated
+        first)."""
         now = time.time()
-        checked = []
-        for rater, tid, f, p, chosen, source in rows:
+        checked, per = [], []
+        for row in rows:
+            rater, tid, f, p, chosen, source = row[:6]
+            per_image = row[6] if len(row) > 6 else None
             if not rater:
                 raise PermissionError("anonymous ratings are not accepted")
-            checked.append((rater, *self.validate(tid, f, p, chosen), source, now, now))
-        self._write(checked)
+            if self.study.mode == "rate-all":
+                if per_image is None:
+                    raise ValueError(f"task {tid}: this study rates every image (rate-all): give each one's answers")
+                per_image = {check_image_id(i): (_binary(a, "faithfulness"), _binary(b, "photorealism"))
+                             for i, (a, b) in per_image.items()}
+                checked.append((rater, *self.validate_all(tid, chosen, per_image), source, now, now))
+                per += [(rater, tid, i, a, b, now) for i, (a, b) in per_image.items()]
+            else:
+                checked.append((rater, *self.validate(tid, f, p, chosen), source, now, now))
+        self._write(checked, per)
         return len(checked)
 
-    def _write(self, rows: list[tuple]) -> None:
+    def _write(self, rows: list[tuple], per_image: list[tuple] = ()) -> None:
         for attempt in range(20):
             try:
                 self.con.execute("BEGIN IMMEDIATE")
                 try:
                     self.con.executemany(UPSERT, rows)
+                    self.con.executemany(CANDIDATE_UPSERT, per_image)
                     self.con.execute("COMMIT")
                 except BaseException:
                     self.con.execute("ROLLBACK")
@@ -152,11 +190,30 @@ class RatingStore:
         row = cur.fetchone()
         return dict(zip(COLUMNS, row)) if row else None
 
+    def get_candidates(self, rater: str, task_id: str) -> dict[str, tuple[int, int]]:
+        """A rater's answers for each candidate of a task (rate-all studies; empty otherwise)."""
+        cur = self.con.execute("SELECT image_id, faithfulness, photorealism FROM candidate_ratings "
+                               "WHERE rater = ? AND task_id = ?", (rater, task_id))
+        return {i: (f, p) for i, f, p in cur.fetchall()}
+
     def done_by(self, rater: str) -> set[str]:
         return {r[0] for r in self.con.execute("SELECT task_id FROM ratings WHERE rater = ?", (rater,))}
 
     def rows(self) -> list[dict[str, Any]]:
         return read_rows(self.path)
+
+
+def read_candidate_rows(path: str | Path) -> list[dict[str, Any]]:
+    """Every candidate's answers of a ``rate-all`` study (empty for the other modes)."""
+    if not Path(path).is_file():
+        return []
+    con = connect(path)
+    try:
+        cur = con.execute("SELECT rater, task_id, image_id, faithfulness, photorealism FROM candidate_ratings "
+                          "ORDER BY task_id, rater, image_id")
+        return [dict(zip(("rater", "task_id", "image_id", "faithfulness", "photorealism"), r)) for r in cur]
+    finally:
+        con.close()
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:

@@ -10,10 +10,12 @@ A *study* folder holds everything the raters' side needs, and nothing that names
     ratings.sqlite  the ratings (human_eval.store)
     simulated.json  only where simulated raters rated (human_eval.simulate): how they were made
 
-Two protocols:
+Three protocols:
 
     best        rate the image that ``entitydraw-score`` pre-selected as the best of 4 (``selected``)
     best-of-4   the paper's protocol: the rater picks the best of the 4 samples, then rates it
+    rate-all    the rater rates every one of the 4 samples and picks the best: the report can then say what Table 2
+                would be under the rater's pick, under an automatic reranker's pick and for "any of the 4"
 
 Ids are HMAC-SHA256 digests keyed by the study secret, so neither a task id nor an image id reveals the model, the
 run folder or the file name; the order of tasks (and of the 4 candidates) is a per-rater permutation.
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-MODES = ("best", "best-of-4")
+MODES = ("best", "best-of-4", "rate-all")
 #: Automatic scores an image row of a run may carry (entitydraw-score, the world judge), copied to its candidate
 #: for the report's correlations: CLIP-T / CLIP-I, DINO subject similarity, a VQA-style faithfulness, and the toy
 #: world's stand-ins for the last two (judge-feature subject similarity, the judge's P(faithful)).

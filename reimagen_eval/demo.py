@@ -46,7 +46,7 @@ def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 100, pe
         [*draw, "--no-retrieval", "--out", f"{o}/entitydraw-text-only"],
         ["fid-table", f"{o}/fid-retrieval", f"{o}/fid-text-only", "--out", f"{o}/fid-table"],
         ["entitydraw-summary", *runs, "--out", f"{o}/entitydraw-summary"],
-        ["rate", "tasks", *runs, "--study", f"{o}/study"],
+        ["rate", "tasks", *runs, "--study", f"{o}/study", "--mode", "rate-all", "--controls", "4", "--repeats", "4"],
         ["rate", "simulate", "--study", f"{o}/study", "--world", f"{o}/world"],
         ["rate", "report", "--study", f"{o}/study", "--out", f"{o}/rating-report"],
     ]

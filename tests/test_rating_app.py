@@ -94,6 +94,28 @@ def test_best_of_4_pick_then_rate(tmp_path, monkeypatch):
     assert (row["faithfulness"], row["photorealism"]) == (0, 1)
 
 
+def test_rate_all_rates_every_image_then_picks(tmp_path, monkeypatch):
+    from human_eval.store import read_candidate_rows
+
+    study, raters = _study(tmp_path, "rate-all")
+    at = _login(_app(monkeypatch, study, raters))
+    tid = study.order_for("alice")[0]
+    cands = study.candidates_for("alice", tid)
+    for k, letter in enumerate("ABCD"):
+        at.radio(key=f"faith_{letter}_{tid}").set_value("Faithful" if k % 2 else "Not faithful")
+        if letter != "D":
+            at.radio(key=f"photo_{letter}_{tid}").set_value("Photorealistic")
+    at.radio(key=f"best_{tid}").set_value("B")
+    at.button(key="save").click().run()
+    assert at.warning and read_rows(study.db_path) == []  # D's photorealism is missing
+    at.radio(key=f"photo_D_{tid}").set_value("Not photorealistic")
+    at.button(key="save").click().run()
+    row = read_rows(study.db_path)[0]
+    assert row["chosen_image"] == cands[1] and (row["faithfulness"], row["photorealism"]) == (1, 1)  # B's answers
+    per = {r["image_id"]: (r["faithfulness"], r["photorealism"]) for r in read_candidate_rows(study.db_path)}
+    assert per == {cands[0]: (0, 1), cands[1]: (1, 1), cands[2]: (0, 1), cands[3]: (1, 0)}
+
+
 def test_all_done_message(tmp_path, monkeypatch):
     study, raters = _study(tmp_path)
     from human_eval.store import RatingStore

@@ -53,6 +53,32 @@ def test_annotation_parser_refuses_foreign_and_incomplete(tmp_path):
     assert len(problems) == 3
 
 
+def test_rate_all_config_and_annotations_give_every_images_answers(tmp_path):
+    from human_eval.store import RatingStore, read_candidate_rows
+
+    root = ET.fromstring(label_config(4, rate_all=True))
+    names = {c.get("name") for c in root.iter("Choices")}
+    assert names == {"best", *(f"{q}_{L}" for q in ("faithfulness", "photorealism") for L in "ABCD")}
+    study = build_study([make_run(tmp_path / "m")], tmp_path / "study", "rate-all")
+    tid = sorted(study.tasks)[0]
+    cands = study.candidates_for("labelstudio", tid)
+    yes = lambda n, v: {"from_name": n, "value": {"choices": [v]}}  # noqa: E731
+    result = [yes(f"faithfulness_{L}", "Yes" if L == "C" else "No") for L in "ABCD"]
+    result += [yes(f"photorealism_{L}", "Yes") for L in "ABCD"] + [yes("best", "C")]
+    tasks = [{"id": 1, "data": {"reimagen_task_id": tid, "candidate_ids": cands},
+              "annotations": [{"completed_by": 5, "result": result},
+                              {"completed_by": 6, "result": result[:-2]}]}]  # lacks D's photorealism and the pick
+    rows, problems = annotations_to_rows(study, tasks)
+    assert len(rows) == 1 and rows[0][:5] == ("labelstudio:5", tid, 1, 1, cands[2]) and len(problems) == 1
+    store = RatingStore(study)
+    try:
+        store.record_many(rows)
+    finally:
+        store.close()
+    per = {r["image_id"]: r["faithfulness"] for r in read_candidate_rows(study.db_path)}
+    assert per == {c: int(i == 2) for i, c in enumerate(cands)}
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("ls")

@@ -321,3 +321,27 @@ def test_control_items_and_repeats_score_the_raters_and_never_count_in_table2(se
     with pytest.raises(ValueError, match="needs its expected answer"):
         build_study(runs, tmp / "qc2", "best", control_file=bad)
     assert not (tmp / "qc2").exists()
+
+
+def test_rate_all_compares_the_raters_pick_with_the_reranker_and_any_of_four(tmp_path, tiny):
+    from human_eval.store import read_candidate_rows
+
+    world, prompts = tiny
+    truth = make_world_run(tmp_path / "four", world, prompts, lambda i: i == 2, samples=4)  # only sample 2 is right
+    study = build_study([f"reimagen={tmp_path / 'four'}"], tmp_path / "study", "rate-all")
+    simulate(study, world, Oracle(world, truth), n_raters=2, noise=0.0, seed=0)
+    assert len(read_candidate_rows(study.db_path)) == 2 * 4 * len(prompts)  # every image of every task
+    rep = write_report(study, tmp_path / "rep")
+    (b,) = rep["best_of_n"]
+    # the raters pick the right sample (faithful), the reranker marked sample 0 (selected, wrong); any of 4: right
+    assert (b["faithfulness_human"], b["faithfulness_reranker"], b["faithfulness_any"]) == (1.0, 0.0, 1.0)
+    assert b["pick_agreement"] == 0.0 and b["picks_compared"] == 2 * len(prompts)
+    assert "Raters' pick | Reranker's pick | Any of N" in rep["markdown"]
+    with pytest.raises(ValueError, match="rate every one"):
+        store = RatingStore(study)
+        try:
+            tid = next(iter(study.tasks))
+            store.record("x", tid, 1, 1, study.tasks[tid]["candidates"][0]["image_id"],
+                         per_image={study.tasks[tid]["candidates"][0]["image_id"]: (1, 1)})
+        finally:
+            store.close()
