@@ -74,23 +74,33 @@ def ship(base: Path = typer.Option(Path("runs/toy-train/base/last"), help="Train
         console.print(f"{name}: {dst} ({sum(f.stat().st_size for f in dst.iterdir()) / 1e6:.1f} MB)")
 
 
+_WORLD = typer.Option(None, help="World folder (its world.json, from `toy build`); default: the default world.")
+
+
+def _world(folder: Path | None):
+    from .build import load_world
+
+    return None if folder is None else load_world(folder)
+
+
 @toy_app.command()
 @friendly
 def probe(checkpoint: Path = typer.Option(WEIGHTS / "base", help="Base-stage checkpoint to probe."),
           per_split: int = typer.Option(12, min=1, help="Bench prompts per frequency split."),
           k: int = typer.Option(2, min=1, help="Neighbours per prompt."),
           ema: bool = typer.Option(True, help="Use the EMA weights when the checkpoint has them."),
-          out: Path = typer.Option(None, help="Also write the rows as JSON here.")) -> None:
+          out: Path = typer.Option(None, help="Also write the rows as JSON here."),
+          world: Path = _WORLD) -> None:
     """Does the stage use its neighbours' content? x0 error with right / wrong / no neighbours, per split; and
     does it read the caption's position and background words (x0 error with them swapped)?"""
     from .diagnose import caption_table, neighbour_probe, probe_table
 
-    rows = neighbour_probe(checkpoint, per_split=per_split, k=k, ema=ema)
+    rows = neighbour_probe(checkpoint, world=_world(world), per_split=per_split, k=k, ema=ema)
     _write_rows(out, rows)  # before printing: a closed pipe (| head) must not lose them
     print(probe_table(rows) + "\n\n" + caption_table(rows))
 
 
-# options shared by the stage diagnostics (decompose, recover)
+# options shared by the stage diagnostics (probe, decompose, recover)
 _JUDGE = typer.Option(WEIGHTS / "judge", help="Judge folder.")
 _PER_SPLIT = typer.Option(12, min=1, help="Bench prompts per frequency split.")
 _SAMPLES = typer.Option(2, min=1, help="Samples per prompt.")
@@ -115,13 +125,15 @@ def decompose(base: Path = typer.Option(WEIGHTS / "base", help="Base-stage check
                                           "render32+sr / render32+sr(text) (it through the SR stage with / "
                                           "without the references), base+bilinear, base+sr (the cascade with "
                                           "retrieval), base(text)+sr(text) (the cascade without)."),
-              out: Path = typer.Option(None, help="Also write the rows as JSON here.")) -> None:
+              out: Path = typer.Option(None, help="Also write the rows as JSON here."),
+              world: Path = _WORLD) -> None:
     """Where is faithfulness lost? Judge rates per attribute when each stage is fed the truth instead of the
     stage before it (real 32px renders into the SR stage, real renders upsampled), next to the cascade."""
     from .diagnose import SOURCES, stage_decomposition
 
     sources = sources or ",".join(SOURCES)
-    rows = stage_decomposition(base, sr, judge, per_split=per_split, samples=samples, k=k, steps=steps,
+    rows = stage_decomposition(base, sr, judge, world=_world(world), per_split=per_split, samples=samples, k=k,
+                               steps=steps,
                                sr_steps=sr_steps, w=w, sr_w=sr_w, eta=eta,
                                sources=tuple(s.strip() for s in sources.split(",") if s.strip()))
     _write_rows(out, rows)
@@ -140,7 +152,8 @@ def recover(base: Path = typer.Option(WEIGHTS / "base", help="Base-stage checkpo
             steps: int = typer.Option(25, min=1, help="DDIM steps of a run from t = 1 (a run from t takes t of them)."),
             w: float = typer.Option(3.0, min=0.0, help="Guidance weight (w_p = w_n)."),
             eta: float = typer.Option(0.5, min=0.0, max=1.0, help="Interleave ratio with retrieval (Eq. 6)."),
-            out: Path = typer.Option(None, help="Also write the rows as JSON here.")) -> None:
+            out: Path = typer.Option(None, help="Also write the rows as JSON here."),
+            world: Path = _WORLD) -> None:
     """Where in the noise range does the base stage lose an attribute? It denoises the true 32 px render noised
     to each t (SDEdit), with retrieval and text only; judge rates per attribute (t = 1: ordinary sampling)."""
     from .diagnose import noise_recovery
@@ -149,7 +162,8 @@ def recover(base: Path = typer.Option(WEIGHTS / "base", help="Base-stage checkpo
         ts = tuple(float(t) for t in times.split(",") if t.strip())
     except ValueError:
         raise ValueError(f"--times must be comma-separated numbers, got {times!r}") from None
-    rows = noise_recovery(base, judge, times=ts, per_split=per_split, samples=samples, k=k, steps=steps, w=w, eta=eta)
+    rows = noise_recovery(base, judge, world=_world(world), times=ts, per_split=per_split, samples=samples, k=k,
+                          steps=steps, w=w, eta=eta)
     _write_rows(out, rows)
     _print_split_tables(rows)
 
