@@ -503,6 +503,9 @@ def _print_summary(summary: dict) -> None:
 def entitydraw_summary(
     runs: list[str] = typer.Argument(..., help="Scored run folders, as PATH or LABEL=PATH (one row per model)."),
     out: Path = typer.Option(Path("entitydraw_summary"), "--out", help="Output stem: OUT.csv, OUT.md, OUT.png."),
+    allow_different: bool = typer.Option(False, "--allow-different", help="Tabulate runs made or scored under "
+                                         "different protocols (prompts, samples per prompt, seed, judge or CLIP "
+                                         "weights) anyway, marked, instead of refusing."),
 ) -> None:
     """Compare several scored runs in one Table 2 / Figure 5 shaped table and PNG (one row per model)."""
     from .scoring import summarize_runs
@@ -515,7 +518,7 @@ def entitydraw_summary(
         if label in labelled:
             raise ValueError(f"two runs are labelled {label!r}; name them LABEL=PATH")
         labelled[label] = Path(path)
-    summary = summarize_runs(labelled, out)
+    summary = summarize_runs(labelled, out, allow_different)
     _print_summary(summary)
     err.print(f"summary in {escape(str(out))}.csv/.md/.png", highlight=False)
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from .entities import CATEGORIES, CATEGORY_TITLES, write_json, write_jsonl, write_text
 from .run import IMAGES_FILE, read_run
-from .summary import ci95, mean_sem, savefig, wrap
+from .summary import check_protocols, ci95, mean_sem, run_protocol, savefig, wrap
 
 SELECT_MODES = ("clip-t", "clip-i", "mean", "vqa")
 METRICS = ("clip_t", "clip_i", "dino_i", "vqa")
@@ -211,6 +211,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     cats = [c for c in CATEGORIES if any(r["group_by"] == "category" and r["group"] == c and r["n"] for r in recs)]
     measured = [m for m in METRICS if any(r["metric"] == m and r["n"] for r in recs)]
     lines = ["# EntityDrawBench: automatic proxy scores", "", f"**{summary['note']}**", "",
+             *[f"> PROTOCOLS DIFFER: {n}" for n in summary.get("protocol_notes", [])],
              "Mean [95% interval: +- 1.96 standard errors] over the best-of-N image of each prompt.", ""]
     for metric in measured:
         lines += [f"## {METRIC_TITLES[metric]} by category (shaped like Table 2)", "",
@@ -290,31 +291,32 @@ def plot_summary(summary: dict[str, Any], path: str | Path) -> Path:
         plt.close(fig)
 
 
-def summarize_runs(runs: dict[str, str | Path], out: str | Path) -> dict[str, Any]:
+def summarize_runs(runs: dict[str, str | Path], out: str | Path, allow_different: bool = False) -> dict[str, Any]:
     """One Table-2 / Figure-5 summary over several scored runs (one row per model), written to ``out``.*
     Toy-world runs (``entitydraw --world``), judged rather than CLIP-scored, go to
-    ``world.summarize_world_runs``; the two kinds do not mix."""
+    ``world.summarize_world_runs``; the two kinds do not mix. Runs of different protocols (prompts, samples,
+    seed, scorers) are refused unless ``allow_different`` (then marked)."""
     from .world import is_world_run, summarize_world_runs
 
     kinds = {is_world_run(p) for p in runs.values()}
     if len(kinds) > 1:
         raise ValueError("toy-world runs (judged) and EntityDrawBench runs (CLIP proxies) cannot share a table")
     if kinds == {True}:
-        return summarize_world_runs(runs, out)
-    loaded, clips = {}, []
+        return summarize_world_runs(runs, out, allow_different)
+    loaded, clips, protocols = {}, [], {}
     for label, path in runs.items():
         path = Path(path)
-        _, rows = read_run(path)
+        manifest, rows = read_run(path)
         if not (path / SCORES_FILE).is_file() or all(r.get("clip_t") is None for r in rows):
             raise ValueError(f"{path} is not scored yet: run `reimagen-eval entitydraw-score {path}` first")
         import json
 
         clips.append(json.loads((path / SCORES_FILE).read_text())["clip"])
         loaded[label] = rows
-    if any(c != clips[0] for c in clips[1:]):
-        raise ValueError("the runs were scored with different CLIP models or selection scores; score them alike "
-                         f"to compare ({clips})")
+        protocols[label] = run_protocol(manifest, clips[-1])
+    notes = check_protocols(protocols, allow_different)
     summary = summarize(loaded, clips[0])
+    summary["protocol_notes"] = notes
     write_summary(summary, out)
     return summary
 

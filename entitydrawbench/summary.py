@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -71,6 +71,34 @@ def ci95(mean: float | None, sem: float | None, bounds: tuple[float, float] | No
     if bounds is not None:
         lo, hi = max(bounds[0], lo), min(bounds[1], hi)
     return lo, hi
+
+
+#: What a run's numbers depend on besides the model: the benchmark (and world), the prompts, the samples per
+#: prompt, the seed. Rows of runs that differ in these (or in how they were scored) do not compare.
+PROTOCOL_KEYS = ("benchmark", "world", "prompt_seed", "samples_per_prompt", "prompts", "n_prompts", "seed")
+
+
+def run_protocol(manifest: dict[str, Any], scorer: Any) -> dict[str, Any]:
+    """The protocol of a scored run: ``PROTOCOL_KEYS`` of its run.json and how it was scored."""
+    return {**{k: manifest.get(k) for k in PROTOCOL_KEYS}, "scorer": scorer}
+
+
+def check_protocols(protocols: dict[str, dict[str, Any]], allow_different: bool) -> list[str]:
+    """Refuse runs of different protocols in one table (ValueError naming the differences), or, with
+    ``allow_different``, return one note per run that differs from the first."""
+    labels = list(protocols)
+    if not labels:
+        return []
+    base = protocols[labels[0]]
+    notes = []
+    for label in labels[1:]:
+        diff = sorted(k for k in set(base) | set(protocols[label]) if base.get(k) != protocols[label].get(k))
+        if diff:
+            notes.append(f"{label} differs from {labels[0]} in {', '.join(diff)}: its numbers do not compare")
+    if notes and not allow_different:
+        raise ValueError("the runs were made or scored under different protocols: " + "; ".join(notes)
+                         + " (pass --allow-different to tabulate them anyway, marked)")
+    return notes
 
 
 def savefig(fig, path: Path) -> Path:

@@ -50,7 +50,7 @@ from toyworld.world import LOOK_ATTRIBUTES, SCENE_ATTRIBUTES
 from .entities import read_jsonl, write_json, write_jsonl, write_text
 from .references import ReferencePair
 from .run import IMAGES_FILE, RunConfig, RunResult, read_run, run_prompts
-from .summary import FIGURE, ci95, mean_sem, parse_values, savefig, wrap
+from .summary import FIGURE, check_protocols, ci95, mean_sem, parse_values, run_protocol, savefig, wrap
 
 WORLD_BENCHMARK = "entitydrawbench-toyworld-v1"
 SPLITS: tuple[str, ...] = ("frequent", "infrequent", "unseen")
@@ -376,6 +376,7 @@ def world_markdown(summary: dict[str, Any]) -> str:
     rule = "|---" * (len(groups) + 1) + "|"
     j = summary.get("judge") or {}
     lines = ["# EntityDrawBench on the toy world: judged faithfulness", "", f"**{summary['note']}**", "",
+             *[f"> PROTOCOLS DIFFER: {n}" for n in summary.get("protocol_notes", [])],
              f"Judge: {j.get('path', '?')} (sha256 {j.get('sha256', '?')}, min. attribute accuracy on fresh "
              f"renders {j.get('min_test_accuracy', '?')}). Rate [95% interval] (n): mean +- 1.96 standard errors; "
              "per-image standard errors are clustered by prompt (a prompt's N samples are not independent), "
@@ -451,21 +452,23 @@ def plot_world_summary(summary: dict[str, Any], path: str | Path) -> Path:
         plt.close(fig)
 
 
-def summarize_world_runs(runs: dict[str, str | Path], out: str | Path) -> dict[str, Any]:
-    """One per-split table and plot over several judged world runs (e.g. with and without retrieval)."""
-    loaded, judges = {}, []
+def summarize_world_runs(runs: dict[str, str | Path], out: str | Path, allow_different: bool = False) -> dict[str, Any]:
+    """One per-split table and plot over several judged world runs (e.g. with and without retrieval); runs of
+    different protocols (world, prompts, samples, seed, judge) are refused unless ``allow_different``."""
+    loaded, judges, protocols = {}, [], {}
     for label, path in runs.items():
         path = Path(path)
-        _, rows = read_run(path)
+        manifest, rows = read_run(path)
         scores = path / SCORES_FILE
         meta = json.loads(scores.read_text()) if scores.is_file() else {}
         if "judge" not in meta or all(r.get("faithful") is None for r in rows):
             raise ValueError(f"{path} is not judged yet: run `reimagen-eval entitydraw-score {path}` first")
         judges.append(meta["judge"])
         loaded[label] = rows
-    if any(j.get("sha256") != judges[0].get("sha256") for j in judges[1:]):
-        raise ValueError("the runs were judged by different judges; score them with the same --judge to compare")
+        protocols[label] = run_protocol(manifest, {"judge": meta["judge"].get("sha256")})
+    notes = check_protocols(protocols, allow_different)
     summary = summarize_world(loaded, judges[0])
+    summary["protocol_notes"] = notes
     write_world_summary(summary, out)
     return summary
 

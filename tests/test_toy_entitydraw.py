@@ -273,6 +273,17 @@ def test_summary_compares_runs_with_and_without_retrieval(tw, run, tmp_path):
     assert set(csv.model) == {"retrieval", "text-only"} and len(csv) == 2 * (2 * 5 * 4 + 7 * 4)
     ok = csv.dropna(subset=["ci_lo"])
     assert len(ok) and ((ok.ci_lo <= ok["mean"] + 1e-12) & (ok["mean"] <= ok.ci_hi + 1e-12)).all()
+    other = tmp_path / "other-seed"  # the same run recorded under another seed: another protocol
+    shutil.copytree(without, other)
+    manifest = json.loads((other / "run.json").read_text())
+    (other / "run.json").write_text(json.dumps(dict(manifest, seed=manifest["seed"] + 1)))
+    res = invoke(tw, "entitydraw-summary", f"retrieval={run[0]}", f"other={other}", "--out", tmp_path / "mixed")
+    assert res.exit_code == 2 and "different protocols" in res.output and "seed" in res.output
+    assert not (tmp_path / "mixed.md").exists()
+    res = invoke(tw, "entitydraw-summary", f"retrieval={run[0]}", f"other={other}", "--out", tmp_path / "mixed",
+                 "--allow-different")
+    assert res.exit_code == 0 and "PROTOCOLS DIFFER: other differs from retrieval in seed" in (
+        tmp_path / "mixed.md").read_text()
     unjudged = tmp_path / "unjudged"
     shutil.copytree(without, unjudged)
     (unjudged / "scores.json").unlink()
