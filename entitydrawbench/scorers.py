@@ -7,8 +7,8 @@ score through a plug-in.
              224 (bicubic) and normalised with ImageNet's statistics, as its image processor does.
     vqa      P("yes") to "Does this figure show '<prompt>'?" (VQAScore, Lin et al. 2024), from a plug-in:
 
-                 hf:<model>     a Hugging Face visual-question-answering pipeline (e.g. hf:dandelin/vilt-b32-finetuned-vqa):
-                                the score of the answer "yes"
+                 hf:<model>     a Hugging Face visual-question-answering pipeline (e.g.
+                                hf:dandelin/vilt-b32-finetuned-vqa): the score of the answer "yes"
                  t2v:<model>    t2v_metrics' VQAScore (``pip install t2v-metrics``; e.g. t2v:clip-flant5-xl)
                  module:attr    any callable ``f(images: list[PIL.Image], prompts: list[str]) -> list[float]``
 

@@ -11,7 +11,8 @@
 
 Bootstrap (``bootstrap_ci``): ``scipy.stats.bootstrap`` draws B resamples of the generated images (the reference
 set is held fixed: its statistics are cached and it is not what is being compared); the interval is the
-percentile interval of the bootstrap distribution centred on the estimate (see there why). A resample is given to a statistic as the count c_i of each image in it, so the kernel sums of all B
+percentile interval of the bootstrap distribution centred on the estimate (see there why). A resample is
+given to a statistic as the count c_i of each image in it, so the kernel sums of all B
 resamples come from one pass over the kernel matrix (c^T K c, computed block by block, never stored) and a
 Frechet replicate from a weighted mean and covariance.
 """

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -148,10 +148,12 @@ def _frechet_ci(col: str, st, ref, c) -> dict[str, float]:
     if not c.bootstrap:
         return {}
     x = mt.read_all(st.features)
-    stat: Callable[[np.ndarray], np.ndarray] = lambda cnt: dist.frechet_from_counts(x, ref.mu, ref.sigma, cnt)  # noqa: E731
+    def stat(cnt: np.ndarray) -> np.ndarray:
+        return dist.frechet_from_counts(x, ref.mu, ref.sigma, cnt)
+
     lo, hi = dist.bootstrap_ci(len(x), stat, c.bootstrap, c.seed)
     return {f"{col}_lo": lo, f"{col}_hi": hi}
 
 
-__all__ = ["METRICS", "LIBRARY", "COLUMN", "TITLE", "METRIC_COLUMNS", "parse_metrics", "parse_weights", "check_sample_sizes", "MetricBackends",
-           "point_metrics"]
+__all__ = ["METRICS", "LIBRARY", "COLUMN", "TITLE", "METRIC_COLUMNS", "parse_metrics", "parse_weights",
+           "check_sample_sizes", "MetricBackends", "point_metrics"]

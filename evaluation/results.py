@@ -231,5 +231,5 @@ def write_results(out: str | os.PathLike, measured: Sequence[dict[str, Any]], ti
     return paths
 
 
-__all__ = ["COLUMNS", "PAPER", "REPORTED", "reported_for", "best_row", "measured_metrics", "tidy_rows", "to_csv", "to_markdown",
-           "plot_fid_vs_guidance", "write_results"]
+__all__ = ["COLUMNS", "PAPER", "REPORTED", "reported_for", "best_row", "measured_metrics", "tidy_rows", "to_csv",
+           "to_markdown", "plot_fid_vs_guidance", "write_results"]

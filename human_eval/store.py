@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS candidate_ratings (
 )
 """
 CANDIDATE_UPSERT = """
-INSERT INTO candidate_ratings (rater, task_id, image_id, faithfulness, photorealism, updated_at) VALUES (?, ?, ?, ?, ?, ?)
+INSERT INTO candidate_ratings (rater, task_id, image_id, faithfulness, photorealism, updated_at)
+VALUES (?, ?, ?, ?, ?, ?)
 ON CONFLICT (rater, task_id, image_id) DO UPDATE SET
     faithfulness = excluded.faithfulness, photorealism = excluded.photorealism, updated_at = excluded.updated_at
 """
