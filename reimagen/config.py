@@ -37,6 +37,10 @@ class UNetConfig:
     prediction: str = "eps"                  # eps | x0 | v: what the network outputs
     schedule: str = "cosine"                 # cosine | linear noise schedule (log-SNR form), NAME:SHIFT shifts it
     norm_groups: int = 32                    # GroupNorm groups (capped by the channel count)
+    # A learned position embedding added to the image tokens of every text attention (queries and keys), so that
+    # a location can answer a word such as "left" (toyworld/README.md: without it the toy base stages never read
+    # the position word). Not in Imagen's U-Net, which learns layout from padding cues at scale.
+    attn_position_embedding: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
@@ -88,6 +92,8 @@ class UNetConfig:
         d = asdict(self)
         if d["up_res_blocks"] is None:  # the default is left out: configs, checkpoints and run manifests of
             del d["up_res_blocks"]      # U-Nets without the option serialise exactly as before it existed
+        if not d["attn_position_embedding"]:  # (likewise)
+            del d["attn_position_embedding"]
         return d
 
     def to_json(self) -> str:
@@ -163,6 +169,9 @@ PRESETS: dict[str, Preset] = {
     "toy-32": Preset(_TOY_32, note="toy world 32x32 base stage (v-prediction, pooled neighbour FiLM)"),
     # toy-32 with one level fewer: the DStack output, where the neighbour attention runs (Sec. 3.2), is 16x16
     # instead of 8x8, and so are self- and text cross-attention. ~1.6x the CPU time per step of toy-32.
+    # World v3's base stage: toy-32 whose text attentions know where each token is (attn_position_embedding).
+    "toy-32-v3": Preset(replace(_TOY_32, attn_position_embedding=True),
+                        note="toy world v3 base stage: toy-32 with position-aware text attention"),
     "toy-32-n16": Preset(replace(_TOY_32, channel_mults=(1, 2), num_res_blocks=(1, 2), attn_resolutions=(16,)),
                          note="toy world 32x32 base stage, neighbour attention at 16x16 (experiment, README)"),
     "toy-sr64": Preset(

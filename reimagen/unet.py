@@ -107,12 +107,19 @@ class ResBlock(nn.Module):
         return h + self.skip(x)
 
 
+def _pos(cfg, res: int) -> int | None:
+    """The token grid side of a text attention at ``res``, where the config asks for position embeddings."""
+    return res if cfg.attn_position_embedding else None
+
+
 class TextAttention(nn.Module):
     """Self-attention over image tokens with the text tokens' keys/values concatenated (Imagen)."""
 
-    def __init__(self, channels: int, text_width: int, head_dim: int, groups: int):
+    def __init__(self, channels: int, text_width: int, head_dim: int, groups: int, size: int | None = None):
         super().__init__()
         self.heads = max(1, channels // head_dim)
+        # ``size``: a learned position embedding of the size x size image tokens (UNetConfig.attn_position_embedding)
+        self.pos = nn.Parameter(torch.randn(1, size * size, channels) * 0.02) if size else None
         self.norm = nn.GroupNorm(_groups(channels, groups), channels)
         self.to_qkv = nn.Linear(channels, 3 * channels, bias=False)
         self.text_to_kv = nn.Linear(text_width, 2 * channels, bias=False)
@@ -127,6 +134,8 @@ class TextAttention(nn.Module):
     def forward(self, x: Tensor, text: TextCond) -> Tensor:
         b, c, hh, ww = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        if self.pos is not None:
+            tokens = tokens + self.pos
         q, k, v = self.to_qkv(tokens).chunk(3, dim=-1)
         tk, tv = self.text_to_kv(text.tokens).chunk(2, dim=-1)
         k, v = torch.cat([k, tk], 1), torch.cat([v, tv], 1)
@@ -260,14 +269,14 @@ class DStack(nn.Module):
                 self.blocks.append(ResBlock(c, c_out, cfg.cond_dim, g, cfg.dropout))
                 c = c_out
                 if res in cfg.attn_resolutions:
-                    self.blocks.append(TextAttention(c, cfg.text_width, cfg.head_dim, g))
+                    self.blocks.append(TextAttention(c, cfg.text_width, cfg.head_dim, g, _pos(cfg, res)))
                 self.skip_channels.append(c)
             if level < len(cfg.channel_mults) - 1:
                 self.blocks.append(Downsample(c))
                 res //= 2
                 self.skip_channels.append(c)
         self.mid1 = ResBlock(c, c, cfg.cond_dim, g, cfg.dropout)
-        self.mid_attn = TextAttention(c, cfg.text_width, cfg.head_dim, g)
+        self.mid_attn = TextAttention(c, cfg.text_width, cfg.head_dim, g, _pos(cfg, res))
         self.mid2 = ResBlock(c, c, cfg.cond_dim, g, cfg.dropout)
 
     def embed(self, t: Tensor, text: TextCond, aug_t: Tensor | None) -> Tensor:
@@ -319,7 +328,7 @@ class UStack(nn.Module):
                                             cfg.dropout))
                 c = c_out
                 if res in cfg.attn_resolutions:
-                    self.blocks.append(TextAttention(c, cfg.text_width, cfg.head_dim, g))
+                    self.blocks.append(TextAttention(c, cfg.text_width, cfg.head_dim, g, _pos(cfg, res)))
             del unused[len(unused) - (cfg.num_res_blocks[level] + 1 - ups):]  # the level's shallower skips: unused
             if level > 0:
                 self.blocks.append(Upsample(c))

@@ -522,3 +522,19 @@ def test_neighbour_film_carries_neighbour_content_past_a_silent_attention_output
     dn = torch.tensor([False, True])
     shared = m(xs, ts, tcs, mems, drop_neighbours=dn, source=torch.tensor([0, 0]))
     torch.testing.assert_close(shared, m(xs, ts, tcs, mems, drop_neighbours=dn), atol=ATOL, rtol=0)
+
+
+def test_position_embedding_lets_text_attention_tell_locations_apart():
+    """A spatially uniform input gives the same output at every location without position embeddings, and
+    location-dependent outputs with them (what lets a word such as "left" act on one side only)."""
+    from reimagen.unet import TextAttention, TextCond
+
+    torch.manual_seed(0)
+    text = TextCond(torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool), torch.zeros(2, 32))
+    x = torch.ones(2, 32, 4, 4) * torch.randn(2, 32, 1, 1)
+    for size, varies in ((None, False), (4, True)):
+        att = TextAttention(32, 16, 16, 8, size)
+        torch.nn.init.normal_(att.to_out.weight, std=0.2)  # (zero-initialised: the block is an identity at first)
+        out = att(x, text)
+        spread = (out - out.mean((2, 3), keepdim=True)).abs().max().item()
+        assert (spread > 1e-4) == varies, (size, spread)
