@@ -52,7 +52,7 @@ def _copy(study_dir: Path, src: str | Path, key: str) -> Path:
 
 def read_control_file(path: str | Path) -> list[dict[str, Any]]:
     """User control items (see the module docstring), checked."""
-    from .tasks import read_jsonl
+    from .ids import read_jsonl
 
     rows = read_jsonl(Path(path))
     for n, r in enumerate(rows, 1):
@@ -70,7 +70,7 @@ def make_controls(tasks: list[dict[str, Any]], study_dir: Path, secret: str, ima
                   repeats: int, user_rows: Sequence[dict[str, Any]] = (), seed: int = 0) -> list[dict[str, Any]]:
     """Control and repeated tasks for a study whose ordinary tasks are ``tasks`` (see the module docstring);
     their images are registered in ``images``."""
-    from .tasks import image_id, task_id
+    from .ids import image_id, task_id
 
     rng = random.Random(seed)
     k = max(len(t["candidates"]) for t in tasks)

@@ -23,8 +23,6 @@ run folder or the file name; the order of tasks (and of the 4 candidates) is a p
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import re
@@ -32,6 +30,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from .ids import _digest, image_id, read_jsonl, task_id  # noqa: F401  (re-exported)
 
 MODES = ("best", "best-of-4", "rate-all")
 #: Automatic scores an image row of a run may carry (entitydraw-score, the world judge), copied to its candidate
@@ -50,19 +50,6 @@ RATER_RE = re.compile(r"^[A-Za-z0-9_.@:+-]{1,64}$")
 _MODEL_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 #: Rater ids of simulated raters (human_eval.simulate); refused in rater lists so no person can use one.
 SIM_RATER_PREFIX = "sim-judge-"
-
-
-def _digest(secret: str, *parts: str, n: int) -> str:
-    msg = "\x1f".join(parts).encode("utf-8")
-    return hmac.new(secret.encode("ascii"), msg, hashlib.sha256).hexdigest()[:n]
-
-
-def task_id(secret: str, model: str, prompt_id: str) -> str:
-    return "t_" + _digest(secret, "task", model, prompt_id, n=20)
-
-
-def image_id(secret: str, path: str | Path) -> str:
-    return "i_" + _digest(secret, "image", str(Path(path).resolve()), n=24)
 
 
 def check_image_id(value: str) -> str:
@@ -97,18 +84,6 @@ def parse_run_specs(specs: Sequence[str | Path]) -> dict[str, Path]:
     if not runs:
         raise ValueError("give at least one run folder")
     return runs
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n}: not JSON ({err.msg})") from None
-    return rows
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
