@@ -167,11 +167,11 @@ PRESETS: dict[str, Preset] = {
                    neighbour_heads=4), note="CPU-sized 32 -> 64 super-resolution stage"),
     # The toy world's shipped cascade: sized to train in ~90 CPU minutes and ship in fp16 under 30 MB.
     "toy-32": Preset(_TOY_32, note="toy world 32x32 base stage (v-prediction, pooled neighbour FiLM)"),
-    # toy-32 with one level fewer: the DStack output, where the neighbour attention runs (Sec. 3.2), is 16x16
-    # instead of 8x8, and so are self- and text cross-attention. ~1.6x the CPU time per step of toy-32.
     # World v3's base stage: toy-32 whose text attentions know where each token is (attn_position_embedding).
     "toy-32-v3": Preset(replace(_TOY_32, attn_position_embedding=True),
                         note="toy world v3 base stage: toy-32 with position-aware text attention"),
+    # toy-32 with one level fewer: the DStack output, where the neighbour attention runs (Sec. 3.2), is 16x16
+    # instead of 8x8, and so are self- and text cross-attention. ~1.6x the CPU time per step of toy-32.
     "toy-32-n16": Preset(replace(_TOY_32, channel_mults=(1, 2), num_res_blocks=(1, 2), attn_resolutions=(16,)),
                          note="toy world 32x32 base stage, neighbour attention at 16x16 (experiment, README)"),
     "toy-sr64": Preset(
