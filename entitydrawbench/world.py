@@ -345,14 +345,15 @@ def summarize_world(runs: dict[str, list[dict]], judge_info: dict) -> dict[str, 
                 prompts = [r["prompt_id"] for r in members]  # a prompt's samples are not independent
                 for metric in METRICS + AUTO_METRICS:
                     mean, sem, n = mean_sem([r.get(metric) for r in members], prompts)
-                    lo, hi = ci95(mean, sem, (0.0, 1.0) if metric in METRICS else None)
+                    lo, hi = ci95(mean, sem, (0.0, 1.0) if metric != "subject_sim" else None)
                     records.append({"model": label, "selection": selection, "metric": metric, "split": group,
                                     "mean": mean, "sem": sem, "ci_lo": lo, "ci_hi": hi, "n": n})
                 if selection == "per_image":  # finer than faithfulness: which attributes come out right
                     for a in ATTRIBUTES:
                         mean, sem, n = mean_sem([(r.get("judge_match") or {}).get(a) for r in members], prompts)
+                        lo, hi = ci95(mean, sem, (0.0, 1.0))
                         records.append({"model": label, "selection": selection, "metric": f"attr:{a}",
-                                        "split": group, "mean": mean, "sem": sem, "n": n})
+                                        "split": group, "mean": mean, "sem": sem, "ci_lo": lo, "ci_hi": hi, "n": n})
     return {"judge": judge_info, "note": JUDGE_NOTE, "records": records, "models": list(runs)}
 
 

@@ -205,6 +205,9 @@ def test_judge_scoring_adds_fields_and_the_per_split_tables_add_up(tw, run, tmp_
                 np.mean([r[metric] for r in members if r["split"] == "unseen"]))
     shape = csv[(csv.metric == "attr:shape") & (csv.split == "all")]
     assert shape["mean"].item() == pytest.approx(np.mean([r["judge_match"]["shape"] for r in rows]))
+    attrs = csv[csv.metric.str.startswith("attr:") & csv["sem"].notna()]  # rates with 95% intervals inside [0, 1]
+    assert len(attrs) and (attrs.ci_lo <= attrs["mean"]).all() and (attrs["mean"] <= attrs.ci_hi).all()
+    assert (attrs.ci_lo >= 0).all() and (attrs.ci_hi <= 1).all()
     md = (out / "summary.md").read_text()
     assert "| Model | Frequent | Infrequent | Unseen | All |" in md and "not human raters" in md
     assert "clustered by prompt" in md
