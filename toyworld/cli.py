@@ -18,7 +18,7 @@ toy_app = typer.Typer(no_args_is_help=True, help="The synthetic long-tail world:
 
 
 _OBJECT_SCALE = typer.Option(1.0, min=0.5, max=1.6, help=f"Size of the entities: 1.0 is the shipped cascade's world "
-                             f"(copies 15-25 px across at 64 px), {V3_OBJECT_SCALE} world v3 (in training).")
+                             f"(copies 15-25 px across at 64 px), {V3_OBJECT_SCALE} world v3 (toyworld/README.md).")
 
 
 @toy_app.command()

@@ -101,7 +101,7 @@ class BenchPrompt:
     text: str
 
 
-#: The object scale of world v3, the shipped cascade's world (``toy build`` builds it by default).
+#: The object scale of world v3 (``toy build --object-scale 1.4``; not the shipped cascade's, toyworld/README.md).
 V3_OBJECT_SCALE = 1.4
 
 
