@@ -230,12 +230,21 @@ def fid_table(
     lines = ["# Combined FID sweeps", "", *[f"- {x}" for x in problems + notes], "",
              "| run | comparable | point | FID | KID | FD-DINOv2 | CMMD | CLIP-FID | n |", "|---" * 9 + "|"]
     for r in rows:
-        vals = [r.get(c) or "-" for c in ("fid", "kid", "fd_dinov2", "cmmd", "clip_fid")]
+        vals = [_table_cell(r, c) for c in ("fid", "kid", "fd_dinov2", "cmmd", "clip_fid")]
         lines.append(f"| {r['run']} | {r['comparable']} | {r['point']} | " + " | ".join(vals) + f" | {r['n']} |")
     write_text(out / "results.md", "\n".join(lines) + "\n")
     for x in problems + notes:
         err_console.print(f"note: {escape(x)}", highlight=False)
     err_console.print(f"wrote {escape(str(out / 'results.csv'))}, {escape(str(out / 'results.md'))}", highlight=False)
+
+
+def _table_cell(row: dict, col: str) -> str:
+    """A metric as 4 significant digits with its bootstrap interval where the run has one: '694.9 [530.5, 880.3]'."""
+    if not row.get(col):
+        return "-"
+    lo, hi = row.get(f"{col}_lo"), row.get(f"{col}_hi")
+    ci = f" [{float(lo):.4g}, {float(hi):.4g}]" if lo and hi else ""
+    return f"{float(row[col]):.4g}{ci}"
 
 
 # ``python -m evaluation.cli fid ...`` works before (and besides) the reimagen-eval registration.

@@ -198,6 +198,8 @@ def test_fid_table_combines_runs_of_one_protocol_and_refuses_others(sweep, world
     with open(tmp_path / "both" / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 and {r["comparable"] for r in rows} == {"yes"} and rows[0]["cmmd"] == rows[1]["cmmd"]
+    fid, lo, hi = (float(rows[0][c]) for c in ("fid", "fid_lo", "fid_hi"))  # the table shows the interval
+    assert f"| {fid:.4g} [{lo:.4g}, {hi:.4g}] |" in (tmp_path / "both" / "results.md").read_text()
     other = tmp_path / "other"  # the same run measured at another resolution: another protocol
     res = _run(world, weights, other, "--resolution", "32", "--metrics", "fid")
     assert res.exit_code == 0, res.output

@@ -222,7 +222,7 @@ def test_ema_warmup_tracks_early_weights():
             t.train_step()
 
     def dist(a, b):
-        return sum(float((x - y).norm()) for x, y in zip(a, b))
+        return sum(float((x - y).detach().norm()) for x, y in zip(a, b))
 
     moved = dist(tr.model.parameters(), init)
     assert dist(tr.ema.parameters(), init) > 0.3 * moved  # warm EMA follows the training weights
