@@ -96,6 +96,10 @@ def train(
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes per rank (decoding, crops, noise)."),
     random_crop: bool = typer.Option(False, help="Random square crops of the training images instead of centred "
                                      "ones (Imagen trains its super-resolution stages on random crops)."),
+    mirror_words: str = typer.Option("", metavar="WORD:WORD,...", help="Mirror half the training images left-right "
+                                     "and swap these words in their captions (e.g. left:right), so that a layout "
+                                     "word is learnt from the text, not from the neighbours' layout. With a frozen "
+                                     "encoder: --triples only (both captions are encoded once)."),
     seed: int = typer.Option(0, help="Seed: every sample's randomness is a function of (seed, its stream position)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda (under torchrun each process takes the GPU "
                                "LOCAL_RANK)."),
@@ -112,6 +116,9 @@ def train(
 
     if (triples is None) == (shards is None):
         raise typer.BadParameter("give exactly one of --triples (a table, in RAM) and --shards (streamed)")
+    if mirror_words and shards is not None and text_encoder != TextEncoderName.tiny:
+        raise typer.BadParameter(f"--mirror-words with --shards needs the trainable tiny encoder: the text store "
+                                 f"holds the {text_encoder.value} embeddings of each caption as written; use --triples")
     from .distributed import shard_from_env
 
     shard_from_env()  # a half-set launcher environment is refused before anything is loaded
@@ -121,7 +128,7 @@ def train(
                      min_snr_plus_one=min_snr_plus_one,
                      ckpt_every=ckpt_every, log_every=log_every, keep_last=keep_last, grad_accum=grad_accum, precision=precision,
                      grad_checkpointing=grad_checkpointing, compile=compile, fsdp=fsdp, workers=workers,
-                     random_crop=random_crop, seed=seed)
+                     random_crop=random_crop, mirror_words=mirror_words, seed=seed)
     enc, store = _train_text(text_encoder, t5, shards, text_store, device)
     dim = store.dim if store is not None else enc.dim
     overrides = {k: v for k, v in (("prediction", prediction), ("schedule", schedule)) if v}

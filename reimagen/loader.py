@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -122,16 +123,40 @@ class Randomness:
     p_drop_neighbours: float
     max_aug_level: float
     random_crop: bool = False
+    mirror_words: tuple[tuple[str, str], ...] = ()  # mirror half the images, swapping these words in their captions
 
     def draw(self, position: int) -> dict[str, Any]:
-        """t, noise, condition dropout, augmentation level and noise, crop offset: functions of (seed, p)."""
+        """t, noise, condition dropout, augmentation level and noise, crop offset, mirroring: functions of (seed, p)."""
         g = torch.Generator().manual_seed(sample_seed(self.seed, "train", position))
         s = self.image_size
-        return {"t": torch.rand((), generator=g), "noise": torch.randn((3, s, s), generator=g),
-                "drop_text": bool(torch.rand((), generator=g) < self.p_drop_text),
-                "drop_nbr": bool(torch.rand((), generator=g) < self.p_drop_neighbours),
-                "aug_t": torch.rand((), generator=g) * self.max_aug_level,
-                "aug_noise": torch.randn((3, s, s), generator=g), "crop": float(torch.rand((), generator=g))}
+        out = {"t": torch.rand((), generator=g), "noise": torch.randn((3, s, s), generator=g),
+               "drop_text": bool(torch.rand((), generator=g) < self.p_drop_text),
+               "drop_nbr": bool(torch.rand((), generator=g) < self.p_drop_neighbours),
+               "aug_t": torch.rand((), generator=g) * self.max_aug_level,
+               "aug_noise": torch.randn((3, s, s), generator=g), "crop": float(torch.rand((), generator=g))}
+        # drawn last, so that runs without mirroring keep every other value
+        out["mirror"] = bool(torch.rand((), generator=g) < 0.5) if self.mirror_words else False
+        return out
+
+
+def swap_words(text: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    """``text`` with the words of each pair exchanged, whole words only: the caption of the mirrored image
+    ("on the left" <-> "on the right")."""
+    if not pairs:
+        return text
+    table = {a: b for a, b in pairs} | {b: a for a, b in pairs}
+    return re.sub(r"\b(" + "|".join(map(re.escape, table)) + r")\b", lambda m: table[m.group(1)], text)
+
+
+def parse_mirror_words(spec: str) -> tuple[tuple[str, str], ...]:
+    """'left:right,top:bottom' -> (('left', 'right'), ('top', 'bottom')); '' -> ()."""
+    pairs = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        a, sep, b = item.partition(":")
+        if not sep or not a.strip() or not b.strip() or ":" in b:
+            raise ValueError(f"mirror word pair {item!r} is not WORD:WORD (e.g. left:right)")
+        pairs.append((a.strip(), b.strip()))
+    return tuple(pairs)
 
 
 def square_image(im, size: int, crop: float | None = None) -> np.ndarray:
@@ -227,7 +252,17 @@ class ShardSamples(Dataset):
             out["text_emb"], out["text_len"] = self.text_store.rows(raw["__shard__"], int(raw["__shardindex__"]))
         else:
             out["text"], out["nbr_text"] = _text(raw["txt"]), list(meta["neighbor_texts"])
-        return out
+        return mirror(out, self.rnd.mirror_words)
+
+
+def mirror(sample: dict[str, Any], pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """Where the sample's draw says so, its image mirrored left-right and (given as text) its caption's ``pairs``
+    swapped; the neighbours stay as retrieved, so their layout no longer tells the sample's."""
+    if sample["mirror"]:
+        sample["x0"] = sample["x0"].flip(-1)
+        if "text" in sample:
+            sample["text"] = swap_words(sample["text"], pairs)
+    return sample
 
 
 def _json(v: bytes | str) -> dict[str, Any]:
@@ -243,8 +278,12 @@ def _text(v: bytes | str) -> str:
 class MemorySamples(Dataset):
     """A ``TripleData`` in RAM; ``encoding``: the corpus's text encodings, when the encoder is frozen."""
 
-    def __init__(self, data: Any, rnd: Randomness, encoding: Any | None = None):
-        self.data, self.rnd, self.encoding = data, rnd, encoding
+    def __init__(self, data: Any, rnd: Randomness, encoding: Any | None = None, mirrored: Any | None = None):
+        """``mirrored``: the encodings of the corpus's captions with ``rnd.mirror_words`` swapped (frozen encoder,
+        mirroring on), padded as ``encoding``."""
+        if encoding is not None and rnd.mirror_words and mirrored is None:
+            raise ValueError("mirroring with a frozen encoder needs the swapped captions' encodings")
+        self.data, self.rnd, self.encoding, self.mirrored = data, rnd, encoding, mirrored
         self.k = data.k
         self.lengths = [len(data.train_rows)]
 
@@ -260,10 +299,12 @@ class MemorySamples(Dataset):
         rows = torch.cat([torch.tensor([row]), nrows])
         if self.encoding is not None:
             enc = self.encoding.index(rows)
+            if r["mirror"]:  # the sample's own caption swapped, its neighbours' as they are
+                enc = type(enc).cat([self.mirrored.index(rows[:1]), enc.index(list(range(1, len(rows))))])
             out["text_emb"], out["text_len"] = enc.embeddings, enc.lengths
         else:
             out["text"], out["nbr_text"] = self.data.texts[row], [self.data.texts[int(i)] for i in nrows]
-        return out
+        return mirror(out, self.rnd.mirror_words)
 
 
 def collate(items: list[dict[str, Any] | str]) -> dict[str, Any]:
@@ -295,4 +336,4 @@ def make_loader(dataset: Dataset, order: StreamOrder, slicing: Slicing, start_st
 
 
 __all__ = ["StreamOrder", "Slicing", "BatchPlan", "Randomness", "ShardSamples", "MemorySamples", "collate",
-           "make_loader", "square_image", "to_unit"]
+           "make_loader", "mirror", "parse_mirror_words", "square_image", "swap_words", "to_unit"]

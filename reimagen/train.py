@@ -36,7 +36,8 @@ from .data import TripleData
 from .diffusion import diffusion_loss, get_schedule, min_snr_weight, q_sample
 from .distributed import init_distributed, shardable_blocks, wrap_model
 from .precision import PRECISIONS, autocast
-from .loader import MemorySamples, Randomness, ShardSamples, Slicing, StreamOrder, make_loader, to_unit
+from .loader import (MemorySamples, Randomness, ShardSamples, Slicing, StreamOrder, make_loader, parse_mirror_words,
+                     swap_words, to_unit)
 from .sampling import sample_seed
 from .text import TextEncoder, TextEncoding
 from .unet import ReImagenUNet
@@ -72,6 +73,7 @@ class TrainConfig:
     fsdp: bool = False                # FSDP2 instead of DDP (with torchrun)
     workers: int = 0                  # DataLoader worker processes (decoding, crops, noise)
     random_crop: bool = False         # random square crops of the training images (Imagen's SR recipe)
+    mirror_words: str = ""            # "left:right": mirror half the images, swapping these caption words
     shuffle_window: int = 4           # samples are shuffled within windows of this many shards
 
     def __post_init__(self) -> None:
@@ -91,6 +93,7 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
         if self.workers < 0 or self.keep_last < 0:
             raise ValueError("workers and keep_last must be >= 0")
+        parse_mirror_words(self.mirror_words)  # a malformed pair is refused before anything loads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,16 +209,24 @@ class Trainer:
 
     # -- data -----------------------------------------------------------------------------------
     def _dataset(self, data: Any, text_store: Any):
+        pairs = parse_mirror_words(self.cfg.mirror_words)
         rnd = Randomness(self.model.cfg.image_size, self.cfg.seed, self.cfg.p_drop_text, self.cfg.p_drop_neighbours,
-                         self.cfg.max_aug_level, self.cfg.random_crop)
+                         self.cfg.max_aug_level, self.cfg.random_crop, pairs)
         if isinstance(data, TripleData):
             if data.image_size != self.model.cfg.image_size:
                 raise ValueError(f"training images are {data.image_size}px but the stage is {self.model.cfg.image_size}px")
-            encoding = None
-            if not self.trainable_text:  # a frozen encoder runs once over the corpus
+            encoding = mirrored = None
+            if not self.trainable_text:  # a frozen encoder runs once over the corpus (and its swapped captions)
+                texts = list(data.texts) + ([swap_words(x, pairs) for x in data.texts] if pairs else [])
                 with torch.no_grad():
-                    encoding = self.text_encoder.encode(data.texts)  # type: ignore[union-attr]
-            return MemorySamples(data, rnd, encoding)
+                    encoding = self.text_encoder.encode(texts)  # type: ignore[union-attr]
+                if pairs:
+                    n = len(data.texts)
+                    encoding, mirrored = encoding.index(list(range(n))), encoding.index(list(range(n, 2 * n)))
+            return MemorySamples(data, rnd, encoding, mirrored)
+        if pairs and not self.trainable_text:
+            raise ValueError("--mirror-words on shards needs a trainable text encoder: the text store holds each "
+                             "caption as written, not swapped; train from --triples (encoded in RAM) instead")
         if not self.trainable_text and text_store is None:
             raise ValueError(f"training on shards with the frozen {self.text_spec.get('name')} encoder needs its "
                              "precomputed embeddings: run `reimagen-eval embed-text --shards ...` and pass --text-store")
