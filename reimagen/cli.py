@@ -119,7 +119,7 @@ def train(
     if mirror_words and shards is not None and text_encoder != TextEncoderName.tiny:
         raise typer.BadParameter(f"--mirror-words with --shards needs the trainable tiny encoder: the text store "
                                  f"holds the {text_encoder.value} embeddings of each caption as written; use --triples")
-    from .distributed import shard_from_env
+    from .distributed import shard_from_env, shutdown_distributed
 
     shard_from_env()  # a half-set launcher environment is refused before anything is loaded
     tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, optimizer=optimizer,
@@ -149,6 +149,7 @@ def train(
     hist = trainer.fit()
     if hist and trainer.dist.is_main:
         console.print(f"loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f}; checkpoint: {out / 'last'}")
+    shutdown_distributed()
 
 
 def _train_text(name: TextEncoderName, t5: str, shards: Optional[Path], text_store: Optional[Path], device: str):

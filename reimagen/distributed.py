@@ -94,6 +94,15 @@ def init_distributed(device: str, environ: Mapping[str, str] | None = None) -> t
     return DistContext(rank, world, local), dev
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group: a barrier, then ``destroy_process_group`` (PyTorch's documented teardown). A
+    rank that exits with the group's threads alive can abort at exit ("terminate called without an active
+    exception"), failing a launch whose training had finished."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def wrap_model(module: nn.Module, ctx: DistContext, device: torch.device, fsdp: bool = False,
                param_dtype: torch.dtype | None = None) -> nn.Module:
     """DDP across the ranks, or FSDP2: each of the U-Net's blocks sharded on its own, then the root (parameters,
@@ -176,5 +185,5 @@ def wait_for_others(missing: Callable[[], int], what: str, timeout: float, world
         delay = min(delay * 1.5, 5.0)
 
 
-__all__ = ["shard_from_env", "DistContext", "init_distributed", "wrap_model", "unwrap", "shardable_blocks",
-           "full_tensors", "load_full", "wait_for_others"]
+__all__ = ["shard_from_env", "DistContext", "init_distributed", "shutdown_distributed", "wrap_model", "unwrap",
+           "shardable_blocks", "full_tensors", "load_full", "wait_for_others"]
