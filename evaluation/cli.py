@@ -201,7 +201,7 @@ def fid_table(
     import json
 
     from .protocol_manifest import compare
-    from .results import COLUMNS
+    from .results import COLUMNS, cell
 
     manifests, rows = [], []
     for run in runs:
@@ -230,7 +230,7 @@ def fid_table(
     lines = ["# Combined FID sweeps", "", *[f"- {x}" for x in problems + notes], "",
              "| run | comparable | point | FID | KID | FD-DINOv2 | CMMD | CLIP-FID | n |", "|---" * 9 + "|"]
     for r in rows:
-        vals = [_table_cell(r, c) for c in ("fid", "kid", "fd_dinov2", "cmmd", "clip_fid")]
+        vals = [cell(_numbers(r), c) for c in ("fid", "kid", "fd_dinov2", "cmmd", "clip_fid")]
         lines.append(f"| {r['run']} | {r['comparable']} | {r['point']} | " + " | ".join(vals) + f" | {r['n']} |")
     write_text(out / "results.md", "\n".join(lines) + "\n")
     for x in problems + notes:
@@ -238,13 +238,11 @@ def fid_table(
     err_console.print(f"wrote {escape(str(out / 'results.csv'))}, {escape(str(out / 'results.md'))}", highlight=False)
 
 
-def _table_cell(row: dict, col: str) -> str:
-    """A metric as 4 significant digits with its bootstrap interval where the run has one: '694.9 [530.5, 880.3]'."""
-    if not row.get(col):
-        return "-"
-    lo, hi = row.get(f"{col}_lo"), row.get(f"{col}_hi")
-    ci = f" [{float(lo):.4g}, {float(hi):.4g}]" if lo and hi else ""
-    return f"{float(row[col]):.4g}{ci}"
+def _numbers(row: dict) -> dict:
+    """A results.csv row with its metric columns as floats (empty: None), as ``results.cell`` formats them."""
+    from .metric_set import METRIC_COLUMNS
+
+    return {**row, **{c: float(row[c]) if row.get(c) else None for c in METRIC_COLUMNS}}
 
 
 # ``python -m evaluation.cli fid ...`` works before (and besides) the reimagen-eval registration.

@@ -114,7 +114,7 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _cell(r: dict[str, Any], col: str) -> str:
+def cell(r: dict[str, Any], col: str) -> str:
     """A value, with its 95% interval when the row has one (``<col>_lo`` / ``<col>_hi``)."""
     v, lo, hi = r.get(col), r.get(f"{col}_lo"), r.get(f"{col}_hi")
     if _finite(lo) and _finite(hi):
@@ -125,7 +125,7 @@ def _cell(r: dict[str, Any], col: str) -> str:
 def _md_table(rows: Sequence[dict[str, Any]], cols: Sequence[str], headers: Sequence[str]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(r, c) for c in cols) + " |")
+        lines.append("| " + " | ".join(cell(r, c) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -232,4 +232,4 @@ def write_results(out: str | os.PathLike, measured: Sequence[dict[str, Any]], ti
 
 
 __all__ = ["COLUMNS", "PAPER", "REPORTED", "reported_for", "best_row", "measured_metrics", "tidy_rows", "to_csv",
-           "to_markdown", "plot_fid_vs_guidance", "write_results"]
+           "cell", "to_markdown", "plot_fid_vs_guidance", "write_results"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -198,8 +199,11 @@ def test_fid_table_combines_runs_of_one_protocol_and_refuses_others(sweep, world
     with open(tmp_path / "both" / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 and {r["comparable"] for r in rows} == {"yes"} and rows[0]["cmmd"] == rows[1]["cmmd"]
-    fid, lo, hi = (float(rows[0][c]) for c in ("fid", "fid_lo", "fid_hi"))  # the table shows the interval
-    assert f"| {fid:.4g} [{lo:.4g}, {hi:.4g}] |" in (tmp_path / "both" / "results.md").read_text()
+    # the table shows each value with its interval, as the run's own results.md does
+    fid_cell = (tmp_path / "both" / "results.md").read_text().splitlines()[-1].split(" | ")[3]
+    shown = [float(x) for x in re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", fid_cell).groups()]
+    assert shown == pytest.approx([float(rows[1][c]) for c in ("fid", "fid_lo", "fid_hi")], rel=1e-3)
+    assert f"| {fid_cell} |" in (twin / "results.md").read_text()
     other = tmp_path / "other"  # the same run measured at another resolution: another protocol
     res = _run(world, weights, other, "--resolution", "32", "--metrics", "fid")
     assert res.exit_code == 0, res.output
