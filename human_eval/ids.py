@@ -10,17 +10,18 @@ from pathlib import Path
 from typing import Any
 
 
-def _digest(secret: str, *parts: str, n: int) -> str:
+def digest(secret: str, *parts: str, n: int) -> str:
+    """The first ``n`` hex digits of HMAC-SHA256(secret, parts): ids, and the per-rater orders of ``tasks``."""
     msg = "\x1f".join(parts).encode("utf-8")
     return hmac.new(secret.encode("ascii"), msg, hashlib.sha256).hexdigest()[:n]
 
 
 def task_id(secret: str, model: str, prompt_id: str) -> str:
-    return "t_" + _digest(secret, "task", model, prompt_id, n=20)
+    return "t_" + digest(secret, "task", model, prompt_id, n=20)
 
 
 def image_id(secret: str, path: str | Path) -> str:
-    return "i_" + _digest(secret, "image", str(Path(path).resolve()), n=24)
+    return "i_" + digest(secret, "image", str(Path(path).resolve()), n=24)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -35,4 +36,4 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["task_id", "image_id", "read_jsonl"]
+__all__ = ["digest", "task_id", "image_id", "read_jsonl"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .ids import _digest, image_id, read_jsonl, task_id  # noqa: F401  (re-exported)
+from .ids import digest, image_id, read_jsonl, task_id
 
 MODES = ("best", "best-of-4", "rate-all")
 #: Automatic scores an image row of a run may carry (entitydraw-score, the world judge), copied to its candidate
@@ -213,12 +213,12 @@ class Study:
 
     def order_for(self, rater: str) -> list[str]:
         """The rater's own permutation of the task ids (stable across sessions, different between raters)."""
-        return sorted(self.tasks, key=lambda t: _digest(self.secret, "order", rater, t, n=16))
+        return sorted(self.tasks, key=lambda t: digest(self.secret, "order", rater, t, n=16))
 
     def candidates_for(self, rater: str, task_id: str) -> list[str]:
         """The task's candidate image ids in this rater's order."""
         ids = [c["image_id"] for c in self.tasks[task_id]["candidates"]]
-        return sorted(ids, key=lambda i: _digest(self.secret, "cand", rater, task_id, i, n=16))
+        return sorted(ids, key=lambda i: digest(self.secret, "cand", rater, task_id, i, n=16))
 
     def image_path(self, image: str) -> Path:
         """The file behind an opaque image id; anything else (paths, ``..``, unknown ids) is refused."""
