@@ -60,6 +60,8 @@ METRICS: tuple[str, ...] = ("faithful", "look_ok", "scene_ok")
 #: Automatic scores of every image (continuous): the judge's P(faithful), a VQA-style score, and its feature
 #: similarity to the reference image, the toy world's stand-in for DINO subject similarity.
 AUTO_METRICS: tuple[str, ...] = ("judge_faithful", "subject_sim")
+#: The metrics that are rates (their intervals are clipped to [0, 1]); subject similarity is a cosine.
+RATE_METRICS: tuple[str, ...] = METRICS + ("judge_faithful",)
 METRIC_TITLES = {"faithful": "Faithfulness (look and scene)", "look_ok": "Entity look as its reference",
                  "scene_ok": "Scene as the text", "judge_faithful": "Judge's P(faithful) (VQA-style score)",
                  "subject_sim": "Subject similarity to the reference (judge features, DINO's role)"}
@@ -345,7 +347,7 @@ def summarize_world(runs: dict[str, list[dict]], judge_info: dict) -> dict[str, 
                 prompts = [r["prompt_id"] for r in members]  # a prompt's samples are not independent
                 for metric in METRICS + AUTO_METRICS:
                     mean, sem, n = mean_sem([r.get(metric) for r in members], prompts)
-                    lo, hi = ci95(mean, sem, (0.0, 1.0) if metric != "subject_sim" else None)
+                    lo, hi = ci95(mean, sem, (0.0, 1.0) if metric in RATE_METRICS else None)
                     records.append({"model": label, "selection": selection, "metric": metric, "split": group,
                                     "mean": mean, "sem": sem, "ci_lo": lo, "ci_hi": hi, "n": n})
                 if selection == "per_image":  # finer than faithfulness: which attributes come out right
