@@ -155,3 +155,26 @@ def load_stage(path: str | Path, ema: bool = True, device: str | torch.device = 
     return model.to(device).eval(), enc
 
 
+
+
+def init_from(model: ReImagenUNet, path: str | Path) -> list[str]:
+    """Start ``model`` from another stage's EMA weights (fine-tuning into a preset with new tensors).
+
+    Every tensor of the old stage is copied; tensors it lacks (``text_layout``'s zero-initialised maps,
+    ``attn_position_embedding``) keep their initial values. A tensor of another shape, or one this stage lacks,
+    is refused. Returns the names of the new tensors."""
+    meta = read_checkpoint_config(path)
+    f = Path(path) / "ema.safetensors"
+    state = read_safetensors(f if f.is_file() else Path(path) / "model.safetensors")
+    own = model.state_dict()
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise ValueError(f"{path} has weights this stage lacks ({', '.join(extra[:3])}...): its configuration "
+                         f"{meta['unet']} is not contained in this stage's")
+    for name, w in state.items():
+        if w.shape != own[name].shape:
+            raise ValueError(f"{path}: {name} is {tuple(w.shape)} there but {tuple(own[name].shape)} in this stage; "
+                             "fine-tuning can only add tensors")
+        own[name] = w
+    model.load_state_dict(own)
+    return sorted(set(own) - set(state))

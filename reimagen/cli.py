@@ -100,6 +100,10 @@ def train(
                                      "and swap these words in their captions (e.g. left:right), so that a layout "
                                      "word is learnt from the text, not from the neighbours' layout. With a frozen "
                                      "encoder: --triples only (both captions are encoded once)."),
+    init_from: Optional[Path] = typer.Option(None, help="Start from this stage checkpoint's EMA weights (fine-tuning), "
+                                             "e.g. toy-32's shipped stage into toy-32-layout: tensors the "
+                                             "checkpoint lacks keep their initial values. Ignored when OUT already "
+                                             "has a checkpoint (the run resumes)."),
     seed: int = typer.Option(0, help="Seed: every sample's randomness is a function of (seed, its stream position)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda (under torchrun each process takes the GPU "
                                "LOCAL_RANK)."),
@@ -122,6 +126,8 @@ def train(
     from .distributed import shard_from_env, shutdown_distributed
 
     shard_from_env()  # a half-set launcher environment is refused before anything is loaded
+    if init_from is not None:
+        _check_init_from(init_from, text_encoder)
     tc = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, optimizer=optimizer,
                      ema_decay=ema_decay, ema_warmup=ema_warmup, grad_clip=grad_clip, p_drop_text=p_drop_text,
                      p_drop_neighbours=p_drop_neighbours, max_aug_level=max_aug_level, min_snr_gamma=min_snr_gamma,
@@ -144,12 +150,28 @@ def train(
     with torch.random.fork_rng(devices=[]):  # the same initial weights in every process and run
         torch.manual_seed(seed)
         model = ReImagenUNet(cfg)
+    if init_from is not None:
+        from .checkpoint import init_from as start_from
+
+        new = start_from(model, init_from)
+        console.print(f"started from {init_from}; new tensors: {', '.join(new) or 'none'}")
     trainer = Trainer(model, store.encoder_spec if store is not None else enc, data, tc, out_dir=out,
                       device=device, text_store=store)
     hist = trainer.fit()
     if hist and trainer.dist.is_main:
         console.print(f"loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f}; checkpoint: {out / 'last'}")
     shutdown_distributed()
+
+
+def _check_init_from(path: Path, text_encoder: TextEncoderName) -> None:
+    from .checkpoint import read_checkpoint_config
+
+    if not (path / "config.json").is_file():
+        raise typer.BadParameter(f"--init-from {path} is not a stage checkpoint (no config.json)")
+    name = read_checkpoint_config(path)["text_encoder"].get("name")
+    if name != text_encoder.value:
+        raise typer.BadParameter(f"--init-from {path} was trained with the {name} text encoder, not "
+                                 f"{text_encoder.value}: pass --text-encoder {name}")
 
 
 def _train_text(name: TextEncoderName, t5: str, shards: Optional[Path], text_store: Optional[Path], device: str):

@@ -41,6 +41,9 @@ class UNetConfig:
     # a location can answer a word such as "left" (toyworld/README.md: without it the toy base stages never read
     # the position word). Not in Imagen's U-Net, which learns layout from padding cues at scale.
     attn_position_embedding: bool = False
+    # At every text attention, a shift of the S x S feature map predicted from the pooled text (a linear map per
+    # location, zero-initialised): a direct route from a layout word to the locations it names.
+    text_layout: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
@@ -168,6 +171,9 @@ PRESETS: dict[str, Preset] = {
     # The toy world's shipped cascade: sized to train in ~90 CPU minutes and ship in fp16 under 30 MB.
     "toy-32": Preset(_TOY_32, note="toy world 32x32 base stage (v-prediction, pooled neighbour FiLM)"),
     # World v3's base stage: toy-32 whose text attentions know where each token is (attn_position_embedding).
+    # toy-32 with text_layout: the shipped cascade's base stage (toyworld/README.md, "Reading left and right").
+    "toy-32-layout": Preset(replace(_TOY_32, text_layout=True),
+                            note="toy world base stage: toy-32 with a text layout map at its text attentions"),
     "toy-32-v3": Preset(replace(_TOY_32, attn_position_embedding=True),
                         note="toy world v3 base stage: toy-32 with position-aware text attention"),
     # toy-32 with one level fewer: the DStack output, where the neighbour attention runs (Sec. 3.2), is 16x16

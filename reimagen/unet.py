@@ -107,19 +107,28 @@ class ResBlock(nn.Module):
         return h + self.skip(x)
 
 
-def _pos(cfg, res: int) -> int | None:
-    """The token grid side of a text attention at ``res``, where the config asks for position embeddings."""
-    return res if cfg.attn_position_embedding else None
+def _text_attention(cfg, channels: int, res: int) -> "TextAttention":
+    """The text attention of a ``channels``-wide level at side ``res``, with the config's layout options."""
+    return TextAttention(channels, cfg.text_width, cfg.head_dim, cfg.norm_groups,
+                         res if cfg.attn_position_embedding else None,
+                         (cfg.cond_dim, res) if cfg.text_layout else None)
 
 
 class TextAttention(nn.Module):
     """Self-attention over image tokens with the text tokens' keys/values concatenated (Imagen)."""
 
-    def __init__(self, channels: int, text_width: int, head_dim: int, groups: int, size: int | None = None):
+    def __init__(self, channels: int, text_width: int, head_dim: int, groups: int, size: int | None = None,
+                 layout: tuple[int, int] | None = None):
         super().__init__()
         self.heads = max(1, channels // head_dim)
         # ``size``: a learned position embedding of the size x size image tokens (UNetConfig.attn_position_embedding)
         self.pos = nn.Parameter(torch.randn(1, size * size, channels) * 0.02) if size else None
+        # ``layout`` (pooled width, side): UNetConfig.text_layout
+        self.layout = None
+        if layout is not None:
+            self.layout = nn.Linear(layout[0], channels * layout[1] ** 2)
+            nn.init.zeros_(self.layout.weight)
+            nn.init.zeros_(self.layout.bias)
         self.norm = nn.GroupNorm(_groups(channels, groups), channels)
         self.to_qkv = nn.Linear(channels, 3 * channels, bias=False)
         self.text_to_kv = nn.Linear(text_width, 2 * channels, bias=False)
@@ -133,6 +142,8 @@ class TextAttention(nn.Module):
 
     def forward(self, x: Tensor, text: TextCond) -> Tensor:
         b, c, hh, ww = x.shape
+        if self.layout is not None:
+            x = x + self.layout(text.pooled).view(b, c, hh, ww)
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         if self.pos is not None:
             tokens = tokens + self.pos
@@ -269,14 +280,14 @@ class DStack(nn.Module):
                 self.blocks.append(ResBlock(c, c_out, cfg.cond_dim, g, cfg.dropout))
                 c = c_out
                 if res in cfg.attn_resolutions:
-                    self.blocks.append(TextAttention(c, cfg.text_width, cfg.head_dim, g, _pos(cfg, res)))
+                    self.blocks.append(_text_attention(cfg, c, res))
                 self.skip_channels.append(c)
             if level < len(cfg.channel_mults) - 1:
                 self.blocks.append(Downsample(c))
                 res //= 2
                 self.skip_channels.append(c)
         self.mid1 = ResBlock(c, c, cfg.cond_dim, g, cfg.dropout)
-        self.mid_attn = TextAttention(c, cfg.text_width, cfg.head_dim, g, _pos(cfg, res))
+        self.mid_attn = _text_attention(cfg, c, res)
         self.mid2 = ResBlock(c, c, cfg.cond_dim, g, cfg.dropout)
 
     def embed(self, t: Tensor, text: TextCond, aug_t: Tensor | None) -> Tensor:
@@ -328,7 +339,7 @@ class UStack(nn.Module):
                                             cfg.dropout))
                 c = c_out
                 if res in cfg.attn_resolutions:
-                    self.blocks.append(TextAttention(c, cfg.text_width, cfg.head_dim, g, _pos(cfg, res)))
+                    self.blocks.append(_text_attention(cfg, c, res))
             del unused[len(unused) - (cfg.num_res_blocks[level] + 1 - ups):]  # the level's shallower skips: unused
             if level > 0:
                 self.blocks.append(Upsample(c))

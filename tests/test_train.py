@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_model, make_triples, structured_images
+from conftest import make_model, make_triples, randomize, structured_images
 from reimagen.config import UNetConfig
 from reimagen.data import TripleData
 from reimagen.text import TinyTextEncoder
@@ -154,6 +154,31 @@ def test_load_weights_into_other_config_raises_naming_differing_fields(tmp_path)
     assert "text_dim" not in msg  # only the fields that differ
     with pytest.raises(FileNotFoundError):
         load_weights(model, tmp_path / "nowhere")
+
+
+def test_init_from_starts_a_grown_preset_from_a_stage_computing_the_same_function(tmp_path, text_encoder):
+    from reimagen.checkpoint import init_from
+
+    old = randomize(make_model("tiny-16"), std=0.05, seed=3)
+    save_checkpoint(tmp_path / "ck", old, TinyTextEncoder(dim=32), ema=old)
+    grown = make_model("tiny-16", seed=1, text_layout=True)
+    new = init_from(grown, tmp_path / "ck")
+    assert new and all(n.endswith((".layout.weight", ".layout.bias")) for n in new)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([0.3, 0.8])
+    e = text_encoder.encode(["a red dog", "a cat"])
+    nimg = torch.rand(2, 2, 3, 16, 16, generator=g) * 2 - 1
+    outs = []
+    for m in (old, grown):
+        with torch.no_grad():
+            tc = m.project_text(e.embeddings, e.mask)
+            outs.append(m(x, t, tc, m.encode_neighbours(nimg, tc.index(torch.tensor([0, 0, 1, 1])))))
+    assert outs[0].abs().max() > 0
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=0)  # the layout maps start at zero
+    with pytest.raises(ValueError, match="fine-tuning can only add tensors"):
+        init_from(make_model("tiny-16", base_channels=8), tmp_path / "ck")
+    with pytest.raises(ValueError, match="this stage lacks"):
+        init_from(make_model("tiny-16", neighbour_attention=False), tmp_path / "ck")
 
 
 def test_exact_resume_gives_bitwise_equal_weights(tmp_path):
