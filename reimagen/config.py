@@ -41,9 +41,10 @@ class UNetConfig:
     # a location can answer a word such as "left" (toyworld/README.md: without it the toy base stages never read
     # the position word). Not in Imagen's U-Net, which learns layout from padding cues at scale.
     attn_position_embedding: bool = False
-    # At every text attention, a shift of the S x S feature map predicted from the pooled text (a linear map per
-    # location, zero-initialised): a direct route from a layout word to the locations it names.
-    text_layout: bool = False
+    # At every text attention, a shift of the S x S feature map predicted linearly (zero-initialised) from the
+    # text tokens pooled by this many learned attention queries (0: off): a direct route from a layout word to the
+    # locations it names. Attention pooling, because the mean of the tokens hardly carries one word.
+    text_layout: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
@@ -172,7 +173,7 @@ PRESETS: dict[str, Preset] = {
     "toy-32": Preset(_TOY_32, note="toy world 32x32 base stage (v-prediction, pooled neighbour FiLM)"),
     # World v3's base stage: toy-32 whose text attentions know where each token is (attn_position_embedding).
     # toy-32 with text_layout: the shipped cascade's base stage (toyworld/README.md, "Reading left and right").
-    "toy-32-layout": Preset(replace(_TOY_32, text_layout=True),
+    "toy-32-layout": Preset(replace(_TOY_32, text_layout=4),
                             note="toy world base stage: toy-32 with a text layout map at its text attentions"),
     "toy-32-v3": Preset(replace(_TOY_32, attn_position_embedding=True),
                         note="toy world v3 base stage: toy-32 with position-aware text attention"),

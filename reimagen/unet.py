@@ -111,7 +111,7 @@ def _text_attention(cfg, channels: int, res: int) -> "TextAttention":
     """The text attention of a ``channels``-wide level at side ``res``, with the config's layout options."""
     return TextAttention(channels, cfg.text_width, cfg.head_dim, cfg.norm_groups,
                          res if cfg.attn_position_embedding else None,
-                         (cfg.cond_dim, res) if cfg.text_layout else None)
+                         (cfg.text_layout, res) if cfg.text_layout else None)
 
 
 class TextAttention(nn.Module):
@@ -123,10 +123,11 @@ class TextAttention(nn.Module):
         self.heads = max(1, channels // head_dim)
         # ``size``: a learned position embedding of the size x size image tokens (UNetConfig.attn_position_embedding)
         self.pos = nn.Parameter(torch.randn(1, size * size, channels) * 0.02) if size else None
-        # ``layout`` (pooled width, side): UNetConfig.text_layout
+        # ``layout`` (pooling queries, side): UNetConfig.text_layout
         self.layout = None
         if layout is not None:
-            self.layout = nn.Linear(layout[0], channels * layout[1] ** 2)
+            self.layout_queries = nn.Parameter(torch.randn(layout[0], text_width) / text_width ** 0.5)
+            self.layout = nn.Linear(layout[0] * text_width, channels * layout[1] ** 2)
             nn.init.zeros_(self.layout.weight)
             nn.init.zeros_(self.layout.bias)
         self.norm = nn.GroupNorm(_groups(channels, groups), channels)
@@ -143,7 +144,7 @@ class TextAttention(nn.Module):
     def forward(self, x: Tensor, text: TextCond) -> Tensor:
         b, c, hh, ww = x.shape
         if self.layout is not None:
-            x = x + self.layout(text.pooled).view(b, c, hh, ww)
+            x = x + self.layout_shift(text).view(b, c, hh, ww)
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         if self.pos is not None:
             tokens = tokens + self.pos
@@ -157,6 +158,14 @@ class TextAttention(nn.Module):
         h = x.flatten(2).transpose(1, 2) + out
         h = h + self.ff(h)
         return h.transpose(1, 2).reshape(b, c, hh, ww)
+
+    def layout_shift(self, text: TextCond) -> Tensor:
+        """UNetConfig.text_layout: the text tokens pooled by learned queries, mapped to a shift of every location."""
+        q = self.layout_queries.to(text.tokens.dtype)
+        scores = torch.einsum("bld,qd->bql", text.tokens, q) / text.tokens.shape[-1] ** 0.5
+        scores = scores.masked_fill(~text.mask[:, None, :], float("-inf"))
+        pooled = torch.einsum("bql,bld->bqd", scores.softmax(-1), text.tokens)
+        return self.layout(pooled.flatten(1))
 
 
 class NeighbourAttention(nn.Module):

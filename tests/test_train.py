@@ -161,9 +161,9 @@ def test_init_from_starts_a_grown_preset_from_a_stage_computing_the_same_functio
 
     old = randomize(make_model("tiny-16"), std=0.05, seed=3)
     save_checkpoint(tmp_path / "ck", old, TinyTextEncoder(dim=32), ema=old)
-    grown = make_model("tiny-16", seed=1, text_layout=True)
+    grown = make_model("tiny-16", seed=1, text_layout=2)
     new = init_from(grown, tmp_path / "ck")
-    assert new and all(n.endswith((".layout.weight", ".layout.bias")) for n in new)
+    assert new and all(n.endswith((".layout.weight", ".layout.bias", ".layout_queries")) for n in new)
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 3, 16, 16, generator=g), torch.tensor([0.3, 0.8])
     e = text_encoder.encode(["a red dog", "a cat"])
