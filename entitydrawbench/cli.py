@@ -74,8 +74,9 @@ _SAMPLER = typer.Option(None, "--sampler", help="ddpm (the paper's default) or d
 _WORLD = typer.Option(None, "--world", help="A built toy world folder (reimagen-eval toy build): its frequent / "
                       "infrequent / unseen entities, scene prompts and 3 reference pairs per entity replace the "
                       "open benchmark's; images are judged (faithfulness) instead of CLIP-scored.")
-_PER_SPLIT = typer.Option(None, "--per-split", help="With --world: only the first N entities of each frequency split "
-                          "(quick runs).")
+_PER_SPLIT = typer.Option(None, "--per-split", metavar="N[,SPLIT=N...]", help="With --world: only the first N "
+                          "entities of each frequency split (quick runs); SPLIT=N sets one split's (e.g. "
+                          "4,unseen=16: more of the long tail).")
 _JUDGE = typer.Option(None, "--judge", help="With --world: the judge folder (default: the shipped "
                       "toyworld/weights/judge).")
 _NO_RETRIEVAL = typer.Option(False, "--no-retrieval", help="Sample the Re-Imagen cascade text-only (no neighbours).")
@@ -123,7 +124,7 @@ class DrawOptions:
     images_from: Optional[Path]  # or images made elsewhere
     references: Optional[Path]  # the entities' reference pairs (retrieval; CLIP-I)
     world: Optional[Path]  # a built toy world instead of the open benchmark
-    per_split: Optional[int]  # with --world: first N entities per frequency split
+    per_split: Optional[str]  # with --world: first N entities per frequency split ("4,unseen=16")
     judge: Optional[Path]  # with --world: the judge folder
     out: Path  # the run folder
     k: int  # neighbours per prompt (Table 2: K = 2)
@@ -180,9 +181,34 @@ class DrawOptions:
             if bad:
                 raise ValueError(f"{', '.join(bad)} cannot be used with --world: the world's prompts, references "
                                  "and frequency splits are used (--per-split N for quick runs)")
+            parse_per_split(self.per_split)  # a malformed --per-split fails before the models load
         elif self.per_split is not None or self.judge is not None:
             raise ValueError("--per-split and --judge need --world (a built toy world folder)")
         return replace(self, **filled)
+
+
+def parse_per_split(spec: Optional[str]) -> "int | dict[str, int] | None":
+    """``--per-split``: "N" (every split), or "N,SPLIT=N,..." / "SPLIT=N,..." (a split not named: N, or whole)."""
+    from .world import SPLITS, split_limits
+
+    if spec is None:
+        return None
+    default, limits = None, {}
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        name, eq, value = item.rpartition("=")
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"--per-split {spec!r}: {item!r} is not N or SPLIT=N") from None
+        if eq:
+            limits[name.strip()] = n
+        else:
+            default = n
+    if not limits:
+        split_limits(default)
+        return default
+    return {s: n for s, n in split_limits({**dict.fromkeys(SPLITS, default),
+                                           **limits}).items() if n is not None}
 
 
 def _floats(spec: str, what: str) -> tuple[float, ...]:
@@ -259,7 +285,7 @@ def _log(msg: str) -> None:
 def entitydraw(
     model: list[Path] = _MODEL, diffusers: Optional[str] = _DIFFUSERS, images_from: Optional[Path] = _IMAGES_FROM,
     references: Optional[Path] = _REFERENCES, world: Optional[Path] = _WORLD,
-    per_split: Optional[int] = _PER_SPLIT, judge: Optional[Path] = _JUDGE,
+    per_split: Optional[str] = _PER_SPLIT, judge: Optional[Path] = _JUDGE,
     out: Path = typer.Option(Path("runs/entitydraw"), "--out", help="Run folder (rerun to resume; RANK/WORLD_SIZE "
                              "shard it)."),
     k: int = _K, eta: float = _ETA, guidance: str = _GUIDANCE, w_text: float = _W_TEXT,
@@ -294,7 +320,7 @@ def _entitydraw(opts: DrawOptions) -> None:
     if bench is not None:
         from .world import run_world
 
-        res = run_world(gen, opts.out, cfg, bench, opts.per_split, progress=True, log=_log)
+        res = run_world(gen, opts.out, cfg, bench, parse_per_split(opts.per_split), progress=True, log=_log)
     else:
         res = run_entitydraw(gen, opts.out, cfg, references=opts.references, progress=True, log=_log)
     secs = time.perf_counter() - t0
@@ -531,7 +557,7 @@ def entitydraw_sweep(
                              "sweep_<param>.csv/.md/.png."),
     model: list[Path] = _MODEL, diffusers: Optional[str] = _DIFFUSERS, images_from: Optional[Path] = _IMAGES_FROM,
     references: Optional[Path] = _REFERENCES, world: Optional[Path] = _WORLD,
-    per_split: Optional[int] = _PER_SPLIT, judge: Optional[Path] = _JUDGE,
+    per_split: Optional[str] = _PER_SPLIT, judge: Optional[Path] = _JUDGE,
     k: int = _K, eta: float = _ETA, guidance: str = _GUIDANCE, w_text: float = _W_TEXT,
     w_neighbours: float = _W_NBR, steps: int = _STEPS, sr_guidance: str = _SR_GUIDANCE, sr_steps: str = _SR_STEPS,
     sr_aug_level: float = _SR_AUG, sampler: str = _SAMPLER, no_retrieval: bool = _NO_RETRIEVAL,
@@ -581,7 +607,7 @@ def _world_sweep(opts: DrawOptions, param: str, values: list, cfg) -> None:
     from .world import METRIC_TITLES, WorldBench, world_sweep
 
     bench = WorldBench.open(opts.world)
-    table = world_sweep(param, values, cfg, _generator_factory(opts), opts.out, bench, opts.per_split,
+    table = world_sweep(param, values, cfg, _generator_factory(opts), opts.out, bench, parse_per_split(opts.per_split),
                         judge_path=opts.judge, log=_log)
     t = Table(title=f"toy-world sweep over {param} - judged (per image, all splits; faithful also best of N)")
     for col in (param, "prompts", *(METRIC_TITLES[m] for m in ("look_ok", "scene_ok", "faithful")),

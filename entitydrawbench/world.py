@@ -39,7 +39,7 @@ import io
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -85,6 +85,23 @@ JUDGE_NOTE = ("Judged by the toy world's attribute-reading CNN (not human raters
 # ----------------------------------------------------------------------------------------------
 # The world folder
 # ----------------------------------------------------------------------------------------------
+PerSplit = Union[int, Mapping[str, int], None]
+
+
+def split_limits(per_split: PerSplit) -> dict[str, int | None]:
+    """``per_split`` as a limit per frequency split (None: the whole split); refuses unknown splits and N < 1."""
+    if per_split is None or isinstance(per_split, int):
+        per_split = dict.fromkeys(SPLITS, per_split)
+    unknown = sorted(set(per_split) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"unknown frequency split {unknown[0]!r} in the per-split limits; the splits are "
+                         f"{', '.join(SPLITS)}")
+    bad = {k: v for k, v in per_split.items() if v is not None and v < 1}
+    if bad:
+        raise ValueError(f"per-split limit must be >= 1, got {bad}")
+    return {s: per_split.get(s) for s in SPLITS}
+
+
 @dataclass
 class WorldBench:
     """A built world folder (``reimagen-eval toy build``) as an EntityDrawBench: prompts and reference pairs."""
@@ -122,19 +139,19 @@ class WorldBench:
     def n_references(self) -> int:
         return self.world.spec.n_references
 
-    def prompt_table(self, per_split: int | None = None, seed: int = 0) -> list[dict]:
+    def prompt_table(self, per_split: "PerSplit" = None, seed: int = 0) -> list[dict]:
         """The world's EntityDrawBench prompts (one per entity of each frequency split, a full scene caption),
         in the prompt-table format of ``entitydrawbench.prompts`` plus the scene. ``per_split`` keeps the first
-        N of each split; a prompt's scene does not depend on it (it is the full set's)."""
-        if per_split is not None and per_split < 1:
-            raise ValueError(f"per-split limit must be >= 1, got {per_split}")
+        N of each split (a number, or a number per split name: a split not named is kept whole); a prompt's scene
+        does not depend on it (it is the full set's)."""
+        limits = split_limits(per_split)
         w = self.world
         counts = w.corpus_counts
         rank = {eid: r + 1 for r, eid in enumerate(sorted(counts, key=lambda e: (-counts[e], e)))}
         taken = dict.fromkeys(SPLITS, 0)
         rows = []
         for bp in w.bench_prompts(None, seed=seed):
-            if per_split is not None and taken[bp.split] >= per_split:
+            if limits.get(bp.split) is not None and taken[bp.split] >= limits[bp.split]:
                 continue
             taken[bp.split] += 1
             e = w.by_id[bp.entity]
@@ -204,7 +221,7 @@ def check_world_config(cfg: RunConfig, bench: WorldBench, retrieval: bool = True
                          "retrieval), or --allow-fewer-neighbours to leave the slots empty (masked)")
 
 
-def run_world(generator, out: str | Path, cfg: RunConfig, bench: WorldBench, per_split: int | None = None,
+def run_world(generator, out: str | Path, cfg: RunConfig, bench: WorldBench, per_split: PerSplit = None,
               shard: tuple[int, int] | None = None, progress: bool = True, log=None) -> RunResult:
     """EntityDrawBench (Sec. 4.2) on the world: ``cfg.samples_per_prompt`` images per prompt of the first
     ``per_split`` entities of each split, the entity's reference pairs as neighbours (k <= 3; BM25 top-up from
@@ -480,7 +497,7 @@ def summarize_world_runs(runs: dict[str, str | Path], out: str | Path, allow_dif
 # Sweeps: K (Figure 7), eta (Figure 8), guidance (Figure 13)
 # ----------------------------------------------------------------------------------------------
 def world_sweep(param: str, values: Sequence, cfg: RunConfig, make_generator: Callable[[RunConfig], Any],
-                out: str | Path, bench: WorldBench, per_split: int | None = None,
+                out: str | Path, bench: WorldBench, per_split: PerSplit = None,
                 judge_path: str | Path | None = None, progress: bool = False, log=None) -> list[dict]:
     """One run per value in ``out/<param>=<value>``, each judged; ``out/sweep_<param>.csv/.md/.png``."""
 

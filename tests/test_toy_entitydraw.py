@@ -73,6 +73,22 @@ def run(tw):
     return out, res
 
 
+def test_per_split_limits_one_split_differently(tw):
+    from entitydrawbench.cli import parse_per_split
+    from entitydrawbench.world import WorldBench
+
+    assert parse_per_split("3") == 3 and parse_per_split(None) is None
+    assert parse_per_split("1,unseen=2") == {"frequent": 1, "infrequent": 1, "unseen": 2}
+    assert parse_per_split("infrequent=3") == {"infrequent": 3}  # the others whole
+    bench = WorldBench.open(tw["wdir"])
+    full = bench.prompt_table()
+    rows = bench.prompt_table({"infrequent": 3, "unseen": 1})
+    by = {s: [r["prompt_id"] for r in rows if r["split"] == s] for s in ("frequent", "infrequent", "unseen")}
+    first = {s: [r["prompt_id"] for r in full if r["split"] == s] for s in by}
+    assert by == {"frequent": first["frequent"], "infrequent": first["infrequent"][:3], "unseen": first["unseen"][:1]}
+    assert len(by["infrequent"]) == 3 < len(first["infrequent"])
+
+
 def test_world_run_folder_prompts_per_split_and_metadata(tw, run):
     out, res = run
     splits = tw["world"].frequency_splits()
@@ -348,6 +364,8 @@ def test_k_above_the_references_is_topped_up_from_the_world_kb(tw, tmp_path):
     (["--k", "4"], "the world has 3 reference pairs per entity"),
     (["--eta", "1.5"], "Invalid value for '--eta'"),
     (["--per-split", "0"], "per-split limit must be >= 1"),
+    (["--per-split", "2,rare=3"], "unknown frequency split 'rare'"),
+    (["--per-split", "2,unseen=x"], "'unseen=x' is not N or SPLIT=N"),
     (["--references", "."], "cannot be used with --world"),
     (["--categories", "dogs"], "cannot be used with --world"),
 ])
