@@ -68,6 +68,9 @@ METRIC_TITLES = {"faithful": "Faithfulness (look and scene)", "look_ok": "Entity
 SELECTIONS: tuple[str, ...] = ("best_of_n", "per_image")
 #: The judge's attributes: the entity's look, then the scene.
 ATTRIBUTES: tuple[str, ...] = LOOK_ATTRIBUTES + SCENE_ATTRIBUTES
+#: The summary figure's last column, one per row: the look attributes retrieval carries most.
+FIGURE_ATTRIBUTES: tuple[str, ...] = ("body", "shape")
+ATTRIBUTE_TITLES = {"shape": "shape", "body": "body colour", "pattern": "pattern", "pattern_colour": "pattern colour"}
 REFERENCES_DIR = "references"
 SCORES_FILE = "scores.json"
 #: Where ``reimagen-eval toy judge`` writes the shipped judge.
@@ -435,7 +438,8 @@ def write_world_summary(summary: dict[str, Any], stem: str | Path) -> list[Path]
 
 def plot_world_summary(summary: dict[str, Any], path: str | Path) -> Path:
     """Figure 5-style grouped bars with 95% intervals: x = frequency split, one bar per model; columns
-    faithfulness / look / scene, rows best of N / per image."""
+    faithfulness / look / scene, rows best of N / per image; a last column with the body colour (top) and the shape
+    (bottom) drawn as the reference's, per image."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -444,10 +448,14 @@ def plot_world_summary(summary: dict[str, Any], path: str | Path) -> Path:
 
     recs, models = summary["records"], summary["models"]
     groups = [g for g in GROUPS if any(r["split"] == g and r["n"] for r in recs)]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), sharey=True, squeeze=False)
+    # columns: faithfulness, look, scene (best of N above, per image below), then the two look attributes that
+    # retrieval carries most, per image (the strongest contrast at a small n)
+    panels = [[(metric, selection) for metric in METRICS] + [(f"attr:{attr}", "per_image")]
+              for selection, attr in zip(SELECTIONS, FIGURE_ATTRIBUTES)]
+    fig, axes = plt.subplots(2, len(panels[0]), figsize=(18, 7.5), sharey=True, squeeze=False)
     width = 0.8 / max(1, len(models))
-    for row, selection in enumerate(SELECTIONS):
-        for col, metric in enumerate(METRICS):
+    for row, line in enumerate(panels):
+        for col, (metric, selection) in enumerate(line):
             ax = axes[row][col]
             for mi, m in enumerate(models):
                 rs = [find(recs, m, metric, g, selection) for g in groups]
@@ -459,8 +467,9 @@ def plot_world_summary(summary: dict[str, Any], path: str | Path) -> Path:
             ax.set_xticks(np.arange(len(groups)))
             ax.set_xticklabels([GROUP_TITLES[g] for g in groups], fontsize=9)
             ax.set_ylim(0, 1.05)
-            ax.set_title(f"{METRIC_TITLES[metric]}\n({'best of N' if selection == 'best_of_n' else 'per image'})",
-                         fontsize=9)
+            title = (METRIC_TITLES[metric] if metric in METRIC_TITLES
+                     else f"Entity {ATTRIBUTE_TITLES[metric[5:]]} as its reference's")
+            ax.set_title(f"{title}\n({'best of N' if selection == 'best_of_n' else 'per image'})", fontsize=9)
             if row == 0 and col == 0:
                 ax.legend(fontsize=8)
     fig.suptitle("EntityDrawBench on the toy world by entity frequency (Figure 5 shape)\n"

@@ -15,7 +15,7 @@ from toyworld import WEIGHTS
 console = Console(stderr=True)
 
 
-def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 100, per_split: int = 4,
+def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 50, per_split: str = "4,unseen=16",
                   samples: int = 4, train_rows: int = 1000, train_steps: int = 10) -> list[list[str]]:
     """The main job as the `reimagen-eval` command lines it runs (printed as they run, so it can be redone by hand)."""
     o, w = str(out), str(weights)
@@ -55,9 +55,11 @@ def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 100, pe
 @friendly
 def demo(ctx: typer.Context,
          out: Path = typer.Option(Path("runs/toy"), help="Output folder (rerun to resume: every step resumes)."),
-         fid_prompts: int = typer.Option(100, min=10, help="Prompts of each FID run (judge-feature FID; the "
+         fid_prompts: int = typer.Option(50, min=10, help="Prompts of each FID run (judge-feature FID; the "
                                          "sample-size floor is ~500 at n = 64 and ~66 at n = 500)."),
-         per_split: int = typer.Option(4, min=1, help="EntityDrawBench entities per frequency split."),
+         per_split: str = typer.Option("4,unseen=16", help="EntityDrawBench entities per frequency split (N, or "
+                                       "N,SPLIT=N: more unseen entities, so that their intervals separate "
+                                       "with retrieval from text only)."),
          samples: int = typer.Option(4, min=1, help="Images per prompt (the paper rates the best of 4)."),
          train_steps: int = typer.Option(10, min=0, help="Steps of the training trial on shards of the world's first "
                                          "1,000 pairs (0 skips it).")) -> None:
