@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import UNetConfig
 from .text import TextEncoder, build_text_encoder
-from .unet import ReImagenUNet
+from .unet import ReImagenUNet, TextCond
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: <dir>/config.json, model.safetensors, ema.safetensors, [text_encoder.safetensors],
@@ -155,8 +155,6 @@ def load_stage(path: str | Path, ema: bool = True, device: str | torch.device = 
     return model.to(device).eval(), enc
 
 
-
-
 def init_from(model: ReImagenUNet, path: str | Path) -> list[str]:
     """Start ``model`` from another stage's EMA weights (fine-tuning into a preset with new tensors).
 
@@ -178,3 +176,38 @@ def init_from(model: ReImagenUNet, path: str | Path) -> list[str]:
         own[name] = w
     model.load_state_dict(own)
     return sorted(set(own) - set(state))
+
+
+@torch.no_grad()
+def reduce_layout_rank(model: ReImagenUNet, embeddings: torch.Tensor, mask: torch.Tensor,
+                       rank: int) -> tuple[ReImagenUNet, float]:
+    """``model`` with its full text layout maps (``text_layout_rank`` 0) replaced by rank-``rank`` ones, exact on the
+    span of the pooled tokens of the given captions (text-encoder ``embeddings`` / ``mask``) and of the dropped text:
+    each map W x + b becomes (W V)(V^T x) + b + W (m - V V^T m), V the top principal directions of the pooled x
+    and m their mean. Returns the new model and the smallest share of the pooled variance kept by V."""
+    from dataclasses import replace
+
+    if model.cfg.text_layout_rank or not model.cfg.text_layout:
+        raise ValueError("reduce_layout_rank needs a stage with full-rank text layout maps (text_layout > 0, "
+                         "text_layout_rank = 0)")
+    small = ReImagenUNet(replace(model.cfg, text_layout_rank=rank))
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("layout.weight")}
+    small.load_state_dict(state, strict=False)
+    text = model.project_text(embeddings.float(), mask)
+    dropped = model.drop_text(text, torch.ones(len(mask), dtype=torch.bool))
+    text = TextCond(*(torch.cat([getattr(text, f), getattr(dropped, f)]) for f in ("tokens", "mask", "pooled")))
+    kept, bigs = 1.0, dict(model.named_modules())
+    for name, att in small.named_modules():
+        if getattr(att, "layout_down", None) is None:
+            continue
+        big = bigs[name]
+        x = big.layout_pooled(text).double()
+        m = x.mean(0)
+        _, s, vh = torch.linalg.svd(x - m, full_matrices=False)
+        kept = min(kept, float((s[:rank] ** 2).sum() / (s ** 2).sum().clamp(min=1e-30)))
+        v = vh[:rank].T  # (in, rank)
+        w = big.layout.weight.double()
+        att.layout_down.weight.copy_(v.T)
+        att.layout.weight.copy_(w @ v)
+        att.layout.bias.copy_(big.layout.bias.double() + w @ (m - v @ (v.T @ m)))
+    return small.eval(), kept

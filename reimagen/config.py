@@ -45,6 +45,7 @@ class UNetConfig:
     # text tokens pooled by this many learned attention queries (0: off): a direct route from a layout word to the
     # locations it names. Attention pooling, because the mean of the tokens hardly carries one word.
     text_layout: int = 0
+    text_layout_rank: int = 0  # > 0: the map goes through this many dimensions (~4096 x fewer weights per rank)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
@@ -171,10 +172,10 @@ PRESETS: dict[str, Preset] = {
                    neighbour_heads=4), note="CPU-sized 32 -> 64 super-resolution stage"),
     # The toy world's shipped cascade: sized to train in ~90 CPU minutes and ship in fp16 under 30 MB.
     "toy-32": Preset(_TOY_32, note="toy world 32x32 base stage (v-prediction, pooled neighbour FiLM)"),
-    # World v3's base stage: toy-32 whose text attentions know where each token is (attn_position_embedding).
     # toy-32 with text_layout: the shipped cascade's base stage (toyworld/README.md, "Reading left and right").
     "toy-32-layout": Preset(replace(_TOY_32, text_layout=4),
                             note="toy world base stage: toy-32 with a text layout map at its text attentions"),
+    # World v3's base stage: toy-32 whose text attentions know where each token is (attn_position_embedding).
     "toy-32-v3": Preset(replace(_TOY_32, attn_position_embedding=True),
                         note="toy world v3 base stage: toy-32 with position-aware text attention"),
     # toy-32 with one level fewer: the DStack output, where the neighbour attention runs (Sec. 3.2), is 16x16

@@ -111,23 +111,26 @@ def _text_attention(cfg, channels: int, res: int) -> "TextAttention":
     """The text attention of a ``channels``-wide level at side ``res``, with the config's layout options."""
     return TextAttention(channels, cfg.text_width, cfg.head_dim, cfg.norm_groups,
                          res if cfg.attn_position_embedding else None,
-                         (cfg.text_layout, res) if cfg.text_layout else None)
+                         (cfg.text_layout, res, cfg.text_layout_rank) if cfg.text_layout else None)
 
 
 class TextAttention(nn.Module):
     """Self-attention over image tokens with the text tokens' keys/values concatenated (Imagen)."""
 
     def __init__(self, channels: int, text_width: int, head_dim: int, groups: int, size: int | None = None,
-                 layout: tuple[int, int] | None = None):
+                 layout: tuple[int, int, int] | None = None):
         super().__init__()
         self.heads = max(1, channels // head_dim)
         # ``size``: a learned position embedding of the size x size image tokens (UNetConfig.attn_position_embedding)
         self.pos = nn.Parameter(torch.randn(1, size * size, channels) * 0.02) if size else None
-        # ``layout`` (pooling queries, side): UNetConfig.text_layout
-        self.layout = None
+        # ``layout`` (pooling queries, side, rank): UNetConfig.text_layout, text_layout_rank
+        self.layout = self.layout_down = None
         if layout is not None:
-            self.layout_queries = nn.Parameter(torch.randn(layout[0], text_width) / text_width ** 0.5)
-            self.layout = nn.Linear(layout[0] * text_width, channels * layout[1] ** 2)
+            queries, side, rank = layout
+            self.layout_queries = nn.Parameter(torch.randn(queries, text_width) / text_width ** 0.5)
+            if rank:
+                self.layout_down = nn.Linear(queries * text_width, rank, bias=False)
+            self.layout = nn.Linear(rank or queries * text_width, channels * side ** 2)
             nn.init.zeros_(self.layout.weight)
             nn.init.zeros_(self.layout.bias)
         self.norm = nn.GroupNorm(_groups(channels, groups), channels)
@@ -159,13 +162,17 @@ class TextAttention(nn.Module):
         h = h + self.ff(h)
         return h.transpose(1, 2).reshape(b, c, hh, ww)
 
-    def layout_shift(self, text: TextCond) -> Tensor:
-        """UNetConfig.text_layout: the text tokens pooled by learned queries, mapped to a shift of every location."""
+    def layout_pooled(self, text: TextCond) -> Tensor:
+        """UNetConfig.text_layout: the text tokens pooled by the learned queries, (B, queries x text_width)."""
         q = self.layout_queries.to(text.tokens.dtype)
         scores = torch.einsum("bld,qd->bql", text.tokens, q) / text.tokens.shape[-1] ** 0.5
         scores = scores.masked_fill(~text.mask[:, None, :], float("-inf"))
-        pooled = torch.einsum("bql,bld->bqd", scores.softmax(-1), text.tokens)
-        return self.layout(pooled.flatten(1))
+        return torch.einsum("bql,bld->bqd", scores.softmax(-1), text.tokens).flatten(1)
+
+    def layout_shift(self, text: TextCond) -> Tensor:
+        """The pooled tokens mapped to a shift of every location and channel, (B, C x S x S)."""
+        pooled = self.layout_pooled(text)
+        return self.layout(pooled if self.layout_down is None else self.layout_down(pooled))
 
 
 class NeighbourAttention(nn.Module):

@@ -430,3 +430,33 @@ def test_ship_stage_packs_fp16_ema_weights_and_the_timed_command(tmp_path):
     # no time log: the documented command of the stage name, if any
     assert json.loads((ship_stage(tmp_path / "run" / "last", tmp_path / "x" / "sr") / "provenance.json").read_text()
                       )["command"].startswith("reimagen-eval train")
+
+
+def test_reduce_layout_rank_keeps_the_function_on_the_captions_span(text_encoder):
+    from reimagen.checkpoint import reduce_layout_rank
+
+    big = randomize(make_model("tiny-16", text_layout=2), std=0.05, seed=4)
+    for name, p in big.named_parameters():  # the zero-initialised maps, made to matter
+        if name.endswith("layout.weight"):
+            torch.nn.init.normal_(p, std=0.3)
+    captions = [f"a {c} dog on the {s}" for c in ("red", "blue", "green") for s in ("left", "right")]
+    e = text_encoder.encode(captions)
+    with pytest.raises(ValueError, match="full-rank"):
+        reduce_layout_rank(make_model("tiny-16"), e.embeddings, e.mask, 4)
+    small, kept = reduce_layout_rank(big, e.embeddings, e.mask, rank=len(captions) * 2)
+    assert small.cfg.text_layout_rank == 12 and kept > 0.999999
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in big.parameters())
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(6, 3, 16, 16, generator=g), torch.rand(6, generator=g)
+    drop = torch.tensor([False, True] * 3)
+    nimg = torch.rand(6, 2, 3, 16, 16, generator=g) * 2 - 1
+    outs = []
+    for m in (big, small):
+        with torch.no_grad():
+            tc = m.project_text(e.embeddings, e.mask)
+            mem = m.encode_neighbours(nimg, tc.index(torch.arange(6).repeat_interleave(2)))
+            outs.append(m(x, t, tc, mem, drop_text=drop))
+    assert (outs[0] - big.eval()(x, t, big.project_text(e.embeddings, e.mask), mem, drop_text=~drop)).abs().max() > 0
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=0)
+    smaller, kept = reduce_layout_rank(big, e.embeddings, e.mask, rank=2)
+    assert kept < 0.999

@@ -530,7 +530,7 @@ def test_text_layout_shifts_locations_by_one_word():
     from reimagen.unet import TextAttention, TextCond
 
     torch.manual_seed(0)
-    att = TextAttention(32, 16, 16, 8, layout=(2, 4))
+    att = TextAttention(32, 16, 16, 8, layout=(2, 4, 0))
     x = torch.ones(2, 32, 4, 4) * torch.randn(2, 32, 1, 1)
     tokens, mask = torch.randn(2, 5, 16), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     plain = TextAttention(32, 16, 16, 8)

@@ -65,10 +65,20 @@ def ship(base: Path = typer.Option(Path("runs/toy-train/base/last"), help="Train
          log: list[Path] = typer.Option([], help="Training stdout logs (/usr/bin/time -v output) to read the "
                                         "measured wall time and peak memory from, one per stage in order."),
          weights: str = typer.Option("ema", help="ema (the EMA weights) or raw (the training weights; for short "
-                                     "runs whose EMA still holds much of the initialisation).")) -> None:
+                                     "runs whose EMA still holds much of the initialisation)."),
+         layout_rank: int = typer.Option(0, min=0, help="Reduce the base stage's text layout maps to this rank "
+                                         "first (a full map is C x S x S by 4 x 192 weights per text attention), "
+                                         "exactly on the span of the --captions' pooled tokens."),
+         captions: Path = typer.Option(Path("runs/toyworld/triples.parquet"), help="With --layout-rank: a table "
+                                       "with a text column, the captions the reduction keeps exact.")) -> None:
     """Copy trained stages into the package: config + EMA weights in fp16 + loss log + loss-curve plot."""
-    from .ship import ship_stage
+    from .ship import reduce_stage, ship_stage
 
+    if layout_rank:
+        if not captions.is_file():
+            raise typer.BadParameter(f"--captions {captions} does not exist (build the world: toy build)")
+        base, kept = reduce_stage(base, layout_rank, captions)
+        console.print(f"base: layout maps reduced to rank {layout_rank} in {base} (pooled variance kept >= {kept:.4f})")
     for i, (name, src) in enumerate((("base", base), ("sr", sr))):
         dst = ship_stage(src, out / name, log[i] if i < len(log) else None, weights=weights)
         console.print(f"{name}: {dst} ({sum(f.stat().st_size for f in dst.iterdir()) / 1e6:.1f} MB)")

@@ -69,6 +69,27 @@ def plot_loss(log: Path, out: Path, title: str) -> Path:
     return out
 
 
+def reduce_stage(src: Path, rank: int, captions: Path, limit: int = 5000) -> tuple[Path, float]:
+    """A copy of checkpoint ``src`` (EMA weights) beside it, ``<src>-rank<R>``, with its text layout maps reduced
+    to rank ``rank`` on the span of the first ``limit`` captions of ``captions`` (a triples or corpus table;
+    ``reimagen.checkpoint.reduce_layout_rank``). Returns the folder and the share of pooled variance kept."""
+    import pandas as pd
+
+    from reimagen.checkpoint import read_checkpoint_config, reduce_layout_rank, write_checkpoint, load_stage
+
+    src = Path(src)
+    meta = read_checkpoint_config(src)
+    texts = pd.read_parquet(captions, columns=["text"]).text.astype(str).tolist()[:limit]
+    model, enc = load_stage(src)
+    e = enc.encode(texts)
+    small, kept = reduce_layout_rank(model, e.embeddings, e.mask, rank)
+    dst = src.with_name(f"{src.name}-rank{rank}")
+    write_checkpoint(dst, small.cfg, meta["text_encoder"], {"ema": small.state_dict()}, step=meta.get("step", 0),
+                     extra={"train": meta.get("train"), "layout_rank": {"from": str(src), "captions": str(captions),
+                                                                          "n": len(texts), "variance_kept": kept}})
+    return dst, kept
+
+
 def ship_stage(src: Path, dst: Path, time_log: Path | None = None, weights: str = "ema") -> Path:
     """Copy checkpoint ``src`` to ``dst``; ``weights`` is ``ema`` (ema.safetensors) or ``raw`` (model.safetensors:
     the training weights, for runs whose EMA has not forgotten its initialisation yet)."""
@@ -86,7 +107,7 @@ def ship_stage(src: Path, dst: Path, time_log: Path | None = None, weights: str 
     shutil.copy(src / "config.json", tmp / "config.json")
     sd = load_file(str(src / fname))
     save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, str(tmp / fname))
-    log = src.parent / "log.jsonl"
+    log = src.parent / "log.jsonl"  # (a reduce_stage copy sits beside its source: the same run folder)
     meta = json.loads((src / "config.json").read_text())
     if log.is_file():
         shutil.copy(log, tmp / "log.jsonl")
