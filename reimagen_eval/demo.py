@@ -33,7 +33,7 @@ def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 50, per
         ["shards", "--triples", f"{o}/world/triples.parquet", "--out", f"{o}/shards", "--limit", str(train_rows),
          "--samples-per-shard", "500"],
         ["embed-text", "--shards", f"{o}/shards", "--text-encoder", "minilm"],
-        ["train", "--shards", f"{o}/shards", "--preset", "toy-32", "--text-encoder", "minilm", "--out",
+        ["train", "--shards", f"{o}/shards", "--preset", "toy-32-layout", "--text-encoder", "minilm", "--out",
          f"{o}/train-shards", "--steps", str(train_steps), "--batch-size", "32", "--lr", "8e-4", "--workers", "2",
          "--log-every", "5", "--ckpt-every", "5"],
     ] if train_steps else []

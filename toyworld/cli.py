@@ -70,7 +70,9 @@ def ship(base: Path = typer.Option(Path("runs/toy-train/base/last"), help="Train
                                          "first (a full map is C x S x S by 4 x 192 weights per text attention), "
                                          "exactly on the span of the --captions' pooled tokens."),
          captions: Path = typer.Option(Path("runs/toyworld/triples.parquet"), help="With --layout-rank: a table "
-                                       "with a text column, the captions the reduction keeps exact.")) -> None:
+                                       "with a text column, the captions the reduction keeps exact."),
+         keep_sr: bool = typer.Option(False, "--keep-sr", help="Ship the base stage only; the shipped "
+                                      "super-resolution stage stays.")) -> None:
     """Copy trained stages into the package: config + EMA weights in fp16 + loss log + loss-curve plot."""
     from .ship import reduce_stage, ship_stage
 
@@ -79,7 +81,7 @@ def ship(base: Path = typer.Option(Path("runs/toy-train/base/last"), help="Train
             raise typer.BadParameter(f"--captions {captions} does not exist (build the world: toy build)")
         base, kept = reduce_stage(base, layout_rank, captions)
         console.print(f"base: layout maps reduced to rank {layout_rank} in {base} (pooled variance kept >= {kept:.4f})")
-    for i, (name, src) in enumerate((("base", base), ("sr", sr))):
+    for i, (name, src) in enumerate((("base", base),) + ((("sr", sr),) if not keep_sr else ())):
         dst = ship_stage(src, out / name, log[i] if i < len(log) else None, weights=weights)
         console.print(f"{name}: {dst} ({sum(f.stat().st_size for f in dst.iterdir()) / 1e6:.1f} MB)")
 

@@ -18,9 +18,15 @@ from pathlib import Path
 from reimagen.atomic import replacing_path
 
 REPRODUCE = {  # the documented commands; a shipped stage records the command that really ran (its time log)
+    # the earlier base stage (toy-32), then the layout fine-tune from its shipped weights (commit f59fdce's
+    # toyworld/weights/base), then the reduction of its layout maps at shipping
     "base": "reimagen-eval train --triples runs/toyworld/triples.parquet --preset toy-32 --text-encoder minilm "
             "--out runs/toy-train/base --steps 3750 --batch-size 32 --lr 8e-4 --warmup-steps 200 --ckpt-every 250 "
-            "--seed 0 --min-snr-gamma 5",
+            "--seed 0 --min-snr-gamma 5\n"
+            "reimagen-eval train --triples runs/toyworld/triples.parquet --preset toy-32-layout --text-encoder minilm "
+            "--init-from EARLIER_SHIPPED_BASE --out runs/toy-train/layout-q4 --steps 1500 --batch-size 32 --lr 8e-4 "
+            "--warmup-steps 50 --seed 1 --min-snr-gamma 5 --min-snr-plus-one --ckpt-every 250\n"
+            "reimagen-eval toy ship --base runs/toy-train/layout-q4/step-00001500 --layout-rank 128 --keep-sr",
     "sr": "reimagen-eval train --triples runs/toyworld/triples.parquet --preset toy-sr64 --prediction v "
           "--max-aug-level 0.25 --text-encoder minilm --out runs/toy-train/sr --steps 2500 --batch-size 16 --lr 8e-4 "
           "--warmup-steps 100 --ckpt-every 250 --seed 0",
