@@ -364,3 +364,42 @@ def test_recover_cli_the_shipped_base_keeps_looks_from_low_noise_not_from_pure_n
     for bad in ("0,0.5", "x"):
         res = CliRunner().invoke(app, ["toy", "recover", "--times", bad])
         assert res.exit_code == 2 and "times" in res.output and "Traceback" not in res.output
+
+
+def test_ship_reduces_the_layout_maps_and_keeps_the_shipped_sr_stage(tmp_path):
+    """`toy ship --layout-rank R --keep-sr`: the base stage is shipped with rank-R layout maps (fp16), its
+    samples' network output as the full stage's on the captions' span; no SR stage is written."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from conftest import make_model, randomize
+    from reimagen.checkpoint import load_stage, save_checkpoint
+    from reimagen.text import TinyTextEncoder
+    from reimagen_eval.cli import app
+
+    big = randomize(make_model("tiny-16", text_layout=2), std=0.05, seed=5)
+    for name, p in big.named_parameters():
+        if name.endswith("layout.weight"):
+            torch.nn.init.normal_(p, std=0.3)
+    enc = TinyTextEncoder(dim=32, seed=0).eval()
+    run = tmp_path / "run"
+    save_checkpoint(run / "last", big, enc, ema=big)
+    (run / "log.jsonl").write_text('{"step": 1, "loss": 0.5, "seconds": 1.0}\n')
+    texts = [f"a {c} dog on the {s}" for c in ("red", "blue") for s in ("left", "right")]
+    pd.DataFrame({"text": texts}).to_parquet(tmp_path / "captions.parquet")
+    out = tmp_path / "weights"
+    args = ["toy", "ship", "--base", str(run / "last"), "--out", str(out), "--keep-sr", "--layout-rank", "8",
+            "--captions", str(tmp_path / "captions.parquet")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["base"]
+    shipped, _ = load_stage(out / "base")
+    assert shipped.cfg.text_layout_rank == 8
+    e = enc.encode(texts)
+    x, t = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.full((4,), 0.7)
+    with torch.no_grad():
+        ref = big.eval()(x, t, big.project_text(e.embeddings, e.mask), drop_neighbours=torch.ones(4, dtype=torch.bool))
+        got = shipped(x, t, shipped.project_text(e.embeddings, e.mask), drop_neighbours=torch.ones(4, dtype=torch.bool))
+    torch.testing.assert_close(got, ref, atol=5e-3, rtol=0)  # fp16 weights
+    res = CliRunner().invoke(app, [*args[:-4], "--layout-rank", "8", "--captions", str(tmp_path / "none.parquet")])
+    assert res.exit_code == 2 and "none.parquet does not exist" in " ".join(res.output.split())

@@ -81,7 +81,7 @@ def reduce_stage(src: Path, rank: int, captions: Path, limit: int = 5000) -> tup
     ``reimagen.checkpoint.reduce_layout_rank``). Returns the folder and the share of pooled variance kept."""
     import pandas as pd
 
-    from reimagen.checkpoint import read_checkpoint_config, reduce_layout_rank, write_checkpoint, load_stage
+    from reimagen.checkpoint import load_stage, read_checkpoint_config, reduce_layout_rank, write_checkpoint
 
     src = Path(src)
     meta = read_checkpoint_config(src)
