@@ -125,11 +125,16 @@ def load_weights(model: ReImagenUNet, path: str | Path, ema: bool = True) -> Non
     """Load a checkpoint's weights into ``model``; refuses a checkpoint saved under another config."""
     meta = read_checkpoint_config(path)
     refuse_other_config(path, UNetConfig.from_dict(meta["unet"]), model.cfg)
+    model.load_state_dict(read_stage_weights(path, ema))
+
+
+def read_stage_weights(path: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
+    """A checkpoint's EMA weights (``ema`` and present) or its raw ones, as a state dict."""
     f = Path(path) / ("ema.safetensors" if ema and (Path(path) / "ema.safetensors").exists() else "model.safetensors")
     if not f.is_file() and (Path(path) / "dcp").is_dir():
         raise FileNotFoundError(f"{path} is an FSDP checkpoint: its raw weights are sharded in dcp/ (resume training "
                                 "from it); sample its EMA weights (ema.safetensors)")
-    model.load_state_dict(read_safetensors(f))
+    return read_safetensors(f)
 
 
 def read_safetensors(f: Path) -> dict[str, torch.Tensor]:
@@ -162,8 +167,7 @@ def init_from(model: ReImagenUNet, path: str | Path) -> list[str]:
     ``attn_position_embedding``) keep their initial values. A tensor of another shape, or one this stage lacks,
     is refused. Returns the names of the new tensors."""
     meta = read_checkpoint_config(path)
-    f = Path(path) / "ema.safetensors"
-    state = read_safetensors(f if f.is_file() else Path(path) / "model.safetensors")
+    state = read_stage_weights(path)
     own = model.state_dict()
     extra = sorted(set(state) - set(own))
     if extra:
