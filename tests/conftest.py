@@ -48,6 +48,17 @@ def randomize(model: nn.Module, std: float = 0.05, seed: int = 0) -> nn.Module:
     return model
 
 
+def layout_model(seed: int = 0) -> ReImagenUNet:
+    """tiny-16 with text layout maps (2 pooling queries), randomised, its zero-initialised maps made to matter."""
+    model = randomize(make_model("tiny-16", text_layout=2), std=0.05, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layout.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
 def structured_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     """(n, size, size, 3) uint8: a coloured background with a bright square at a per-image place."""
     rng = np.random.default_rng(seed)

@@ -372,15 +372,12 @@ def test_ship_reduces_the_layout_maps_and_keeps_the_shipped_sr_stage(tmp_path):
     import pandas as pd
     from typer.testing import CliRunner
 
-    from conftest import make_model, randomize
+    from conftest import layout_model
     from reimagen.checkpoint import load_stage, save_checkpoint
     from reimagen.text import TinyTextEncoder
     from reimagen_eval.cli import app
 
-    big = randomize(make_model("tiny-16", text_layout=2), std=0.05, seed=5)
-    for name, p in big.named_parameters():
-        if name.endswith("layout.weight"):
-            torch.nn.init.normal_(p, std=0.3)
+    big = layout_model(seed=5)
     enc = TinyTextEncoder(dim=32, seed=0).eval()
     run = tmp_path / "run"
     save_checkpoint(run / "last", big, enc, ema=big)
