@@ -3,7 +3,7 @@
 
 Two ways of computing the same thing, measured in the same run and interleaved repeat by repeat:
 
-* ours   what ``reimagen.sampling.sample_stage`` does: the text projection and the neighbour memory
+* ours   what ``reimagen.pipelines.sampling.sample_stage`` does: the text projection and the neighbour memory
          f(c_n, 0) (``model.encode_neighbours``, the neighbour cache) are computed once per sample, before
          the loop; each step is one batched forward of 2*B rows (the full branch plus, per row, the
          partial branch its draw R selects), then ``guidance.combine``.
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small-32-eff",
-                   help="reimagen.config preset of the stage (default small-32-eff; small-32 is the "
+                   help="reimagen.models.config preset of the stage (default small-32-eff; small-32 is the "
                         "guided-diffusion-style U-Net of the same size, see benchmarks/README.md)")
     p.add_argument("--batch", type=int, default=8, help="B, samples per batch (default 8)")
     p.add_argument("--k", type=int, default=2, help="K, retrieved neighbours per sample (default 2)")
@@ -110,11 +110,11 @@ class _Bench:
     def __init__(self, args: argparse.Namespace):
         import torch
 
-        from reimagen.config import get_preset
-        from reimagen.diffusion import get_schedule
-        from reimagen.guidance import InterleavedGuidance, JointGuidance
-        from reimagen.sampling import SamplerSettings
-        from reimagen.unet import ReImagenUNet, count_parameters
+        from reimagen.models.config import get_preset
+        from reimagen.diffusion.gaussian import get_schedule
+        from reimagen.diffusion.guidance import InterleavedGuidance, JointGuidance
+        from reimagen.pipelines.sampling import SamplerSettings
+        from reimagen.models.unet import ReImagenUNet, count_parameters
 
         torch.set_num_threads(args.threads)
         torch.manual_seed(args.seed)
@@ -150,7 +150,7 @@ class _Bench:
         return emb, torch.arange(self.n)[None] < lengths[:, None]
 
     def gens(self, stream: str):
-        from reimagen.sampling import make_generators
+        from reimagen.pipelines.sampling import make_generators
 
         return make_generators(self.args.seed, self.prompt_ids, self.sample_idx, 0, stream)
 
@@ -164,7 +164,7 @@ class _Bench:
 
     def ours_eps(self, x, t, text_rep, nbr_rep, codes):
         """sample_stage's guided eps: one batched forward of nb*B rows on the cached conditioning."""
-        from reimagen.sampling import guided_eps
+        from reimagen.pipelines.sampling import guided_eps
 
         return guided_eps(self.model, x, t, self.log_snr(t), text_rep, nbr_rep, self.guidance, codes)
 
@@ -172,8 +172,8 @@ class _Bench:
         """Per branch separately: re-project the texts, re-encode the neighbours, one forward of B rows."""
         import torch
 
-        from reimagen.diffusion import to_eps
-        from reimagen.guidance import branch_drop_masks
+        from reimagen.diffusion.gaussian import to_eps
+        from reimagen.diffusion.guidance import branch_drop_masks
 
         preds = []
         for j in range(self.nb):
@@ -187,8 +187,8 @@ class _Bench:
         """sample_stage's DDPM loop with the naive guided eps (same seeds, same update)."""
         import torch
 
-        from reimagen.diffusion import ddpm_step, dynamic_threshold, eps_to_x0, sampling_times
-        from reimagen.sampling import rand_rows, randn_rows
+        from reimagen.diffusion.gaussian import ddpm_step, dynamic_threshold, eps_to_x0, sampling_times
+        from reimagen.pipelines.sampling import rand_rows, randn_rows
 
         noise_gens, guidance_gens = self.gens("noise"), self.gens("guidance")
         x = randn_rows(noise_gens, self.shape)
@@ -207,7 +207,7 @@ class _Bench:
     def ours_sample(self, steps: int):
         """What a cascade stage does: encode once, then sample_stage.
         Returns (x, (wall, cpu) seconds of the encoding, (wall, cpu) seconds of the loop)."""
-        from reimagen.sampling import SamplerSettings, sample_stage
+        from reimagen.pipelines.sampling import SamplerSettings, sample_stage
 
         c0 = _clock()
         text, memory = self.encode()
@@ -220,7 +220,7 @@ class _Bench:
     def step_inputs(self, i: int, steps: int):
         import torch
 
-        from reimagen.diffusion import sampling_times
+        from reimagen.diffusion.gaussian import sampling_times
 
         times = sampling_times(steps)
         x = torch.randn(self.B, *self.shape, generator=torch.Generator().manual_seed(self.args.seed + 1000 + i))
@@ -232,7 +232,7 @@ class _Bench:
         return torch.arange(self.B).repeat(branches)
 
     def ours_eps_loop(self, steps: int):
-        from reimagen.sampling import rand_rows
+        from reimagen.pipelines.sampling import rand_rows
 
         rep = self._rep(self.nb)
         text_rep, nbr_rep = self.text_once.index(rep), self.memory_once.index(rep)
@@ -242,7 +242,7 @@ class _Bench:
             self.ours_eps(x, t, text_rep, nbr_rep, self.guidance.plan(rand_rows(guidance_gens)))
 
     def naive_eps_loop(self, steps: int):
-        from reimagen.sampling import rand_rows
+        from reimagen.pipelines.sampling import rand_rows
 
         guidance_gens = self.gens("guidance")
         for i in range(steps):
@@ -252,7 +252,7 @@ class _Bench:
     def ours_textonly_loop(self, steps: int):
         import torch
 
-        from reimagen.sampling import guided_eps
+        from reimagen.pipelines.sampling import guided_eps
 
         text_rep = self.text_once.index(self._rep(self.joint.num_branches))
         for i in range(steps):

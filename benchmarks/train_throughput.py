@@ -58,7 +58,7 @@ def make_table(folder: Path, n: int, size: int, seed: int = 0, fmt: str = "png")
 
 
 def shards_of(root: Path, n: int, size: int, fmt: str = "png") -> Path:
-    from reimagen.shards import ShardSettings, write_shards
+    from reimagen.training.shards import ShardSettings, write_shards
 
     tag = f"{n}" if fmt == "png" else f"{n}-{fmt}{size}"
     out = root / f"shards-{tag}"
@@ -78,8 +78,8 @@ def rate(loader_iter, batches: int, batch: int, warmup: int = 3) -> float:
 
 
 def bench_loader(root: Path, args) -> dict:
-    from reimagen.data import TripleData
-    from reimagen.loader import MemorySamples, Randomness, ShardSamples, Slicing, StreamOrder, make_loader
+    from reimagen.training.data import TripleData
+    from reimagen.training.loader import MemorySamples, Randomness, ShardSamples, Slicing, StreamOrder, make_loader
 
     shards = shards_of(root, args.small, args.size)
     rnd = Randomness(args.size, 0, 0.1, 0.1, 1.0)
@@ -114,11 +114,11 @@ def bench_loader(root: Path, args) -> dict:
 def bench_end_to_end(root: Path, args) -> dict:
     """Training samples/s of one process: the in-RAM table vs the shards with ``--workers`` workers (same preset,
     batch and steps; the workers share the machine's cores with the training step)."""
-    from reimagen.config import get_preset
-    from reimagen.data import TripleData
-    from reimagen.text import TinyTextEncoder
-    from reimagen.train import TrainConfig, Trainer
-    from reimagen.unet import ReImagenUNet
+    from reimagen.models.config import get_preset
+    from reimagen.training.data import TripleData
+    from reimagen.models.text import TinyTextEncoder
+    from reimagen.training.train import TrainConfig, Trainer
+    from reimagen.models.unet import ReImagenUNet
 
     cfg = get_preset(args.preset, text_dim=32)
     shards = shards_of(root, args.small, args.size)
@@ -139,11 +139,11 @@ def bench_end_to_end(root: Path, args) -> dict:
 
 
 def train_step_rate(args) -> float:
-    from reimagen.config import get_preset
-    from reimagen.data import TripleData
-    from reimagen.text import TinyTextEncoder
-    from reimagen.train import TrainConfig, Trainer
-    from reimagen.unet import ReImagenUNet
+    from reimagen.models.config import get_preset
+    from reimagen.training.data import TripleData
+    from reimagen.models.text import TinyTextEncoder
+    from reimagen.training.train import TrainConfig, Trainer
+    from reimagen.models.unet import ReImagenUNet
 
     cfg = get_preset(args.preset, text_dim=64)
     n = 64
@@ -162,7 +162,7 @@ def train_step_rate(args) -> float:
 STREAM = """
 import sys
 sys.path.insert(0, {root!r})
-from reimagen.loader import Randomness, ShardSamples, Slicing, StreamOrder, make_loader
+from reimagen.training.loader import Randomness, ShardSamples, Slicing, StreamOrder, make_loader
 ds = ShardSamples({shards!r}, Randomness({size}, 0, 0.1, 0.1, 1.0))
 it = iter(make_loader(ds, StreamOrder(ds.lengths, 0), Slicing({batch}), 0, 0))
 for _ in range(60):
@@ -202,8 +202,8 @@ def bench_ddp(root: Path, args) -> dict:
 def bench_gpu(args) -> dict:
     if not torch.cuda.is_available():
         return {"gpu": "no CUDA device: bf16 vs fp32 and FSDP memory not measured"}
-    from reimagen.config import get_preset
-    from reimagen.unet import ReImagenUNet
+    from reimagen.models.config import get_preset
+    from reimagen.models.unet import ReImagenUNet
 
     cfg = get_preset(args.preset, text_dim=64)
     out = {}

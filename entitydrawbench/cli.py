@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from reimagen.cliutil import friendly
+from reimagen.utils.cliutil import friendly
 
 err = Console(stderr=True)
 out_console = Console()
@@ -70,7 +70,8 @@ _SR_GUIDANCE = typer.Option(None, "--sr-guidance", help="Joint guidance weight p
 _SR_STEPS = typer.Option(None, "--sr-steps", help="Sampling steps per super-resolution stage (default: the paper's "
                          "128,32; 10 with --world).")
 _SR_AUG = typer.Option(0.0, "--sr-aug-level", help="Noise-augmentation level of the low-res input at sampling.")
-_SAMPLER = typer.Option(None, "--sampler", help="ddpm (the paper's default) or ddim (the default with --world).")
+_SAMPLER = typer.Option(None, "--sampler", help="ddpm (the paper's default), ddim (the default with --world), or a "
+                        "fast deterministic solver: dpmpp-2m, unipc (docs/entitydrawbench.md).")
 _WORLD = typer.Option(None, "--world", help="A built toy world folder (reimagen-eval toy build): its frequent / "
                       "infrequent / unseen entities, scene prompts and 3 reference pairs per entity replace the "
                       "open benchmark's; images are judged (faithfulness) instead of CLIP-scored.")
@@ -105,6 +106,8 @@ _PRECISION = typer.Option("fp32", "--precision", help="Sampling precision of a R
 _SIZE = typer.Option(None, "--size", help="Baselines: output size in px (diffusers height/width; folder resize).")
 _DIFF_STEPS = typer.Option(50, "--diffusers-steps", help="Baseline: inference steps of the diffusers pipeline.")
 _DIFF_GUIDANCE = typer.Option(7.5, "--diffusers-guidance", help="Baseline: guidance scale of the diffusers pipeline.")
+_WAIT = typer.Option(False, "--wait", help="If another process writes the run folder, wait for it instead of refusing "
+                     "(the refusal names its host, pid and start time).")
 _CLIP_MODEL = typer.Option("ViT-B-32", "--clip-model", help="open-clip architecture (e.g. ViT-L-14), hf-hub:/"
                            "local-dir: reference, or a JSON model config.")
 _CLIP_PRETRAINED = typer.Option(None, "--clip-pretrained", help="open-clip weights: a tag (e.g. laion2b_s34b_b79k, "
@@ -125,6 +128,7 @@ class DrawOptions:
     references: Optional[Path]  # the entities' reference pairs (retrieval; CLIP-I)
     world: Optional[Path]  # a built toy world instead of the open benchmark
     per_split: Optional[str]  # with --world: first N entities per frequency split ("4,unseen=16")
+    wait: bool  # wait for another writer of the run folder instead of refusing
     judge: Optional[Path]  # with --world: the judge folder
     out: Path  # the run folder
     k: int  # neighbours per prompt (Table 2: K = 2)
@@ -230,12 +234,13 @@ PAPER_DEFAULTS = {"steps": 256, "sampler": "ddpm", "w_text": 30.0, "w_neighbours
 
 
 def _config(opts: DrawOptions):
+    from reimagen.diffusion.solvers import check_sampler
+
     from .entities import parse_categories
     from .run import RunConfig
 
     o = opts.with_defaults()
-    if o.sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler {o.sampler!r}; choose ddpm or ddim")
+    check_sampler(o.sampler, max([o.steps, *_ints(o.sr_steps, "--sr-steps")]))
     cfg = RunConfig(
         seed=o.seed, prompt_seed=o.prompt_seed, samples_per_prompt=o.samples_per_prompt,
         categories=parse_categories(o.categories), per_category=o.per_category, k=o.k, eta=o.eta,
@@ -267,11 +272,11 @@ def _generator_factory(opts: DrawOptions):
 
             return cascade_generator([str(p) for p in opts.model], cfg)
         if opts.diffusers is not None:
-            from reimagen.generate import DiffusersGenerator
+            from reimagen.pipelines.generate import DiffusersGenerator
 
             return DiffusersGenerator(opts.diffusers, device=cfg.device, num_inference_steps=opts.diffusers_steps,
                                       guidance_scale=opts.diffusers_guidance, size=opts.size)
-        from reimagen.generate import FolderGenerator
+        from reimagen.pipelines.generate import FolderGenerator
 
         return FolderGenerator(opts.images_from, size=opts.size)
 
@@ -296,7 +301,7 @@ def entitydraw(
     prompt_seed: int = _PROMPT_SEED, categories: str = _CATEGORIES, per_category: Optional[int] = _PER_CATEGORY,
     strict: bool = _STRICT, frequency_source: str = _FREQ, caption_column: Optional[str] = _CAPTION_COLUMN,
     batch_size: int = _BATCH, device: str = _DEVICE, precision: str = _PRECISION, size: Optional[int] = _SIZE,
-    diffusers_steps: int = _DIFF_STEPS, diffusers_guidance: float = _DIFF_GUIDANCE,
+    diffusers_steps: int = _DIFF_STEPS, diffusers_guidance: float = _DIFF_GUIDANCE, wait: bool = _WAIT,
 ) -> None:
     """EntityDrawBench (Sec. 4.2): 4 images per prompt, paper settings, resumable run folder with metadata."""
     _entitydraw(DrawOptions.of(locals()))
@@ -306,8 +311,11 @@ def entitydraw(
 def _entitydraw(opts: DrawOptions) -> None:
     import time
 
+    from reimagen.utils.runlock import wait_for_locks
+
     from .run import run_entitydraw
 
+    wait_for_locks(opts.wait)
     cfg = _config(opts)
     bench = None
     if opts.world is not None:
@@ -566,7 +574,7 @@ def entitydraw_sweep(
     prompt_seed: int = _PROMPT_SEED, categories: str = _CATEGORIES, per_category: Optional[int] = _PER_CATEGORY,
     strict: bool = _STRICT, frequency_source: str = _FREQ, caption_column: Optional[str] = _CAPTION_COLUMN,
     batch_size: int = _BATCH, device: str = _DEVICE, precision: str = _PRECISION, size: Optional[int] = _SIZE,
-    diffusers_steps: int = _DIFF_STEPS, diffusers_guidance: float = _DIFF_GUIDANCE,
+    diffusers_steps: int = _DIFF_STEPS, diffusers_guidance: float = _DIFF_GUIDANCE, wait: bool = _WAIT,
     clip_model: str = _CLIP_MODEL, clip_pretrained: Optional[str] = _CLIP_PRETRAINED, select: str = _SELECT,
 ) -> None:
     """Ablation over K (Figure 7), eta (Figure 8) or the guidance (Figure 13): run + score per value (CLIP, or the
@@ -577,9 +585,12 @@ def entitydraw_sweep(
 @friendly
 def _entitydraw_sweep(opts: DrawOptions, param: str, values: str, clip_model: str, clip_pretrained: Optional[str],
                       select: str) -> None:
+    from reimagen.utils.runlock import wait_for_locks
+
     from .ablation import parse_values, sweep
     from .scoring import SELECT_MODES
 
+    wait_for_locks(opts.wait)
     values = parse_values(param, values)
     if select not in SELECT_MODES:
         raise ValueError(f"unknown selection score {select!r}; choose {', '.join(SELECT_MODES)}")

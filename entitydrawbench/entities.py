@@ -173,22 +173,22 @@ def select(entities: Sequence[Entity], categories: Sequence[str] = CATEGORIES,
     return out
 
 
-# Atomic writes (temporary name, then rename) in this package's JSON format, by reimagen.atomic. It is imported
+# Atomic writes (temporary name, then rename) in this package's JSON format, by reimagen.utils.atomic. It is imported
 # when a file is written, not at the top: ``import reimagen`` loads torch, which importing this package does not.
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
-    from reimagen import atomic
+    from reimagen.utils import atomic
 
     return atomic.write_jsonl(path, rows, ensure_ascii=False)
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    from reimagen import atomic
+    from reimagen.utils import atomic
 
     return atomic.write_text(path, text)
 
 
 def write_json(path: str | Path, obj) -> Path:
-    from reimagen import atomic
+    from reimagen.utils import atomic
 
     return atomic.write_json(path, obj, indent=2, ensure_ascii=False, default=str)
 

@@ -316,7 +316,7 @@ def _fetch_batch(batch: Sequence[Entity], api: str, wiki: str, out: Path, get: F
         for eid in files:
             report.missing[eid] = f"image info lookup failed: {err}"
         return
-    from reimagen import atomic  # here, not at the top: ``import reimagen`` loads torch
+    from reimagen.utils import atomic  # here, not at the top: ``import reimagen`` loads torch
 
     by_id = {e.id: e for e in batch}
     for eid, title in files.items():
@@ -441,7 +441,7 @@ def import_reference_folder(entities: Sequence[Entity], folder: str | Path, out:
     (out / "images").mkdir(parents=True, exist_ok=True)
     db = _read_db(out)
     report = FetchReport(missing=dict(missing))
-    from reimagen import atomic  # here, not at the top: ``import reimagen`` loads torch
+    from reimagen.utils import atomic  # here, not at the top: ``import reimagen`` loads torch
 
     for e in entities:
         if e.id not in pairs:

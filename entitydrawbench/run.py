@@ -9,7 +9,7 @@
     images        made elsewhere, read from a folder (``<prompt_id>__<i>.png``); a folder that lacks any
                   image is refused before anything is written.
 
-The run folder (``reimagen.generate.generate_run``) holds ``<prompt_id>__<i>.png`` for i = 0..3 and ``run.json``
+The run folder (``reimagen.pipelines.generate.generate_run``) holds ``<prompt_id>__<i>.png`` for i = 0..3 and ``run.json``
 (every setting that affects the images; a rerun with other settings is refused, a rerun with the same settings
 resumes, RANK / WORLD_SIZE shard it). This module adds
 
@@ -75,7 +75,7 @@ class RunConfig:
         """Validate before any model is loaded or file written."""
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
-        from reimagen.precision import check_precision
+        from reimagen.utils.precision import check_precision
 
         check_precision(self.precision, self.device)
         if not (0.0 <= self.eta <= 1.0):
@@ -103,12 +103,12 @@ class RunConfig:
 def cascade_generator(checkpoints: Sequence[str | Path], cfg: RunConfig):
     """A ``CascadeGenerator`` of trained stage checkpoints (base first) with the paper's EntityDrawBench
     sampling settings (see RunConfig)."""
-    from reimagen.cascade import Cascade
-    from reimagen.config import UNetConfig
-    from reimagen.generate import CascadeGenerator
-    from reimagen.guidance import JointGuidance, make_guidance
-    from reimagen.sampling import SamplerSettings
-    from reimagen.checkpoint import checkpoint_digest, read_checkpoint_config
+    from reimagen.pipelines.cascade import Cascade
+    from reimagen.models.config import UNetConfig
+    from reimagen.pipelines.generate import CascadeGenerator
+    from reimagen.diffusion.guidance import JointGuidance, make_guidance
+    from reimagen.pipelines.sampling import SamplerSettings
+    from reimagen.models.checkpoint import checkpoint_digest, read_checkpoint_config
 
     if not checkpoints:
         raise ValueError("no model: pass --model CHECKPOINT (repeat for super-resolution stages)")
@@ -228,7 +228,7 @@ class NeighbourProvider:
                 self._cache.pop(next(iter(self._cache)))  # the oldest prompt
             import torch
 
-            from reimagen.cascade import image_to_tensor
+            from reimagen.pipelines.cascade import image_to_tensor
             from reimagen.retrieval.base import load_image
 
             images = torch.zeros(self.k, 3, self.size, self.size)
@@ -243,7 +243,7 @@ class NeighbourProvider:
     def __call__(self, jobs):
         import torch
 
-        from reimagen.cascade import Neighbours
+        from reimagen.pipelines.cascade import Neighbours
 
         rows = [self._row(j.prompt_id) for j in jobs]
         mask = torch.stack([r[2] for r in rows])
@@ -320,7 +320,7 @@ def run_prompts(generator, out: str | Path, cfg: RunConfig, prompts: Sequence[di
     ``benchmark`` replaces the benchmark's identity in run.json (default: the open EntityDrawBench);
     ``references_digest`` identifies the reference pairs (their contents); ``prepare(out)`` runs after the run
     folder has been checked, before any image is made (the toy world writes its reference images there)."""
-    from reimagen.generate import FolderGenerator, Job, check_run_manifest, generate_run, image_name, run_manifest
+    from reimagen.pipelines.generate import FolderGenerator, Job, check_run_manifest, generate_run, image_name, run_manifest
 
     cfg.check()
     say = log or (lambda msg: None)
@@ -394,7 +394,7 @@ def _unscored(path: Path) -> list[dict]:
 
 def _image_rows(prompts: Sequence[dict], pairs: dict[str, list[ReferencePair]], plan: NeighbourPlan,
                 cfg: RunConfig) -> list[dict]:
-    from reimagen.generate import image_name
+    from reimagen.pipelines.generate import image_name
 
     rows = []
     for p in prompts:

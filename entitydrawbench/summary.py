@@ -102,7 +102,7 @@ def check_protocols(protocols: dict[str, dict[str, Any]], allow_different: bool)
 
 
 def savefig(fig, path: Path) -> Path:
-    from reimagen.atomic import replacing_path  # here, not at the top: ``import reimagen`` loads torch
+    from reimagen.utils.atomic import replacing_path  # here, not at the top: ``import reimagen`` loads torch
 
     with replacing_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")

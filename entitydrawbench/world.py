@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import numpy as np
 
 import toyworld as _toy
-from reimagen import atomic
+from reimagen.utils import atomic
 from toyworld.world import LOOK_ATTRIBUTES, SCENE_ATTRIBUTES
 
 from .entities import read_jsonl, write_json, write_jsonl, write_text

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from reimagen._compat import patch_torchvision_if_broken
+from reimagen.utils.compat import patch_torchvision_if_broken
 
 patch_torchvision_if_broken()
 

@@ -41,7 +41,7 @@ CLEANFID_MODES = ("clean", "legacy_tensorflow")
 
 
 def _compat() -> None:
-    from reimagen._compat import patch_torchvision_if_broken
+    from reimagen.utils.compat import patch_torchvision_if_broken
 
     patch_torchvision_if_broken()  # both libraries import torchvision
 

@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from reimagen.cliutil import friendly
+from reimagen.retrieval.base import OptionError
+from reimagen.utils.cliutil import friendly, warn_deprecated
 
 err_console = Console(stderr=True)
 
@@ -76,7 +77,9 @@ def fid(
     steps: int = typer.Option(1000, "--steps", help="Sampling steps of the base stage (the paper: T = 1000); for a "
                               "diffusers baseline its num_inference_steps (e.g. 50)."),
     sr_steps: Optional[int] = typer.Option(None, "--sr-steps", help="Steps of the SR stage (default: --steps)."),
-    sampler: str = typer.Option("ddpm", "--sampler", help="ddpm (the paper's) or ddim."),
+    sampler: str = typer.Option("ddpm", "--sampler", help="ddpm (the paper's), ddim, or a fast deterministic "
+                                "solver: dpmpp-2m, unipc (one network evaluation per step: 20 steps cost 1/50 "
+                                "of T = 1000; docs/fid.md)."),
     backend: str = typer.Option("clean-fid", "--backend", help="clean-fid or torch-fidelity (each with its own "
                                 "Inception preprocessing)."),
     mode: str = typer.Option("clean", "--mode", help="clean-fid mode: clean or legacy_tensorflow."),
@@ -124,11 +127,19 @@ def fid(
     wait_timeout: float = typer.Option(7 * 24 * 3600.0, "--wait-timeout", help="With several processes: how long "
                                        "rank 0 waits for the others' images before the metrics."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+    wait: bool = typer.Option(False, "--wait", help="If another process writes OUT's image folders, wait for it "
+                              "instead of refusing (the refusal names its host, pid and start time)."),
+    no_kid: bool = typer.Option(False, "--no-kid", hidden=True, help="Deprecated: --metrics without kid."),
 ) -> None:
     """FID / zero-shot FID sweep over guidance weights (Table 1): generate, measure, tabulate, plot."""
     from .metric_set import parse_metrics, parse_weights
     from .sweep import FidSweep, SweepConfig
 
+    from reimagen.utils.runlock import wait_for_locks
+
+    wait_for_locks(wait)
+    if no_kid:
+        metrics = without_kid(metrics)
     cfg = SweepConfig(dataset=dataset, out=str(out), dataset_root=None if dataset_root is None else str(dataset_root),
                       dataset_options=_options(dataset_option), num_prompts=num_prompts, seed=seed, db=db,
                       db_root=db_root, index=None if index is None else str(index), retriever=retriever, k=k,
@@ -143,9 +154,12 @@ def fid(
                       stats_cache=None if stats_cache is None else str(stats_cache), label=label,
                       feature_batch_size=feature_batch_size, workers=workers, wait_timeout=wait_timeout,
                       progress=progress)
-    sweep = FidSweep(cfg, log=lambda msg: err_console.print(escape(msg), highlight=False))
-    sweep.validate()
-    result = sweep.run()
+    try:
+        sweep = FidSweep(cfg, log=lambda msg: err_console.print(escape(msg), highlight=False))
+        sweep.validate()
+        result = sweep.run()
+    except OptionError as err:  # a dataset reader's remedy, as this command spells the reader's options
+        raise err.respell(lambda key, value: f"--dataset-option {key}={value}") from None
     if result["rank"] == 0:
         _report(sweep, result, out)
 
@@ -218,7 +232,7 @@ def fid_table(
     base = manifests[0][1]["id"]
     for r in rows:
         r["comparable"] = "yes" if r.get("protocol_id") == base else f"NO: protocol {r.get('protocol_id')} != {base}"
-    from reimagen.atomic import write_text
+    from reimagen.utils.atomic import write_text
 
     import io
 
@@ -258,3 +272,9 @@ def _main() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+def without_kid(metrics: str) -> str:
+    """``--no-kid`` (deprecated, DEPRECATED_OPTIONS) as the --metrics list it stands for."""
+    warn_deprecated("fid --no-kid")
+    return ",".join(m for m in (x.strip() for x in metrics.split(",")) if m and m != "kid")

@@ -103,7 +103,7 @@ class LibraryExtractor:
 
     def build(self):
         """torch-fidelity's extractor, weights loaded (downloaded first when online and missing)."""
-        from reimagen._compat import patch_torchvision_if_broken
+        from reimagen.utils.compat import patch_torchvision_if_broken
 
         patch_torchvision_if_broken()
         from torch_fidelity.utils import create_feature_extractor

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from reimagen.atomic import save_npz, write_json
+from reimagen.utils.atomic import save_npz, write_json
 
 from .features import cache_root
 from .protocol import PROTOCOL_VERSION, is_plain_file
@@ -48,7 +48,7 @@ META = "meta.json"
 # ----------------------------------------------------------------------------------------------
 # Small file helpers
 # ----------------------------------------------------------------------------------------------
-#: The format of evaluation's JSON files (manifests, cache meta, cached metrics), for ``reimagen.atomic.write_json``.
+#: The format of evaluation's JSON files (manifests, cache meta, cached metrics), for ``reimagen.utils.atomic.write_json``.
 JSON_FORMAT: dict[str, Any] = {"indent": 2, "sort_keys": True, "default": str}
 
 

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from reimagen.atomic import write_bytes, write_json, write_text
+from reimagen.utils.atomic import write_bytes, write_json, write_text
 
 from .metric_set import COLUMN, METRIC_COLUMNS, METRICS, TITLE
 

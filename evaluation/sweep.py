@@ -15,7 +15,7 @@ Layout of the output folder::
     OUT/metrics/<point>/<backend>__<res>px/  features, statistics and metrics.json of one sweep point
     OUT/results.csv, results.md, fid_vs_guidance.png
 
-Every image folder is a ``reimagen.generate`` run folder (``<prompt_id>__0.png``, ``run.json``): images are
+Every image folder is a ``reimagen.pipelines.generate`` run folder (``<prompt_id>__0.png``, ``run.json``): images are
 written as they are made, a rerun skips them, and processes started by torchrun / accelerate (RANK,
 WORLD_SIZE) each make their share; rank 0 waits for the others' images, then computes the metrics.
 Guidance is standard (non-interleaved) classifier-free guidance on both conditions, ``JointGuidance(w)``, as in
@@ -29,8 +29,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from reimagen.atomic import write_json, write_jsonl
-from reimagen.generate import Job, image_name
+from reimagen.diffusion.solvers import check_sampler
+from reimagen.utils.atomic import write_json, write_jsonl
+from reimagen.pipelines.generate import Job, image_name
 
 from . import metric_set as ms
 from . import metrics as mt
@@ -68,13 +69,13 @@ class FidSweep:
     def validate(self) -> "FidSweep":
         from .backends import make_backend
         from .features import resolve_extractor
-        from reimagen.generate import shard_from_env
+        from reimagen.utils.launch import shard_from_env
 
         c = self.cfg
         self.rank, self.world = shard_from_env()
         if c.k < 1:
             raise ValueError(f"--k must be >= 1, got {c.k}")
-        from reimagen.precision import check_precision
+        from reimagen.utils.precision import check_precision
 
         check_precision(c.precision, c.device)
         self.resolution = int(c.resolution) if c.resolution is not None else default_resolution(c.dataset)
@@ -84,6 +85,7 @@ class FidSweep:
             raise ValueError("batch sizes must be >= 1 and --workers >= 0")
         if c.steps < 1 or (c.sr_steps is not None and c.sr_steps < 1):
             raise ValueError("--steps and --sr-steps must be >= 1")
+        check_sampler(c.sampler, max(c.steps, c.sr_steps or 0))
         if c.label not in ("auto", FID, ZS_FID):
             raise ValueError(f"--label must be auto, {FID} or {ZS_FID}, got {c.label!r}")
         self.retriever_name = self._retriever_name()
@@ -179,8 +181,8 @@ class FidSweep:
         c = self.cfg
         self.base_model = self.sr = self.folder_gen = self.base_cfg = self.sr_cfg = None
         if self.kind == "reimagen":
-            from reimagen.config import UNetConfig
-            from reimagen.checkpoint import read_checkpoint_config
+            from reimagen.models.config import UNetConfig
+            from reimagen.models.checkpoint import read_checkpoint_config
 
             self.base_cfg = UNetConfig.from_dict(read_checkpoint_config(c.model)["unet"])
             if self.base_cfg.is_super_resolution:
@@ -199,7 +201,7 @@ class FidSweep:
             if c.sr_model:
                 raise ValueError("--sr-model only applies to Re-Imagen checkpoints")
             if self.kind == "folder":
-                from reimagen.generate import FolderGenerator
+                from reimagen.pipelines.generate import FolderGenerator
 
                 self.folder_gen = FolderGenerator(c.model)
                 n_images = sum(1 for f in Path(c.model).iterdir()
@@ -221,13 +223,13 @@ class FidSweep:
     def _load_models(self) -> None:
         c = self.cfg
         if self.kind == "reimagen":
-            from reimagen.checkpoint import load_stage
+            from reimagen.models.checkpoint import load_stage
 
             self.base_model, self.base_encoder = load_stage(c.model, device=self.device)
             if c.sr_model:
                 self.sr, self.sr_encoder = load_stage(c.sr_model, device=self.device)
         elif self.kind == "diffusers":
-            from reimagen.generate import DiffusersGenerator
+            from reimagen.pipelines.generate import DiffusersGenerator
 
             self.diffusers = DiffusersGenerator(c.model, device=self.device, num_inference_steps=c.steps,
                                                 guidance_scale=self.grid_64[0])
@@ -428,7 +430,7 @@ class FidSweep:
                                    progress=c.progress)
 
     def _neighbours_fn(self, table, size: int):
-        from reimagen.cascade import neighbours_from_result
+        from reimagen.pipelines.cascade import neighbours_from_result
         from reimagen.retrieval.base import SearchResult
 
         kb, k = self.db.kb, self.cfg.k
@@ -440,7 +442,7 @@ class FidSweep:
         return fn
 
     def _generate(self) -> None:
-        from reimagen.generate import generate_run
+        from reimagen.pipelines.generate import generate_run
 
         c = self.cfg
         shard = (self.rank, self.world)
@@ -453,7 +455,7 @@ class FidSweep:
                 generate_run(gen, self.jobs, p.folder, c.seed, None, c.batch_size, common, shard, c.progress)
             return
         from reimagen import Cascade, JointGuidance, SamplerSettings, Stage
-        from reimagen.generate import CascadeGenerator
+        from reimagen.pipelines.generate import CascadeGenerator
 
         use_db = self.db.kb is not None
         table = self._neighbours_table() if use_db else None
@@ -480,7 +482,7 @@ class FidSweep:
                 generate_run(sr_gen, self.jobs, p, c.seed, sr_nbrs, c.batch_size, common, shard, c.progress)
 
     def _wait_for_images(self) -> None:
-        from reimagen.distributed import wait_for_others
+        from reimagen.utils.launch import wait_for_others
 
         wait_for_others(lambda: sum(1 for p in self.points for f in self.image_paths(p) if not os.path.isfile(f)),
                         "images", self.cfg.wait_timeout, self.world, self.log)

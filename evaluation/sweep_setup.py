@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from reimagen.generate import ImageGenerator, Job, image_name
+from reimagen.pipelines.generate import ImageGenerator, Job, image_name
 
 PAPER_GRID_64 = (1.0, 1.25, 1.5, 1.75, 2.0)
 PAPER_GRID_SR = (1.0, 5.0, 8.0, 10.0)
@@ -119,7 +119,7 @@ def model_kind(path: str) -> str:
     p = Path(path)
     if p.is_dir():
         if (p / "config.json").is_file():
-            from reimagen.checkpoint import read_config_json
+            from reimagen.models.checkpoint import read_config_json
 
             meta = read_config_json(p / "config.json")  # names a damaged config.json
             if isinstance(meta, dict) and meta.get("unet") is not None:
@@ -138,7 +138,7 @@ def model_kind(path: str) -> str:
 
 
 def checkpoint_identity(path: str) -> dict[str, Any]:
-    from reimagen.checkpoint import read_checkpoint_config
+    from reimagen.models.checkpoint import read_checkpoint_config
 
     meta = read_checkpoint_config(path)
     p = Path(path)
@@ -175,7 +175,7 @@ class SuperResolutionGenerator(ImageGenerator):
 
     @torch.no_grad()
     def generate(self, jobs, neighbours, seed):
-        from reimagen.cascade import Stage, run_stage
+        from reimagen.pipelines.cascade import Stage, run_stage
 
         dev = next(self.model.parameters()).device
         low = torch.stack([self._lowres(j) for j in jobs]).to(dev)

@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from reimagen.cliutil import friendly
+from reimagen.utils.cliutil import friendly
 
 rate_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                        help="Human evaluation: blind rating tasks, Streamlit app, Label Studio, Table 2 / Figure 5.")

@@ -301,7 +301,7 @@ def figure5(t2: list[dict], path: Path, spl: Sequence[str] = ("frequent", "infre
     ax.set_title(title + (" (SIMULATED raters)" if simulated else ""), fontsize=10)
     ax.legend(frameon=False)
     fig.tight_layout()
-    from reimagen.atomic import replacing_path  # here, not at the top: ``import reimagen`` loads torch
+    from reimagen.utils.atomic import replacing_path  # here, not at the top: ``import reimagen`` loads torch
 
     with replacing_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from reimagen.utils.atomic import DiskFullError
+
 from .tasks import Study, check_image_id, check_task_id
 
 SCHEMA = """
@@ -175,10 +177,13 @@ class RatingStore:
                     self.con.executemany(CANDIDATE_UPSERT, per_image)
                     self.con.execute("COMMIT")
                 except BaseException:
-                    self.con.execute("ROLLBACK")
+                    if self.con.in_transaction:  # SQLITE_FULL has rolled it back already
+                        self.con.execute("ROLLBACK")
                     raise
                 return
             except sqlite3.OperationalError as err:
+                if "disk is full" in str(err) or "disk I/O error" in str(err):  # SQLITE_FULL, or ENOSPC on the WAL
+                    raise DiskFullError(self.path) from err  # the transaction was rolled back: nothing half-written
                 if "locked" not in str(err) and "busy" not in str(err):
                     raise
                 time.sleep(0.05 * (attempt + 1))

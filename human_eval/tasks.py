@@ -87,9 +87,9 @@ def parse_run_specs(specs: Sequence[str | Path]) -> dict[str, Path]:
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
-    """``reimagen.atomic.write_text``, imported here rather than at the top: ``import reimagen`` loads torch,
+    """``reimagen.utils.atomic.write_text``, imported here rather than at the top: ``import reimagen`` loads torch,
     which the rating app (it imports this module) does without."""
-    from reimagen import atomic
+    from reimagen.utils import atomic
 
     return atomic.write_text(path, text)
 

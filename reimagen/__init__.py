@@ -1,29 +1,27 @@
 """Re-Imagen: retrieval-augmented text-to-image diffusion (Chen et al., ICLR 2023), in PyTorch.
 
-Layout (one module per concept, the paper's section in each docstring):
+The package is a house of rooms; each imports only the rooms below it (``make test`` checks it):
 
-    diffusion.py   schedules, Eq. 1-4, DDIM, dynamic thresholding (pure functions)
-    guidance.py    Eq. 5 and Eq. 6: joint, weighted and interleaved classifier-free guidance
-    unet.py        DStack / neighbour attention / UStack (Sec. 3.2, Fig. 3)
-    config.py      UNetConfig and the paper's presets
-    text.py        frozen text encoders (T5, MiniLM) and a tiny trainable one
-    sampling.py    one stage's denoising loop, per-sample seeding
-    cascade.py     the cascade of stages: Cascade.sample(prompts, neighbours, seed)
-    pipeline.py    ReImagenPipeline: a cascade with its retriever and knowledge base, from_pretrained / save
-    data.py        KNN-ImageText triples tables
-    train.py       the trainer and checkpoints
+    diffusion/   schedules, Eq. 1-4, DDIM, dynamic thresholding; guidance Eq. 5, Eq. 6 (pure functions)
+    models/      the stage U-Net (DStack, neighbour attention, UStack), presets, text encoders, checkpoints
+    pipelines/   the sampling loop, the cascade, ReImagenPipeline, run folders and generators
+    training/    triples and shards, the text store, the loader, the trainer, torch.distributed
+    retrieval/   knowledge bases and readers, BM25 and CLIP + faiss retrievers, KNN-ImageText triples
+    utils/       atomic writes, the torchvision shim, precision, seeding, the launcher's environment
+    cli.py       the model's commands (train, shards, embed-text, sample, presets), mounted from the rooms
 """
 
-from ._compat import patch_torchvision_if_broken
+from .utils.compat import install_module_aliases, patch_torchvision_if_broken
 
 patch_torchvision_if_broken()  # before anything imports transformers / torchvision
+install_module_aliases()  # reimagen.unet and the other pre-0.2 module paths, with a DeprecationWarning
 
-from .cascade import Cascade, CascadeOutput, Neighbours, Stage  # noqa: E402
-from .pipeline import PipelineOutput, ReImagenPipeline  # noqa: E402
-from .config import PRESETS, UNetConfig, get_preset  # noqa: E402
-from .guidance import InterleavedGuidance, JointGuidance, WeightedGuidance, make_guidance  # noqa: E402
-from .sampling import NonFiniteError, SamplerSettings  # noqa: E402
-from .unet import ReImagenUNet  # noqa: E402
+from .diffusion.guidance import InterleavedGuidance, JointGuidance, WeightedGuidance, make_guidance  # noqa: E402
+from .models.config import PRESETS, UNetConfig, get_preset  # noqa: E402
+from .models.unet import ReImagenUNet  # noqa: E402
+from .pipelines.cascade import Cascade, CascadeOutput, Neighbours, Stage  # noqa: E402
+from .pipelines.pipeline import PipelineOutput, ReImagenPipeline  # noqa: E402
+from .pipelines.sampling import NonFiniteError, SamplerSettings  # noqa: E402
 
 __version__ = "0.1.0"
 

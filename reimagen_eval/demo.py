@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from reimagen.cliutil import friendly
+from reimagen.utils.cliutil import friendly
 from toyworld import WEIGHTS
 
 console = Console(stderr=True)

@@ -21,10 +21,10 @@ import torch.nn as nn
 # test which holds only for one thread count fails here, not on another machine).
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
 
-from reimagen.config import get_preset  # noqa: E402
-from reimagen.data import TripleData  # noqa: E402
-from reimagen.text import TinyTextEncoder  # noqa: E402
-from reimagen.unet import ReImagenUNet  # noqa: E402
+from reimagen.models.config import get_preset  # noqa: E402
+from reimagen.training.data import TripleData  # noqa: E402
+from reimagen.models.text import TinyTextEncoder  # noqa: E402
+from reimagen.models.unet import ReImagenUNet  # noqa: E402
 
 
 def make_model(preset: str = "tiny-16", seed: int = 0, **overrides) -> ReImagenUNet:

@@ -1,4 +1,4 @@
-"""reimagen.atomic: the bytes are those the four helpers it replaced wrote (evaluation.metrics, entitydrawbench.
+"""reimagen.utils.atomic: the bytes are those the four helpers it replaced wrote (evaluation.metrics, entitydrawbench.
 entities, human_eval.tasks, reimagen.retrieval.clip), no temporary file stays behind, a write that fails
 midway leaves the destination's previous content, and ``replacing_path`` lets a library that picks its format by
 the file name (PIL) write to the temporary name."""
@@ -17,7 +17,7 @@ import pytest
 from entitydrawbench import entities
 from evaluation.metrics import JSON_FORMAT
 from human_eval.tasks import atomic_write_text
-from reimagen import atomic
+from reimagen.utils import atomic
 
 SAMPLE = {"b": 1, "a": ["Palau Güell", 2.5, None], "p": Path("/x/y"), "t": (1, 2)}
 PLAIN = {"b": 1, "a": ["Palau Güell", 2.5, None]}
@@ -144,7 +144,7 @@ def test_replacing_path_error_keeps_previous_content(tmp_path, written):
 
 
 def test_entitydrawbench_and_human_eval_tasks_import_without_reimagen():
-    """Their writers import reimagen.atomic when they write: ``import reimagen`` loads torch (seconds), which
+    """Their writers import reimagen.utils.atomic when they write: ``import reimagen`` loads torch (seconds), which
     ``import entitydrawbench`` and the rating app (human_eval.tasks) do without."""
     code = ("import sys, entitydrawbench.entities, human_eval.tasks; "
             "print(json.dumps(sorted(m for m in ('reimagen', 'torch') if m in sys.modules)))")

@@ -64,7 +64,7 @@ def build(kb, tiny_model, tmp_path, **kw) -> ClipRetriever:
 def test_stored_embeddings_are_the_models_normalised_image_embeddings(tmp_path, tiny_model):
     import torch
 
-    from reimagen._compat import patch_torchvision_if_broken
+    from reimagen.utils.compat import patch_torchvision_if_broken
 
     patch_torchvision_if_broken()
     import open_clip
@@ -252,7 +252,7 @@ def test_corrupt_and_missing_images_are_counted_and_skipped(tmp_path, tiny_model
 
 
 def test_missing_weights_error_names_the_file_and_pretrained_path(monkeypatch):
-    from reimagen._compat import patch_torchvision_if_broken
+    from reimagen.utils.compat import patch_torchvision_if_broken
 
     patch_torchvision_if_broken()
     import open_clip.pretrained as ocp

@@ -75,7 +75,7 @@ def test_shifted_schedule_is_the_schedule_plus_its_log_snr_shift(name):
 
 
 def test_config_rejects_an_unknown_schedule_when_built():
-    from reimagen.config import get_preset
+    from reimagen.models.config import get_preset
 
     with pytest.raises(ValueError, match="schedule"):
         get_preset("tiny-16", schedule="cosine:x")
@@ -287,7 +287,7 @@ def test_sampling_times_endpoints_and_strictly_decreasing():
 def test_min_snr_weight_is_min_snr_gamma_in_x0_terms(prediction):
     """Weighted own-parameterisation MSE == min(SNR, gamma) * ||x0_hat - x0||^2 for every parameterisation,
     with a perturbed prediction (so the errors are not zero)."""
-    from reimagen.diffusion import diffusion_loss, min_snr_weight, to_x0, v_from
+    from reimagen.diffusion.gaussian import diffusion_loss, min_snr_weight, to_x0, v_from
 
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(6, 3, 8, 8, generator=g), torch.randn(6, 3, 8, 8, generator=g)
@@ -308,7 +308,7 @@ def test_min_snr_weight_is_min_snr_gamma_in_x0_terms(prediction):
 def test_min_snr_plus_one_is_min_snr_gamma_plus_one_in_x0_terms(prediction):
     """The +1 variant: weighted MSE == (min(SNR, gamma) + 1) * ||x0_hat - x0||^2; for v its multiplier tends to
     1 (the plain v loss) at high noise, where plain Min-SNR's tends to 0."""
-    from reimagen.diffusion import diffusion_loss, min_snr_weight, to_x0, v_from
+    from reimagen.diffusion.gaussian import diffusion_loss, min_snr_weight, to_x0, v_from
 
     g = torch.Generator().manual_seed(1)
     x0, noise = torch.randn(6, 3, 8, 8, generator=g), torch.randn(6, 3, 8, 8, generator=g)
@@ -327,7 +327,7 @@ def test_min_snr_plus_one_is_min_snr_gamma_plus_one_in_x0_terms(prediction):
 
 
 def test_min_snr_gamma_must_not_be_negative():
-    from reimagen.train import TrainConfig
+    from reimagen.training.train import TrainConfig
 
     with pytest.raises(ValueError, match="min_snr_gamma"):
         TrainConfig(min_snr_gamma=-1.0)

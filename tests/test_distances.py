@@ -52,7 +52,7 @@ def test_a_resample_as_counts_equals_the_resampled_rows():
 
 
 def test_kid_on_whole_sets_equals_torch_fidelity_and_the_u_statistic_of_a_resample():
-    from reimagen._compat import patch_torchvision_if_broken
+    from reimagen.utils.compat import patch_torchvision_if_broken
 
     patch_torchvision_if_broken()
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_features_to_metric

@@ -1,6 +1,6 @@
 """EntityDrawBench runs end to end (entitydrawbench/run.py, scoring.py, ablation.py, cli.py) on tiny random models.
 
-A tiny-16 base stage (+ a tiny-sr32 super-resolution stage) saved with ``reimagen.train.save_checkpoint``, a
+A tiny-16 base stage (+ a tiny-sr32 super-resolution stage) saved with ``reimagen.training.train.save_checkpoint``, a
 folder of reference images the test generates (one entity left without one), 2 sampling steps, and a tiny
 randomly initialised open-clip model: the images and scores mean nothing, the tests check the machinery
 (files, metadata, resume, shards, refusals, best-of-N, summaries).
@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from conftest import make_model, randomize
 from entitydrawbench.cli import register
 from entitydrawbench.entities import load_entities, select
-from reimagen.text import TinyTextEncoder
-from reimagen.checkpoint import save_checkpoint
+from reimagen.models.text import TinyTextEncoder
+from reimagen.models.checkpoint import save_checkpoint
 
 TINY_CLIP = {"embed_dim": 32,
              "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
@@ -99,7 +99,7 @@ def test_full_run_writes_images_manifest_and_per_image_metadata(world, full_run)
 
 
 def test_resume_after_interruption_and_shards_reproduce_the_images(world, full_run, monkeypatch):
-    from reimagen.generate import CascadeGenerator
+    from reimagen.pipelines.generate import CascadeGenerator
 
     out = world["root"] / "interrupted"
     real = CascadeGenerator.generate
@@ -396,7 +396,7 @@ def test_eta_sweep_writes_one_table_and_one_plot(world, tmp_path):
 def test_neighbour_batches_carry_the_reference_images(world):
     from entitydrawbench.references import load_references
     from entitydrawbench.run import NeighbourPlan, NeighbourProvider, RunConfig, plan_neighbours
-    from reimagen.generate import Job
+    from reimagen.pipelines.generate import Job
 
     chosen = world["chosen"][:2]
     pairs, _ = load_references(world["refs"], chosen)
@@ -406,7 +406,7 @@ def test_neighbour_batches_carry_the_reference_images(world):
     nb = NeighbourProvider(plan, 2, 16)([Job(chosen[0].id, "x", 0), Job(chosen[1].id, "y", 3)])
     assert nb.images.shape == (2, 2, 3, 16, 16) and nb.mask.tolist() == [[True, False], [True, False]]
     assert nb.texts[0][0] == chosen[0].reference_text
-    from reimagen.cascade import image_to_tensor
+    from reimagen.pipelines.cascade import image_to_tensor
 
     expected = image_to_tensor(np.asarray(Image.open(pairs[chosen[0].id][0].path).convert("RGB")), 16)
     assert torch.allclose(nb.images[0, 0], expected)

@@ -39,7 +39,7 @@ def dinov2_vitl14(**kwargs):
 
 def write_clip(path: Path, embed_dim: int, seed: int) -> Path:
     """A random ViT CLIP saved as OpenAI's TorchScript files are (torch-fidelity rebuilds it from the state dict)."""
-    from reimagen._compat import patch_torchvision_if_broken
+    from reimagen.utils.compat import patch_torchvision_if_broken
 
     patch_torchvision_if_broken()
     from torch_fidelity.feature_extractor_clip import CLIPVisual

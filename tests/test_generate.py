@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import make_model, randomize
 from reimagen import Cascade, InterleavedGuidance, JointGuidance, Neighbours, SamplerSettings, Stage
-from reimagen.generate import CascadeGenerator, FolderGenerator, Job, generate_run, image_name
+from reimagen.pipelines.generate import CascadeGenerator, FolderGenerator, Job, generate_run, image_name
 
 
 @pytest.fixture()
@@ -100,7 +100,7 @@ def test_a_run_stopped_mid_block_resumes_to_the_same_bytes(generator, tmp_path):
 
 
 def test_job_blocks_do_not_depend_on_the_world_size():
-    from reimagen.generate import job_blocks
+    from reimagen.pipelines.generate import job_blocks
 
     one = job_blocks(11, 4)
     assert one == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
@@ -118,7 +118,7 @@ def test_job_blocks_do_not_depend_on_the_world_size():
     ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK 2 outside WORLD_SIZE 2"),
 ])
 def test_a_half_set_launcher_environment_is_refused(env, message):
-    from reimagen.generate import shard_from_env
+    from reimagen.utils.launch import shard_from_env
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         shard_from_env(env)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from reimagen import guidance as G
-from reimagen.guidance import Branch
+from reimagen.diffusion import guidance as G
+from reimagen.diffusion.guidance import Branch
 
 
 def _preds(b=5, seed=0):

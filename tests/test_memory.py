@@ -1,11 +1,11 @@
-"""reimagen.memory: training memory computed on fake tensors equals what a real forward pass saves."""
+"""reimagen.models.memory: training memory computed on fake tensors equals what a real forward pass saves."""
 
 import pytest
 import torch
 
 from conftest import make_model
-from reimagen.config import get_preset
-from reimagen.memory import activation_bytes, estimate, parameter_count
+from reimagen.models.config import get_preset
+from reimagen.models.memory import activation_bytes, estimate, parameter_count
 
 
 def _real_saved_bytes(model, k=2, text_len=64):

@@ -1,4 +1,4 @@
-"""Mirroring with swapped layout words (reimagen.loader, `train --mirror-words`): half the samples are flipped
+"""Mirroring with swapped layout words (reimagen.training.loader, `train --mirror-words`): half the samples are flipped
 left-right with their caption's layout words swapped, the neighbours stay as retrieved, and every other random
 draw of a sample is what it is without mirroring."""
 
@@ -7,10 +7,10 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_model
-from reimagen.data import TripleData
-from reimagen.loader import MemorySamples, Randomness, parse_mirror_words, swap_words
-from reimagen.text import TinyTextEncoder, build_text_encoder
-from reimagen.train import TrainConfig, Trainer
+from reimagen.training.data import TripleData
+from reimagen.training.loader import MemorySamples, Randomness, parse_mirror_words, swap_words
+from reimagen.models.text import TinyTextEncoder, build_text_encoder
+from reimagen.training.train import TrainConfig, Trainer
 
 PAIRS = (("left", "right"),)
 SIDES = ["left", "right", "left", "right", "left", "right"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reimagen import Cascade, InterleavedGuidance, Neighbours, ReImagenUNet, SamplerSettings, Stage, get_preset
-from reimagen.text import TinyTextEncoder
+from reimagen.models.text import TinyTextEncoder
 
 
 @pytest.fixture()

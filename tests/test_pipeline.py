@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 
 from conftest import make_model, randomize
 from reimagen import Cascade, InterleavedGuidance, JointGuidance, SamplerSettings
-from reimagen.pipeline import ReImagenPipeline
+from reimagen.pipelines.pipeline import ReImagenPipeline
 from reimagen.retrieval.base import KnowledgeBase
-from reimagen.text import TinyTextEncoder
-from reimagen.checkpoint import save_checkpoint
+from reimagen.models.text import TinyTextEncoder
+from reimagen.models.checkpoint import save_checkpoint
 from reimagen_eval.cli import app
 
 runner = CliRunner()

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from reimagen.config import PRESETS, UNetConfig, get_preset
-from reimagen.unet import ReImagenUNet, count_parameters
+from reimagen.models.config import PRESETS, UNetConfig, get_preset
+from reimagen.models.unet import ReImagenUNet, count_parameters
 
 PAPER = ["paper-64", "paper-64-small", "paper-sr256", "paper-sr1024"]
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from reimagen import Cascade, InterleavedGuidance, SamplerSettings, Stage
-from reimagen.cascade import neighbours_from_result
+from reimagen.pipelines.cascade import neighbours_from_result
 from reimagen.retrieval import KnowledgeBase
 from reimagen.retrieval.bm25 import BM25Retriever
 from conftest import make_model, randomize

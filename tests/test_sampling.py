@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from conftest import make_model, randomize
-from reimagen.cascade import Cascade, Neighbours, Stage
-from reimagen.config import get_preset
-from reimagen.guidance import InterleavedGuidance, JointGuidance, WeightedGuidance
-from reimagen.sampling import NonFiniteError, SamplerSettings, make_generators, sample_seed, sample_stage
-from reimagen.text import TinyTextEncoder
-from reimagen.unet import ReImagenUNet
+from reimagen.pipelines.cascade import Cascade, Neighbours, Stage
+from reimagen.models.config import get_preset
+from reimagen.diffusion.guidance import InterleavedGuidance, JointGuidance, WeightedGuidance
+from reimagen.pipelines.sampling import NonFiniteError, SamplerSettings, make_generators, sample_stage
+from reimagen.utils.seeding import sample_seed
+from reimagen.models.text import TinyTextEncoder
+from reimagen.models.unet import ReImagenUNet
 
 ATOL = 1e-5
 PROMPTS = ["a red dog on grass", "a blue bird in a tree", "a green house at night"]
@@ -324,7 +325,7 @@ def test_neighbours_at_size_resizes_and_from_pairs_builds_rows():
 # ----------------------------------------------------------------------------------------------
 def test_one_step_sample_is_the_thresholded_x0_prediction_from_pure_noise(base, enc):
     """With one step the sample is dynamic_threshold(Eq. 3 x0_hat) at t = 1 from the sample's own initial noise."""
-    from reimagen.diffusion import dynamic_threshold, eps_to_x0, get_schedule
+    from reimagen.diffusion.gaussian import dynamic_threshold, eps_to_x0, get_schedule
     e = enc.encode(PROMPTS)
     with torch.no_grad():
         tc = base.project_text(e.embeddings, e.mask)
@@ -344,7 +345,7 @@ def test_one_step_sample_is_the_thresholded_x0_prediction_from_pure_noise(base, 
 def test_sdedit_one_step_is_the_x0_prediction_from_the_init_noised_by_eq1(base, enc):
     """start_t < 1: x_t = Eq. 1 of the init image at start_t with the sample's own initial noise; one step lands
     on the (thresholded) x0 prediction at start_t. Init images and start_t come together, of the stage's shape."""
-    from reimagen.diffusion import dynamic_threshold, eps_to_x0, get_schedule, q_sample
+    from reimagen.diffusion.gaussian import dynamic_threshold, eps_to_x0, get_schedule, q_sample
     e = enc.encode(PROMPTS)
     with torch.no_grad():
         tc = base.project_text(e.embeddings, e.mask)

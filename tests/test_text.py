@@ -1,4 +1,4 @@
-"""Tests of reimagen.text: the encoders that produce the prompt c_p (Re-Imagen Sec. 3.2). Offline."""
+"""Tests of reimagen.models.text: the encoders that produce the prompt c_p (Re-Imagen Sec. 3.2). Offline."""
 
 import os
 
@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from reimagen.text import (
+from reimagen.models.text import (
     TEXT_ENCODERS,
     MiniLMTextEncoder,
     T5TextEncoder,
@@ -93,7 +93,7 @@ def test_tiny_tokenizer_is_case_insensitive_and_stable_across_processes():
     assert ids == enc.tokenize(text.lower())
     assert all(2 <= i < enc.vocab_size for i in ids)
     assert enc.tokenize("") == [TinyTextEncoder.EMPTY] and enc.tokenize("   ") == [TinyTextEncoder.EMPTY]
-    code = f"from reimagen.text import TinyTextEncoder; print(TinyTextEncoder.tokenize(TinyTextEncoder(), {text!r}))"
+    code = f"from reimagen.models.text import TinyTextEncoder; print(TinyTextEncoder.tokenize(TinyTextEncoder(), {text!r}))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert json.loads(other.stdout.strip()) == ids
@@ -251,7 +251,7 @@ T5_SENTENCES = [
 
 @pytest.fixture(scope="module")
 def tiny_t5(tmp_path_factory):
-    from reimagen.text import _transformers
+    from reimagen.models.text import _transformers
 
     tf = _transformers()
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers

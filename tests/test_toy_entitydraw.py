@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 
 from conftest import make_model, randomize
 from entitydrawbench.cli import register
-from reimagen.text import TinyTextEncoder
-from reimagen.checkpoint import save_checkpoint
+from reimagen.models.text import TinyTextEncoder
+from reimagen.models.checkpoint import save_checkpoint
 
 SPEC = dict(seed=0, n_entities=8, n_unseen=2, corpus_size=200, zipf_s=3.0, zipf_q=0.0, n_references=3,
             validation_size=8)

@@ -112,11 +112,11 @@ def test_long_tail_and_splits():
 
 def test_shipped_checkpoints_load_and_sample_finite_images():
     """What does hold for the shipped cascade: it loads from the package, is small, and samples finite 64px images."""
-    from reimagen.cascade import Cascade, Stage
-    from reimagen.guidance import JointGuidance
-    from reimagen.sampling import SamplerSettings
+    from reimagen.pipelines.cascade import Cascade, Stage
+    from reimagen.diffusion.guidance import JointGuidance
+    from reimagen.pipelines.sampling import SamplerSettings
     from toyworld import WEIGHTS
-    from reimagen.checkpoint import load_stage
+    from reimagen.models.checkpoint import load_stage
 
     total = sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file())
     assert total <= 30e6
@@ -154,12 +154,12 @@ def test_neighbour_probe_runs_on_the_shipped_base():
 
 def test_stage_decomposition_cascade_source_is_the_cascade():
     """``base+sr`` is what the cascade draws for the same prompts, neighbours, seeds and settings, image for image."""
-    from reimagen.cascade import Cascade, Stage
-    from reimagen.guidance import InterleavedGuidance, JointGuidance
-    from reimagen.sampling import SamplerSettings
+    from reimagen.pipelines.cascade import Cascade, Stage
+    from reimagen.diffusion.guidance import InterleavedGuidance, JointGuidance
+    from reimagen.pipelines.sampling import SamplerSettings
     from toyworld import WEIGHTS
     from toyworld.diagnose import decomposition_images
-    from reimagen.checkpoint import load_stage
+    from reimagen.models.checkpoint import load_stage
 
     prompts, sidx, nbrs, images = decomposition_images(WEIGHTS / "base", WEIGHTS / "sr", per_split=1, samples=2,
                                                        steps=3, sr_steps=2, sources=("render", "base+sr"))
@@ -268,12 +268,12 @@ def test_shipped_cascade_draws_a_frequent_entity_from_its_reference(judge):
     images the judge accepts (look AND scene, Sec. 4.2) far above chance: chance is ~1 / 3500 for the look times
     1 / 20 for the scene, the bar here 1 / 10 on 36 images (the shipped cascade: 6 / 36; with the earlier
     5,000-step base stage, trained without Min-SNR weighting: 1 / 36)."""
-    from reimagen.cascade import Cascade, Neighbours, Stage
-    from reimagen.guidance import InterleavedGuidance, JointGuidance
-    from reimagen.sampling import SamplerSettings
+    from reimagen.pipelines.cascade import Cascade, Neighbours, Stage
+    from reimagen.diffusion.guidance import InterleavedGuidance, JointGuidance
+    from reimagen.pipelines.sampling import SamplerSettings
     from toyworld import WEIGHTS
     from toyworld.judge import verdicts
-    from reimagen.checkpoint import load_stage
+    from reimagen.models.checkpoint import load_stage
 
     base, enc = load_stage(WEIGHTS / "base")
     sr, _ = load_stage(WEIGHTS / "sr")
@@ -373,8 +373,8 @@ def test_ship_reduces_the_layout_maps_and_keeps_the_shipped_sr_stage(tmp_path):
     from typer.testing import CliRunner
 
     from conftest import layout_model
-    from reimagen.checkpoint import load_stage, save_checkpoint
-    from reimagen.text import TinyTextEncoder
+    from reimagen.models.checkpoint import load_stage, save_checkpoint
+    from reimagen.models.text import TinyTextEncoder
     from reimagen_eval.cli import app
 
     big = layout_model(seed=5)

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import layout_model, make_model, make_triples, randomize, structured_images
-from reimagen.config import UNetConfig
-from reimagen.data import TripleData
-from reimagen.text import TinyTextEncoder
-from reimagen.checkpoint import load_stage, load_weights, save_checkpoint
-from reimagen.train import TrainConfig, Trainer
+from reimagen.models.config import UNetConfig
+from reimagen.training.data import TripleData
+from reimagen.models.text import TinyTextEncoder
+from reimagen.models.checkpoint import load_stage, load_weights, save_checkpoint
+from reimagen.training.train import TrainConfig, Trainer
 
 
 def _trainer(tmp_path=None, steps=4, batch_size=4, seed=0, model_seed=0, enc_seed=0, data=None, preset="tiny-16", **kw):
@@ -157,7 +157,7 @@ def test_load_weights_into_other_config_raises_naming_differing_fields(tmp_path)
 
 
 def test_init_from_starts_a_grown_preset_from_a_stage_computing_the_same_function(tmp_path, text_encoder):
-    from reimagen.checkpoint import init_from
+    from reimagen.models.checkpoint import init_from
 
     old = randomize(make_model("tiny-16"), std=0.05, seed=3)
     save_checkpoint(tmp_path / "ck", old, TinyTextEncoder(dim=32), ema=old)
@@ -433,7 +433,7 @@ def test_ship_stage_packs_fp16_ema_weights_and_the_timed_command(tmp_path):
 
 
 def test_reduce_layout_rank_keeps_the_function_on_the_captions_span(text_encoder):
-    from reimagen.checkpoint import reduce_layout_rank
+    from reimagen.models.checkpoint import reduce_layout_rank
 
     big = layout_model(seed=4)
     captions = [f"a {c} dog on the {s}" for c in ("red", "blue", "green") for s in ("left", "right")]

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from rank_bm25 import BM25Okapi
 
-from reimagen.data import TripleData
+from reimagen.training.data import TripleData
 from reimagen.retrieval import triples as triples_mod
 from reimagen.retrieval.base import KnowledgeBase
 from reimagen.retrieval.bm25 import BM25Retriever, tokenize

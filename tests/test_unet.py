@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_model, randomize
-from reimagen.unet import DStack
+from reimagen.models.unet import DStack
 
 ATOL = 1e-5
 
@@ -334,7 +334,7 @@ def test_lowres_input_is_upsampled_and_noised_to_aug_level(rsr):
     up = torch.nn.functional.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)
     torch.testing.assert_close(clean, up)
     noisy = rsr.lowres_input(low, torch.full((2,), 0.5), noise)
-    from reimagen.diffusion import q_sample
+    from reimagen.diffusion.gaussian import q_sample
     torch.testing.assert_close(noisy, q_sample(clean, rsr._log_snr(torch.full((2,), 0.5)), noise))
 
 
@@ -367,7 +367,7 @@ F32 = {"rtol": 1e-5, "atol": 1e-5}
 @torch.no_grad()
 def test_shared_dstack_for_branches_of_one_sample_gives_identical_outputs(preset, enc):
     """forward(source=...) runs one DStack per (sample, text dropped?) and must equal the unshared forward."""
-    from reimagen.guidance import branch_drop_masks
+    from reimagen.diffusion.guidance import branch_drop_masks
 
     m = randomize(make_model(preset, seed=3))
     b, s = 3, m.cfg.image_size
@@ -413,8 +413,8 @@ OLD_ARCHITECTURES = {"tiny-16": (167, "530fbb5c3d5bedc4"), "tiny-sr32": (135, "6
 
 @pytest.mark.parametrize("preset", sorted(OLD_ARCHITECTURES))
 def test_up_res_blocks_none_builds_exactly_the_old_architecture(preset):
-    from reimagen.config import get_preset
-    from reimagen.unet import ReImagenUNet
+    from reimagen.models.config import get_preset
+    from reimagen.models.unet import ReImagenUNet
 
     cfg = get_preset(preset)
     assert cfg.up_res_blocks is None
@@ -439,7 +439,7 @@ def test_fewer_up_blocks_take_each_levels_deepest_skips():
     m = make_model("tiny-16", num_res_blocks=(1, 3), up_res_blocks=(1, 2))
     # DStack skips: [conv_in, L0 block, downsample, L1 block 1, 2, 3]; level 1 takes 5 then 4, level 0 takes 1
     assert m.ustack.skip_index == [5, 4, 1]
-    from reimagen.unet import ResBlock
+    from reimagen.models.unet import ResBlock
 
     assert sum(isinstance(b, ResBlock) for b in m.ustack.blocks) == 3
     assert sum(isinstance(b, ResBlock) for b in m.dstack.blocks) == 4
@@ -448,7 +448,7 @@ def test_fewer_up_blocks_take_each_levels_deepest_skips():
 @pytest.mark.parametrize("up", [(1, 1), (1, 2), (2, 1)])
 @torch.no_grad()
 def test_efficient_ustack_runs_and_shares_the_dstack_like_the_default(up, enc):
-    from reimagen.guidance import branch_drop_masks
+    from reimagen.diffusion.guidance import branch_drop_masks
 
     m = randomize(make_model("tiny-16", seed=3, num_res_blocks=(1, 3), up_res_blocks=up))
     x, t, tc, nimg, nc = _inputs(m, enc, b=3, k=2)
@@ -471,8 +471,8 @@ def test_efficient_ustack_model_overfits_four_images():
     import math
 
     from conftest import make_triples
-    from reimagen.text import TinyTextEncoder
-    from reimagen.train import TrainConfig, Trainer
+    from reimagen.models.text import TinyTextEncoder
+    from reimagen.training.train import TrainConfig, Trainer
 
     data = make_triples(4, 16, 2, seed=3)
     cfg = TrainConfig(steps=200, batch_size=8, lr=3e-3, log_every=25, ckpt_every=10**9, ema_decay=0.99, seed=0)
@@ -527,7 +527,7 @@ def test_neighbour_film_carries_neighbour_content_past_a_silent_attention_output
 def test_text_layout_shifts_locations_by_one_word():
     """text_layout: learned queries pool the text tokens, a zero-initialised linear map turns them into a shift per
     location and channel; so one token can move one side of a uniform feature map, whatever the other tokens."""
-    from reimagen.unet import TextAttention, TextCond
+    from reimagen.models.unet import TextAttention, TextCond
 
     torch.manual_seed(0)
     att = TextAttention(32, 16, 16, 8, layout=(2, 4, 0))
@@ -551,7 +551,7 @@ def test_text_layout_shifts_locations_by_one_word():
 def test_position_embedding_lets_text_attention_tell_locations_apart():
     """A spatially uniform input gives the same output at every location without position embeddings, and
     location-dependent outputs with them (what lets a word such as "left" act on one side only)."""
-    from reimagen.unet import TextAttention, TextCond
+    from reimagen.models.unet import TextAttention, TextCond
 
     torch.manual_seed(0)
     text = TextCond(torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool), torch.zeros(2, 32))

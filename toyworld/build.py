@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from reimagen.atomic import replacing_path, write_json
+from reimagen.utils.atomic import replacing_path, write_json
 from .world import Scene, World, render_many
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from reimagen.cliutil import friendly
+from reimagen.utils.cliutil import friendly
 from . import WEIGHTS
 from .world import V3_OBJECT_SCALE
 
@@ -191,6 +191,6 @@ def _print_split_tables(rows: list[dict]) -> None:
 def _write_rows(out: Path | None, rows: list[dict]) -> None:
     """Rows as JSON at ``out`` (if given), atomically."""
     if out is not None:
-        from reimagen.atomic import write_json
+        from reimagen.utils.atomic import write_json
 
         write_json(out, rows, indent=2)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .world import BACKGROUNDS, BenchPrompt, World, entity_masks, render_many, scene_attributes
 
 if TYPE_CHECKING:
-    from reimagen.cascade import Neighbours
+    from reimagen.pipelines.cascade import Neighbours
 
 
 def _images(world: World, scenes, key: str, size: int) -> torch.Tensor:
@@ -52,7 +52,7 @@ def _up64(x: torch.Tensor) -> torch.Tensor:
 def _base_guidance(retrieval: bool, w: float, eta: float):
     """The base stage's guidance in the toy world's EntityDrawBench default: interleaved (Eq. 6) with
     retrieval, joint on the text alone without."""
-    from reimagen.guidance import JointGuidance, make_guidance
+    from reimagen.diffusion.guidance import JointGuidance, make_guidance
 
     return make_guidance("interleaved", w_text=w, w_neighbours=w, eta=eta) if retrieval else JointGuidance(w=w, use_neighbours=False)
 
@@ -61,8 +61,8 @@ def _base_guidance(retrieval: bool, w: float, eta: float):
 def neighbour_probe(checkpoint: str | Path, world: World | None = None, per_split: int = 12, k: int = 2,
                     levels: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9), seed: int = 0, ema: bool = True) -> list[dict]:
     """Rows (t, condition, split, x0_mse) for a base-stage checkpoint (see the module docstring)."""
-    from reimagen.diffusion import get_schedule, q_sample, to_x0
-    from reimagen.checkpoint import load_stage
+    from reimagen.diffusion.gaussian import get_schedule, q_sample, to_x0
+    from reimagen.models.checkpoint import load_stage
 
     world = world or World()
     model, enc = load_stage(checkpoint, ema=ema)
@@ -190,7 +190,7 @@ def _bench_rows(world: World, per_split: int, samples: int, k: int, seed: int
                 ) -> tuple[list[BenchPrompt], list[int], Neighbours, torch.Tensor]:
     """The bench prompts, each repeated ``samples`` times, their sample indices, their neighbours (the entity's
     first ``k`` reference pairs, freshly rendered) and their scenes' true 64x64 renders, in [-1, 1]."""
-    from reimagen.cascade import Neighbours
+    from reimagen.pipelines.cascade import Neighbours
 
     refs = world.reference_rows
     if k > min(len(v) for v in refs.values()):
@@ -239,10 +239,10 @@ def decomposition_images(base: str | Path, sr: str | Path, world: World | None =
     """The bench prompts (each repeated ``samples`` times), their sample indices, their neighbours (the entity's
     first ``k`` reference pairs, freshly rendered) and, per source, their 64x64 images in [-1, 1] (see
     ``stage_decomposition``)."""
-    from reimagen.cascade import Stage, run_stage
-    from reimagen.guidance import JointGuidance
-    from reimagen.sampling import SamplerSettings
-    from reimagen.checkpoint import load_stage
+    from reimagen.pipelines.cascade import Stage, run_stage
+    from reimagen.diffusion.guidance import JointGuidance
+    from reimagen.pipelines.sampling import SamplerSettings
+    from reimagen.models.checkpoint import load_stage
 
     _check_sources(sources)
     world = world or World()
@@ -325,9 +325,9 @@ def noise_recovery(base: str | Path, judge: str | Path, world: World | None = No
     max(1, round(``steps`` t)) steps, so the step size is that of a ``steps``-step run. Rows (source, t,
     retrieval, split, attribute, rate, n); ``decomposition_table`` prints them.
     """
-    from reimagen.cascade import Stage, run_stage
-    from reimagen.sampling import SamplerSettings
-    from reimagen.checkpoint import load_stage
+    from reimagen.pipelines.cascade import Stage, run_stage
+    from reimagen.pipelines.sampling import SamplerSettings
+    from reimagen.models.checkpoint import load_stage
     from .judge import load_judge
 
     if not times or not all(0.0 < t <= 1.0 for t in times):

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reimagen.atomic import replacing_path, write_json
+from reimagen.utils.atomic import replacing_path, write_json
 from .world import ATTRIBUTE_CLASSES, LOOK_ATTRIBUTES, SCENE_ATTRIBUTES, Scene, World, render_many, scene_attributes
 
 Tensor = torch.Tensor

@@ -15,7 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
-from reimagen.atomic import replacing_path
+from reimagen.utils.atomic import replacing_path
 
 REPRODUCE = {  # the documented commands; a shipped stage records the command that really ran (its time log)
     # the earlier base stage (toy-32), then the layout fine-tune from its shipped weights (commit f59fdce's
@@ -78,10 +78,10 @@ def plot_loss(log: Path, out: Path, title: str) -> Path:
 def reduce_stage(src: Path, rank: int, captions: Path, limit: int = 5000) -> tuple[Path, float]:
     """A copy of checkpoint ``src`` (EMA weights) beside it, ``<src>-rank<R>``, with its text layout maps reduced
     to rank ``rank`` on the span of the first ``limit`` captions of ``captions`` (a triples or corpus table;
-    ``reimagen.checkpoint.reduce_layout_rank``). Returns the folder and the share of pooled variance kept."""
+    ``reimagen.models.checkpoint.reduce_layout_rank``). Returns the folder and the share of pooled variance kept."""
     import pandas as pd
 
-    from reimagen.checkpoint import load_stage, read_checkpoint_config, reduce_layout_rank, write_checkpoint
+    from reimagen.models.checkpoint import load_stage, read_checkpoint_config, reduce_layout_rank, write_checkpoint
 
     src = Path(src)
     meta = read_checkpoint_config(src)

@@ -26,6 +26,21 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
+
+class OptionError(ValueError):
+    """Bad input whose remedy is one of a reader's options. Its text spells the remedy as in a knowledge-base
+    spec (``FORMAT:PATH?key=value``); a command that takes the option another way (``fid --dataset-option
+    key=value``) re-spells it with ``respell``, so that the suggested fix is one the user can type."""
+
+    MARK = "{remedy}"
+
+    def __init__(self, message: str, option: str, value: Any):
+        self.message, self.option, self.value = message, option, value
+        super().__init__(message.replace(self.MARK, f"?{option}={value}"))
+
+    def respell(self, spell: Callable[[str, Any], str]) -> ValueError:
+        return ValueError(self.message.replace(self.MARK, spell(self.option, self.value)))
+
 class CorruptImageError(ValueError):
     """An image reference that exists but cannot be decoded."""
 

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..cliutil import friendly
+from ..utils.cliutil import friendly
 
 err_console = Console(stderr=True)
 
@@ -311,7 +311,8 @@ def retrieve(
         raise ValueError(f"{index} records no knowledge-base source: pass --kb")
     knowledge = _open_kb(spec)
     if k > len(knowledge):
-        raise ValueError(f"-k {k} is larger than the knowledge base ({len(knowledge)} pairs)")
+        raise ValueError(f"-k {k} is larger than the knowledge base ({len(knowledge)} pairs); pass -k {len(knowledge)} "
+                         "or less")
     texts, ids = [], []
     for qid, text in items:
         if text is None:
@@ -387,7 +388,7 @@ def triples(
     """Build the KNN-ImageText triples table: every pair with its top-k neighbours from the same collection,
     excluding itself (Sec. 4; BM25 by default). Under torchrun (RANK / WORLD_SIZE) each process queries its
     chunks, rank 0 writes the table: pass a saved --index so that every process memory-maps one index."""
-    from ..distributed import shard_from_env
+    from ..utils.launch import shard_from_env
 
     rank, world = shard_from_env()
     _check_k(k)

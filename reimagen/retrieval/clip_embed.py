@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..atomic import write_json
+from ..utils.atomic import write_json
 from .base import CorruptImageError, KnowledgeBase
 
 EMBED_MODES = ("image", "text", "both")
@@ -26,7 +26,7 @@ EMBEDDINGS_FILE = "embeddings.npy"
 # Lazy imports
 # ----------------------------------------------------------------------------------------------
 def _open_clip():
-    from .._compat import patch_torchvision_if_broken
+    from ..utils.compat import patch_torchvision_if_broken
 
     patch_torchvision_if_broken()
     try:

@@ -1,7 +1,7 @@
 """KNN-ImageText training triples (Sec. 3.2 "Model Training"): for every (image, text) pair of a collection, its
 top-k neighbours in the same collection by text-to-text BM25, the pair itself excluded.
 
-``build_triples(kb, out)`` writes the triples table ``reimagen.data.TripleData.from_table`` reads:
+``build_triples(kb, out)`` writes the triples table ``reimagen.training.data.TripleData.from_table`` reads:
 
     id               str          the pair's id
     text             str          its caption
@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import replacing_path, write_json
+from ..utils.atomic import replacing_path, write_json
 from .base import KnowledgeBase, Retriever
 
 FORMAT_VERSION = 1
@@ -284,7 +284,7 @@ def build_triples(kb: KnowledgeBase, out: str | Path, k: int = 2, retriever: Ret
                               + (f", rank {rank}/{world_size})" if world_size > 1 else ")"))
     if rank != 0:
         return None
-    from ..distributed import wait_for_others
+    from ..utils.launch import wait_for_others
 
     wait_for_others(lambda: sum(1 for f in chunk_path if not f.is_file()), "triples chunks", wait_timeout,
                     world_size, (lambda m: print(m, flush=True)) if progress else None)
@@ -330,8 +330,14 @@ def _compute_chunks(ctx: "_Ctx", chunks: list[int], paths: list[Path], bounds: l
                     progress: bool, description: str) -> int:
     """Compute and write the ``chunks`` not already on disk; returns how many were (a damaged one is recomputed
     when the table is assembled)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     resumed = 0
     with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..base import KnowledgeBase
+from ..base import KnowledgeBase, OptionError
 from ._common import _as_bool, _as_int, _image_ref_ok, _make_kb, _track
 from ._registry import register_reader
 
@@ -228,8 +228,9 @@ def read_wikiimages(root: str | Path, split: str = "train", seed: int = 0, val_s
         if val_size < 0 or num_prompts < 0:
             raise ValueError(f"val_size={val_size} and num_prompts={num_prompts} must be >= 0")
         if val_size >= n:
-            raise ValueError(f"{json_path}: val_size={val_size} but only {n} pairs remain after filtering "
-                             f"({dict(skipped)}); pass a smaller val_size (e.g. ?val_size={max(n // 10, 1)})")
+            raise OptionError(f"{json_path}: val_size={val_size} but only {n} pairs remain after filtering "
+                              f"({dict(skipped)}); pass a smaller val_size (e.g. {OptionError.MARK})", "val_size",
+                              max(n // 10, 1))
         if num_prompts > val_size:
             raise ValueError(f"num_prompts={num_prompts} cannot exceed val_size={val_size} (prompts are drawn from val)")
         rng = np.random.default_rng(seed)

@@ -52,7 +52,7 @@ def activation_bytes(cfg: UNetConfig, precision: str = "fp32", k: int = 2, text_
     """Bytes autograd saves in one training forward of one sample (see the module docstring)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .precision import PRECISIONS
+    from ..utils.precision import PRECISIONS
 
     dtype = PRECISIONS[precision]
     saved: dict[int, int] = {}

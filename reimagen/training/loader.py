@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .sampling import sample_seed
+from ..utils.seeding import sample_seed
 
 Tensor = torch.Tensor
 
@@ -87,8 +87,9 @@ class Slicing:
     def __post_init__(self) -> None:
         if self.global_batch % (self.world_size * self.grad_accum):
             raise ValueError(f"the batch size {self.global_batch} is not divisible by world size {self.world_size} x "
-                             f"gradient accumulation {self.grad_accum}; choose a multiple of "
-                             f"{self.world_size * self.grad_accum}")
+                             f"gradient accumulation {self.grad_accum}; pass a --batch-size that is a multiple of "
+                             f"{self.world_size * self.grad_accum} (e.g. --batch-size "
+                             f"{-(-self.global_batch // (self.world_size * self.grad_accum)) * self.world_size * self.grad_accum})")
 
     @property
     def micro(self) -> int:
@@ -204,7 +205,7 @@ def _decode(data: bytes, size: int | None = None):
 # Datasets: in RAM (a TripleData) and streamed (training shards)
 # ----------------------------------------------------------------------------------------------
 class ShardSamples(Dataset):
-    """Samples of a shard folder (``reimagen.shards``), read through wids; key (position, index)."""
+    """Samples of a shard folder (``reimagen.training.shards``), read through wids; key (position, index)."""
 
     def __init__(self, folder: str | Path, rnd: Randomness, text_store: Any | None = None, cache_dir: str | None = None):
         from .shards import read_manifest

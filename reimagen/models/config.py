@@ -66,7 +66,7 @@ class UNetConfig:
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^(levels-1)")
         if self.lowres_size is not None and self.lowres_size >= self.image_size:
             raise ValueError("lowres_size must be smaller than image_size for a super-resolution stage")
-        from .diffusion import get_schedule
+        from ..diffusion.gaussian import get_schedule
 
         get_schedule(self.schedule)  # a clear error for an unknown schedule now, not at the first step
         if self.prediction not in ("eps", "x0", "v"):

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from .atomic import replacing_path, write_json
+from ..models.text import TextEncoder
+from ..utils.atomic import replacing_path, write_json
 from .shards import read_manifest
-from .text import TextEncoder
 
 STORE = "store.json"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .guidance import GuidanceStrategy, JointGuidance
-from .precision import autocast, check_precision
+from ..diffusion.guidance import GuidanceStrategy, JointGuidance
+from ..models.text import TextEncoder, TextEncoding
+from ..models.unet import ReImagenUNet
+from ..utils.precision import autocast, check_precision
 from .sampling import SamplerSettings, make_generators, sample_stage
-from .text import TextEncoder, TextEncoding
-from .unet import ReImagenUNet
 
 Tensor = torch.Tensor
 
@@ -177,11 +177,11 @@ class Cascade:
     def from_checkpoints(cls, checkpoints: Sequence[str | Path], guidance: Sequence[GuidanceStrategy],
                          settings: Sequence[SamplerSettings], device: str | torch.device = "cpu",
                          ema: bool = True, precision: str = "fp32") -> "Cascade":
-        """The cascade of trained stage checkpoints (base first; folders written by ``reimagen.train``) with one
+        """The cascade of trained stage checkpoints (base first; folders written by ``reimagen.training.train``) with one
         guidance and one sampler setting per stage, sharing the base stage's text encoder. A stage without
         neighbour attention samples its joint guidance text-only; interleaved or weighted guidance needs
         neighbour attention (refused, naming the checkpoint)."""
-        from .checkpoint import load_stage
+        from ..models.checkpoint import load_stage
 
         check_precision(precision, device)
         if not checkpoints:

@@ -1,6 +1,6 @@
 """``reimagen-eval sample``'s run folder: prompts in, retrieved (or hand-picked) neighbours, images, contact sheets.
 
-    OUT/<prompt id>__<i>.png   the samples (a ``reimagen.generate`` run folder: resumable, sharded by blocks)
+    OUT/<prompt id>__<i>.png   the samples (a ``reimagen.pipelines.generate`` run folder: resumable, sharded by blocks)
     OUT/run.json               every setting that affects the images
     OUT/prompts.json           [{"prompt_id", "prompt"}]
     OUT/neighbours.json        {prompt id: [{"id", "text", "score", "image"}]}: what each prompt retrieved
@@ -14,7 +14,9 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .atomic import replacing_path, write_json
+from ..utils.atomic import replacing_path, write_json
+from ..utils.launch import shard_from_env
+from ..utils.runlock import run_lock
 from .generate import Job, generate_run, image_name
 
 SHEETS = "sheets"
@@ -129,7 +131,7 @@ def _digest(obj: Any) -> str:
 def run_sample(generator, ids: Sequence[str], texts: Sequence[str], num_samples: int, out: Path, seed: int,
                batch_size: int, neighbour_rows: Optional[dict[str, list[dict]]],
                neighbours_for: Optional[Callable], load_image: Callable[[dict], Any],
-               checkpoints: Sequence[str]) -> dict[str, int]:
+               checkpoints: Sequence[str], wait: bool = False) -> dict[str, int]:
     """Generate into ``out`` (resumable, sharded by blocks), then write the neighbours table and the contact
     sheet of every prompt whose samples are all there. ``neighbour_rows`` (prompt id -> rows) are the prompts'
     neighbours (retrieved or hand-picked), None without; ``neighbours_for(jobs)`` turns them into a batch."""
@@ -138,12 +140,13 @@ def run_sample(generator, ids: Sequence[str], texts: Sequence[str], num_samples:
                 "checkpoints": list(checkpoints),
                 "neighbours": None if neighbour_rows is None else
                 _digest({p: [(n["id"], n["text"]) for n in r] for p, r in neighbour_rows.items()})}
-    counts = generate_run(generator, jobs, out, seed=seed, neighbours_for=neighbours_for, batch_size=batch_size,
-                          settings=settings)
-    write_json(out / "prompts.json", [{"prompt_id": p, "prompt": t} for p, t in zip(ids, texts)], indent=2)
-    if neighbour_rows is not None:
-        write_json(out / NEIGHBOURS_FILE, neighbour_rows, indent=2, sort_keys=True)
-    _write_sheets(ids, texts, num_samples, out, neighbour_rows, load_image)
+    with run_lock(out, shard_from_env()[0], wait=wait):  # the images, the tables and the sheets: one writer
+        counts = generate_run(generator, jobs, out, seed=seed, neighbours_for=neighbours_for,
+                              batch_size=batch_size, settings=settings)
+        write_json(out / "prompts.json", [{"prompt_id": p, "prompt": t} for p, t in zip(ids, texts)], indent=2)
+        if neighbour_rows is not None:
+            write_json(out / NEIGHBOURS_FILE, neighbour_rows, indent=2, sort_keys=True)
+        _write_sheets(ids, texts, num_samples, out, neighbour_rows, load_image)
     return counts
 
 

@@ -268,3 +268,9 @@ def sampling_times(num_steps: int, device: torch.device | str = "cpu", start: fl
     if not 0.0 < start <= 1.0:
         raise ValueError(f"start must be in (0, 1], got {start}")
     return torch.linspace(start, 0.0, num_steps + 1, device=device)
+
+
+
+__all__ = ["Schedule", "Prediction", "SCHEDULES", "log_snr_cosine", "log_snr_linear", "get_schedule", "alpha_sigma",
+           "q_sample", "eps_to_x0", "x0_to_eps", "v_from", "v_to_x0", "v_to_eps", "to_eps", "to_x0", "diffusion_loss",
+           "min_snr_weight", "dynamic_threshold", "ddpm_step", "ddim_step", "sampling_times"]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .atomic import replacing_path, write_json
+from ..utils.atomic import replacing_path, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "reimagen-shards/1"
@@ -101,7 +101,7 @@ def image_record(ref: str, root: Path, settings: ShardSettings) -> tuple[bytes, 
     FileNotFoundError if missing, CorruptImageError if it cannot be decoded."""
     from PIL import Image
 
-    from .retrieval.base import CorruptImageError, load_image_bytes
+    from ..retrieval.base import CorruptImageError, load_image_bytes
 
     data = load_image_bytes(ref, root)
     try:
@@ -130,7 +130,7 @@ def write_shard(df, nbrs: list[list[str]], rows: range, index: dict[str, int], r
     """Write shard ``s`` (table rows ``rows``) atomically and its sidecar; returns the sidecar."""
     import webdataset as wds
 
-    from .retrieval.base import CorruptImageError
+    from ..retrieval.base import CorruptImageError
 
     texts, refs, ids = df["text"].astype(str), df["image"].astype(str), df["id"].astype(str)
     skipped: dict[str, int] = {}

@@ -14,30 +14,24 @@ and the neighbour memory f(c_n, 0) are computed once before the loop and reused 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from .diffusion import (ddim_step, ddpm_step, dynamic_threshold, eps_to_x0, get_schedule, q_sample, sampling_times,
-                        to_eps, x0_to_eps)
-from .guidance import GuidanceStrategy, branch_drop_masks
-from .unet import NeighbourMemory, ReImagenUNet, TextCond
+from ..diffusion.gaussian import (ddim_step, ddpm_step, dynamic_threshold, eps_to_x0, get_schedule, q_sample,
+                                  sampling_times, to_eps, x0_to_eps)
+from ..diffusion.guidance import GuidanceStrategy, branch_drop_masks
+from ..diffusion.solvers import LIBRARY_SOLVERS, LibrarySolver, check_sampler
+from ..models.unet import NeighbourMemory, ReImagenUNet, TextCond
+from ..utils.seeding import sample_seed
 
 Tensor = torch.Tensor
-SamplerName = Literal["ddpm", "ddim"]
+SamplerName = str  # one of reimagen.diffusion.solvers.SAMPLERS
 
 
 class NonFiniteError(FloatingPointError):
     """Raised when a sampling step produces NaN or Inf, instead of writing black images."""
-
-
-def sample_seed(seed: int, prompt_id: str | int, sample_index: int, stage: int | str = 0, stream: str = "noise") -> int:
-    """A 63-bit seed that depends only on (seed, prompt id, sample index, stage, stream). Prompt ids are
-    compared as text: the ids 1 and "1" name the same prompt."""
-    key = f"{seed}|{prompt_id}|{sample_index}|{stage}|{stream}".encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 def make_generators(seed: int, prompt_ids: Sequence[str | int], sample_indices: Sequence[int], stage: int | str,
@@ -64,17 +58,16 @@ class SamplerSettings:
     """How one stage samples. Paper defaults: DDPM, T = 1000 for FID; 256 / 128 / 32 steps on EntityDrawBench."""
 
     steps: int = 256
-    sampler: SamplerName = "ddpm"
+    sampler: SamplerName = "ddpm"  # ddpm (Eq. 4), ddim, or a library solver: dpmpp-2m, unipc (diffusion.solvers)
     threshold: float = 0.995  # dynamic thresholding percentile p (>= 1: static clipping to [-1, 1])
     aug_level: float = 0.0  # super-resolution stages: noise level of the low-res conditioning at sampling
     ddim_eta: float = 0.0
     start_t: float = 1.0  # < 1: start from given images noised to this time (SDEdit, Meng et al. 2022), not pure noise
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be ddpm or ddim, got {self.sampler!r}")
+        check_sampler(self.sampler, self.steps)
+        if self.sampler in LIBRARY_SOLVERS and self.start_t != 1.0:
+            raise ValueError(f"start_t < 1 (SDEdit) runs with the ddpm or ddim sampler, not {self.sampler}")
         if not (0.0 <= self.aug_level <= 1.0):
             raise ValueError(f"aug_level must be in [0, 1], got {self.aug_level}")
         if not (0.0 <= self.ddim_eta <= 1.0):
@@ -162,27 +155,56 @@ def sample_stage(
     low_rep = lowres_in[rep] if lowres_in is not None else None
     aug_rep = aug_t[rep] if aug_t is not None else None
 
-    # 3. The denoising loop.
+    # 3. The denoising loop: one guided evaluation per step.
+    def denoise(x: Tensor, t: Tensor, lt: Tensor) -> tuple[Tensor, Tensor]:
+        """(thresholded x0, the eps consistent with it) at time t."""
+        codes = guidance.plan(rand_rows(guidance_gens, device))  # (nb, B): a fresh R per row and step (Eq. 6)
+        eps = guided_eps(model, x, t, lt, text_rep, nbr_rep, guidance, codes, low_rep, aug_rep)
+        x0 = dynamic_threshold(eps_to_x0(x, eps, lt), settings.threshold)
+        return x0, x0_to_eps(x, x0, lt)
+
+    loop = _library_loop if settings.sampler in LIBRARY_SOLVERS else _native_loop
+    return loop(x, denoise, log_snr, settings, noise_gens, stage_name, callback)
+
+
+def _check_finite(x: Tensor, stage_name: str, i: int, steps: int, t: float) -> None:
+    if not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x.flatten(1))).any(1).nonzero().flatten().tolist()
+        raise NonFiniteError(f"{stage_name}: non-finite values at step {i + 1}/{steps} (t = {t:.4f}) in samples "
+                             f"{bad}; the model or the guidance weights are unstable (try lower weights or a "
+                             "checkpoint with more training)")
+
+
+def _native_loop(x, denoise, log_snr, settings, noise_gens, stage_name, callback) -> Tensor:
+    """DDPM (Eq. 4) or DDIM on the uniform times of ``sampling_times``."""
+    device, b, shape = x.device, x.shape[0], x.shape[1:]
     times = sampling_times(settings.steps, device, start=settings.start_t)
     for i in range(settings.steps):
         t, s = times[i].expand(b), times[i + 1].expand(b)
         lt, ls = log_snr(t), log_snr(s)
-        codes = guidance.plan(rand_rows(guidance_gens, device))  # (nb, B)
-        eps = guided_eps(model, x, t, lt, text_rep, nbr_rep, guidance, codes, low_rep, aug_rep)
-        x0 = dynamic_threshold(eps_to_x0(x, eps, lt), settings.threshold)
+        x0, eps_thr = denoise(x, t, lt)
         if i == settings.steps - 1:
             x = x0  # the last step lands on t = 0: the (thresholded) x0 estimate is the sample
         elif settings.sampler == "ddpm":
             x = ddpm_step(x, x0, lt, ls, randn_rows(noise_gens, shape, device))  # Eq. 4
         else:
-            eps_thr = x0_to_eps(x, x0, lt)  # eps consistent with the thresholded x0
             noise = randn_rows(noise_gens, shape, device) if settings.ddim_eta > 0 else None
             x = ddim_step(x, x0, eps_thr, lt, ls, noise, settings.ddim_eta)
-        if not bool(torch.isfinite(x).all()):
-            bad = (~torch.isfinite(x.flatten(1))).any(1).nonzero().flatten().tolist()
-            raise NonFiniteError(f"{stage_name}: non-finite values at step {i + 1}/{settings.steps} "
-                                 f"(t = {float(times[i]):.4f}) in samples {bad}; the model or the guidance "
-                                 "weights are unstable (try lower weights or a checkpoint with more training)")
+        _check_finite(x, stage_name, i, settings.steps, float(times[i]))
+        if callback is not None:
+            callback(i + 1, settings.steps)
+    return x
+
+
+def _library_loop(x, denoise, log_snr, settings, noise_gens, stage_name, callback) -> Tensor:
+    """A diffusers solver (``diffusion.solvers``) fed the thresholded x0; deterministic."""
+    solver = LibrarySolver(settings.sampler, log_snr, settings.steps, x.device)
+    b = x.shape[0]
+    for i in range(settings.steps):
+        t = solver.times[i].expand(b)
+        x0, _ = denoise(x, t, log_snr(t))
+        x = solver.step(x0, i, x)
+        _check_finite(x, stage_name, i, settings.steps, float(solver.times[i]))
         if callback is not None:
             callback(i + 1, settings.steps)
     return x

@@ -4,10 +4,13 @@ low precision, reductions and the sampler's arithmetic in fp32)."""
 from __future__ import annotations
 
 import contextlib
+import warnings
+from pathlib import Path
 
 import torch
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_WARNED: list[bool] = []
 
 
 def check_precision(precision: str, device: str | torch.device, training: bool = False) -> str:
@@ -16,8 +19,22 @@ def check_precision(precision: str, device: str | torch.device, training: bool =
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp16" and torch.device(device).type == "cpu" and not training:
-        raise ValueError("fp16 sampling needs a GPU (--device cuda); on a CPU use bf16 or fp32")
+        raise ValueError("fp16 sampling needs a GPU (--device cuda); on a CPU pass --precision bf16 or --precision "
+                         "fp32 (precision='bf16' in Python)")
+    if precision == "bf16" and torch.device(device).type == "cpu" and not cpu_has_native_bf16() and not _WARNED:
+        _WARNED.append(True)  # once per process: a command checks its stages at several places
+        warnings.warn("bf16 on a CPU without native bf16 instructions (AVX512-BF16 / AMX) is emulated and slower than "
+                      "fp32 here; pass --precision fp32", stacklevel=2)
     return precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (Linux: the avx512_bf16 or amx_bf16 flag; elsewhere assumed)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast(precision: str, device: str | torch.device):

@@ -32,8 +32,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..diffusion.guidance import guidance_from_dict, guidance_to_dict
 from .cascade import Cascade, Neighbours
-from .guidance import guidance_from_dict, guidance_to_dict
 from .sampling import SamplerSettings
 
 PIPELINE_FILE = "pipeline.json"
@@ -82,8 +82,8 @@ class ReImagenPipeline:
 
     def neighbours_of(self, rows: Sequence[Sequence[dict]], k: int) -> Neighbours:
         """``Neighbours`` at the cascade's largest size for retrieved rows (fewer than k: masked slots)."""
+        from ..retrieval.base import SearchResult
         from .cascade import neighbours_from_result
-        from .retrieval.base import SearchResult
 
         result = SearchResult([[n["id"] for n in row] for row in rows], [[n["score"] for n in row] for row in rows])
         return neighbours_from_result(self.knowledge_base, result, k, self.neighbour_size)
@@ -122,7 +122,7 @@ class ReImagenPipeline:
     # -- the folder ----------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the pipeline folder (see the module docstring) atomically: to ``<folder>.tmp``, then renamed."""
-        from .checkpoint import save_checkpoint
+        from ..models.checkpoint import save_checkpoint
 
         folder = Path(folder)
         tmp = folder.with_name(folder.name + ".tmp")
@@ -155,7 +155,7 @@ class ReImagenPipeline:
                         knowledge_base: str | None = None, precision: str = "fp32") -> "ReImagenPipeline":
         """Load a pipeline folder, or download one from the Hugging Face Hub (``owner/name``) when online.
         ``knowledge_base`` overrides the folder's knowledge-base spec; ``precision``: fp32, or bf16 / fp16
-        autocast (``reimagen.precision``)."""
+        autocast (``reimagen.utils.precision``)."""
         folder = pipeline_folder(path)
         meta = read_pipeline_json(folder)
         guidance = [guidance_from_dict(s["guidance"]) for s in meta["stages"]]
@@ -163,7 +163,7 @@ class ReImagenPipeline:
         retriever = kb = None
         spec = knowledge_base or meta.get("knowledge_base")
         if meta.get("index"):
-            from .retrieval.base import load_retriever
+            from ..retrieval.base import load_retriever
 
             index = folder / meta["index"]
             kb, spec = index_knowledge_base(spec, index, folder)
@@ -213,7 +213,7 @@ def pipeline_folder(path: str | Path) -> Path:
 def index_knowledge_base(spec: str | None, index: Path, folder: Path):
     """The knowledge base of an index: ``spec`` (relative paths against the pipeline folder), else the source the
     index recorded; a missing one names every place looked at."""
-    from .retrieval.readers import open_knowledge_base
+    from ..retrieval.readers import open_knowledge_base
 
     recorded = json.loads((index / "manifest.json").read_text()).get("source") or None
     tried = []

@@ -81,8 +81,8 @@ class TripleData:
     @classmethod
     def from_table(cls, path: str | Path, image_size: int, progress: bool = True) -> "TripleData":
         """Read a triples table (see the module docstring)."""
+        from ..retrieval.base import CorruptImageError, load_image
         from .loader import square_image
-        from .retrieval.base import CorruptImageError, load_image
         from .shards import neighbour_lists, read_table
 
         path = Path(path)
