@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from conftest import make_model, randomize
 from reimagen_eval.cli import app
 from reimagen.retrieval.base import KnowledgeBase
-from reimagen.text import TinyTextEncoder
-from reimagen.checkpoint import save_checkpoint
+from reimagen.models.text import TinyTextEncoder
+from reimagen.models.checkpoint import save_checkpoint
 from test_fid_cli import write_coco
 
 runner = CliRunner()
@@ -179,6 +179,45 @@ def test_bad_input_exits_nonzero_naming_the_problem_and_leaves_nothing(inputs, t
     assert not out.exists(), sorted(p.name for p in out.rglob("*")) if out.is_dir() else out
     assert sorted(p.name for p in inputs["root"].iterdir()) == before  # nothing written beside the inputs
 
+
+def _swap(args, old, new):
+    """``args`` with the option ``old`` (and its value) replaced by ``new`` (a list), or dropped."""
+    i = args.index(old)
+    return args[:i] + list(new) + args[i + 2:]
+
+
+#: The cases whose message suggests a fix: (the suggestion as the message spells it, the command with the fix)
+REMEDIES = {
+    "train-init-from-other-encoder": ("pass --text-encoder tiny",
+                                      lambda a, i: _swap(a, "--text-encoder", ["--text-encoder", "tiny"])),
+    "train-batch-not-divisible": ("pass a --batch-size that is a multiple of 2 (e.g. --batch-size 4)",
+                                  lambda a, i: _swap(a, "--batch-size", ["--batch-size", "4"])),
+    "train-two-sources": ("give exactly one of --triples", lambda a, i: _swap(a, "--shards", [])),
+    "sample-fp16-on-cpu": ("on a CPU pass --precision bf16", lambda a, i: _swap(a, "--precision", ["--precision", "bf16"])),
+    "entitydraw-fp16-on-cpu": ("on a CPU pass --precision bf16",
+                               lambda a, i: _swap(a, "--precision", ["--precision", "bf16"])),
+    "sample-k-above-the-index": ("pass --k 8 or less", lambda a, i: _swap(a, "-k", ["-k", "8"])),
+    "retrieve-k-above-the-corpus": ("pass -k 8 or less", lambda a, i: _swap(a, "-k", ["-k", "8"])),
+    "sample-index-without-kb": ("pass it with --kb SPEC", lambda a, i: a + ["--kb", str(i["kb"])]),
+    "fid-kid-needs-more-images": ("lower --kid-subset-size", lambda a, i: a + ["--kid-subset-size", "8"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REMEDIES))
+def test_following_a_messages_remedy_gets_past_its_error(inputs, tmp_path, case):
+    """The fix a message suggests is spelled as the command that printed it takes it, and it works: the command
+    with the fix no longer stops at that error (it may stop at a later one, e.g. Inception weights offline)."""
+    _, build, needles, env = next(c for c in CASES if c[0] == case)
+    suggestion, fix = REMEDIES[case]
+    args = [str(a) for a in build(inputs)]
+    command = "-".join(args[:2]) if args[0] in ("rate", "index") else args[0]
+    res = runner.invoke(app, args + [OUT_OPTION.get(command, "--out"), str(tmp_path / "bad" / OUT_NAME.get(command, "out"))],
+                        env=env)
+    assert suggestion in " ".join(res.output.split()), res.output
+    fixed = fix(args, inputs) + [OUT_OPTION.get(command, "--out"), str(tmp_path / "fixed" / OUT_NAME.get(command, "out"))]
+    res = runner.invoke(app, fixed)
+    text = " ".join(res.output.split())
+    assert needles[0] not in text, text
 
 def test_the_battery_covers_every_command():
     commands = {c[0].split("-")[0] for c in CASES}

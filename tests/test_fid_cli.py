@@ -23,10 +23,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from evaluation.cli import fid
-from reimagen.config import get_preset
-from reimagen.text import TinyTextEncoder
-from reimagen.checkpoint import save_checkpoint
-from reimagen.unet import ReImagenUNet
+from reimagen.models.config import get_preset
+from reimagen.models.text import TinyTextEncoder
+from reimagen.models.checkpoint import save_checkpoint
+from reimagen.models.unet import ReImagenUNet
 
 REPO = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False)
@@ -257,6 +257,25 @@ def test_wikiimages_prompts_come_from_the_seeded_validation_split_and_the_refere
     assert all(n not in val for ids, _ in table.values() for n in ids)  # retrieval from the train split only
     assert "5.88" in (out / "results.md").read_text()  # WikiImages FID-20K of Table 1 beside the best row
 
+
+
+def test_the_val_size_remedy_is_spelled_for_fid_and_following_it_gets_past_the_error(world, tmp_path):
+    """The reader suggests a smaller val_size; fid spells it as its own option (not the knowledge-base spec's
+    ?val_size=N, which fid's --dataset-root does not take), and the suggested command gets past the error."""
+    import re
+
+    webqa = write_webqa(tmp_path / "webqa", n=20)
+    args = [a if a != str(world["coco"]) else str(webqa) for a in base_args(world, tmp_path / "wiki")]
+    args = [a if a != "coco" else "wikiimages" for a in args]
+    args = [a if a != str(N_PROMPTS) else "2" for a in args] + ["--metrics", "fid", "--steps", "2"]
+    res = run(*args)
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "?val_size" not in text, text
+    remedy = re.search(r"--dataset-option (val_size=\d+)", text)
+    assert remedy, text
+    res = run(*args, "--dataset-option", remedy.group(1))
+    assert "pass a smaller val_size" not in " ".join(res.output.split()), res.output
+    assert res.exit_code == 0, res.output
 
 # ----------------------------------------------------------------------------------------------
 # Bad input: exit 2, one red line, nothing written

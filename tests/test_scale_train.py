@@ -19,11 +19,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import WORDS, make_model, structured_images
-from reimagen.data import TripleData
-from reimagen.loader import Randomness, ShardSamples, Slicing, StreamOrder, make_loader
-from reimagen.shards import ShardSettings, read_manifest, write_shards
-from reimagen.text import TinyTextEncoder
-from reimagen.train import TrainConfig, Trainer
+from reimagen.training.data import TripleData
+from reimagen.training.loader import Randomness, ShardSamples, Slicing, StreamOrder, make_loader
+from reimagen.training.shards import ShardSettings, read_manifest, write_shards
+from reimagen.models.text import TinyTextEncoder
+from reimagen.training.train import TrainConfig, Trainer
 
 N, SIZE = 24, 20
 # Two runs on the same samples and noise whose float32 sums run in another order (accumulation, DDP's all-reduce,
@@ -197,8 +197,8 @@ def test_fp16_scaler_state_is_checkpointed(shard_dir, tmp_path):
 def test_frozen_encoder_embeddings_are_precomputed_and_never_loaded_for_training(shard_dir, tmp_path, monkeypatch):
     import shutil
 
-    from reimagen.text import MiniLMTextEncoder, build_text_encoder
-    from reimagen.text_store import TextStore, embed_shards
+    from reimagen.models.text import MiniLMTextEncoder, build_text_encoder
+    from reimagen.training.text_store import TextStore, embed_shards
 
     local = tmp_path / "shards"
     shutil.copytree(shard_dir, local)
@@ -250,8 +250,8 @@ def test_resume_refuses_another_preset_another_k_or_another_encoder(shard_dir, t
 def test_a_text_store_that_misses_samples_or_has_another_k_is_refused(shard_dir, tmp_path):
     import shutil
 
-    from reimagen.text import build_text_encoder
-    from reimagen.text_store import TextStore, embed_shards
+    from reimagen.models.text import build_text_encoder
+    from reimagen.training.text_store import TextStore, embed_shards
 
     local = tmp_path / "shards"
     shutil.copytree(shard_dir, local)
@@ -390,8 +390,163 @@ def test_fsdp2_trains_in_bf16_with_low_precision_gathers(shard_dir, tmp_path):
     assert all(v.dtype == torch.float32 for v in ema.values())  # fp32 master weights; bf16 only in the gathers
 
 
+# ----------------------------------------------------------------------------------------------
+# A cluster's faults: pre-emption signals, torchrun's restart of a dead rank, a kill mid-checkpoint
+# ----------------------------------------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            kids = (task / "children").read_text().split() if (task / "children").is_file() else []
+            out += [int(k) for k in kids]
+            todo += [int(k) for k in kids]
+    return out
+
+
+def _workers(pid: int) -> dict[int, int]:
+    """rank -> pid of the training processes under ``pid`` (their RANK from /proc/PID/environ)."""
+    found = {}
+    for c in _children(pid):
+        try:
+            env = dict(x.split("=", 1) for x in Path(f"/proc/{c}/environ").read_text().split("\0") if "=" in x)
+            cmd = Path(f"/proc/{c}/cmdline").read_text()
+        except OSError:
+            continue
+        if "reimagen_eval.cli" in cmd and "RANK" in env:
+            found[int(env["RANK"])] = c
+    return found
+
+
+def _start_and_wait(cmd, out: Path, step: int, deadline_s: float = 240):
+    """Start a training command in its own session; return it once its checkpoint has reached ``step``."""
+    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + deadline_s
+    while time.time() < deadline and proc.poll() is None:
+        cfg = out / "last" / "config.json"
+        if cfg.is_file() and json.loads(cfg.read_text())["step"] >= step:
+            return proc
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint at step {step}: {proc.communicate()[1][-2000:] if proc.poll() is not None else ''}")
+
+
+@pytest.mark.slow
+def test_sigterm_ends_one_process_with_a_checkpoint_and_exit_75_and_the_rerun_resumes(shard_dir, tmp_path):
+    out, straight = tmp_path / "term", tmp_path / "straight"
+    _run(_train_cmd(shard_dir, straight, 12))
+    proc = subprocess.Popen(_train_cmd(shard_dir, out, 12, extra=["--ckpt-every", "100"]), env=_env(),
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while proc.poll() is None and not (out / "log.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.01)  # the loop runs (its first step logged): a checkpoint now can only be the signal's
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    step = json.loads((out / "last" / "config.json").read_text())["step"]
+    assert "pre-empted" in err and "SIGTERM" in err and 1 <= step < 12, (step, err[-2000:])
+    _run(_train_cmd(shard_dir, out, 12))
+    a, b = _weights(straight), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: same world size
+    assert _logged_steps(out) == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_sigusr1_to_every_rank_checkpoints_a_two_process_run_that_then_resumes(shard_dir, runs, tmp_path):
+    out = tmp_path / "usr1"
+    proc = _start_and_wait(_train_cmd(shard_dir, out, 6, nproc=2), out, 2)
+    for pid in _workers(proc.pid).values():  # as SLURM's --signal=USR1 does to the job's tasks
+        os.kill(pid, signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "75" in err, err[-2000:]  # torchrun reports its workers' exit code 75
+    assert json.loads((out / "last" / "config.json").read_text())["step"] < 6
+    _run(_train_cmd(shard_dir, out, 6, nproc=2))
+    straight, resumed = _weights(runs / "two"), _weights(out)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_rank_and_the_workers_resume_to_the_same_bits(shard_dir, runs, tmp_path):
+    out = tmp_path / "restart"
+    cmd = _train_cmd(shard_dir, out, 6, nproc=2)
+    cmd.insert(cmd.index("--nproc-per-node"), "--max-restarts=2")
+    proc = _start_and_wait(cmd, out, 2)
+    os.kill(_workers(proc.pid)[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "restart" in err.lower()  # torchrun's agent restarted the workers
+    straight, resumed = _weights(runs / "two"), _weights(out)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert _logged_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+KILL_POINTS = {"while staging": "_write_staged", "between the renames": "os.replace"}  # what the patch slows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_sigkill_during_a_checkpoint_write_keeps_a_valid_checkpoint_that_the_rerun_uses(shard_dir, runs, tmp_path,
+                                                                                       point):
+    """The checkpoint at step 4 is interrupted by SIGKILL (a real process and signal; the write is slowed by a
+    patch so that the kill lands inside it): the rerun resumes from a whole checkpoint and ends where an
+    uninterrupted run ends."""
+    out, marker = tmp_path / "kill", tmp_path / "inside"
+    what = KILL_POINTS[point]
+    script = f"""
+import json, os, sys, time
+from pathlib import Path
+import reimagen.models.checkpoint as ck
+marker = {str(marker)!r}
+if {what!r} == "_write_staged":
+    real = ck._write_staged
+    def slow(tmp, unet_cfg, text_spec, weights, train_config, step, *rest):
+        if step == 4:
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / "config.json").write_text("{{}}")  # a half-written staging folder
+            open(marker, "w").close()
+            time.sleep(120)
+        return real(tmp, unet_cfg, text_spec, weights, train_config, step, *rest)
+    ck._write_staged = slow
+else:
+    class OsProxy:  # checkpoint.py's os, with a pause after the first of the swap's two renames
+        def __getattr__(self, name):
+            return getattr(os, name)
+        def replace(self, src, dst):
+            os.replace(src, dst)
+            new = Path(dst).with_name("last.tmp") / "config.json"
+            if Path(dst).name == "last.old" and json.loads(new.read_text())["step"] == 4:
+                open(marker, "w").close()
+                time.sleep(120)
+    ck.os = OsProxy()
+from reimagen_eval.cli import app
+app(sys.argv[1:])
+"""
+    cmd = [sys.executable, "-c", script, *_train_cmd(shard_dir, out, 6)[3:]]
+    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), proc.communicate()[1][-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if point == "between the renames":
+        assert not (out / "last").exists() and (out / "last.old").is_dir()  # the window the recovery closes
+    else:
+        assert json.loads((out / "last" / "config.json").read_text())["step"] == 2  # the previous one, whole
+    _run(_train_cmd(shard_dir, out, 6))
+    straight, resumed = _weights(runs / "one"), _weights(out)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert _logged_steps(out) == [1, 2, 3, 4, 5, 6]  # resumed, not started over (a restart from 0 logs twice)
+
+
+def _logged_steps(out: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
+
+
 def test_a_launch_environment_without_the_rendezvous_address_is_refused():
-    from reimagen.distributed import init_distributed
+    from reimagen.training.distributed import init_distributed
 
     with pytest.raises(ValueError, match="MASTER_ADDR"):
         init_distributed("cpu", {"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "1"})
@@ -405,7 +560,7 @@ def test_a_launch_environment_without_the_rendezvous_address_is_refused():
 def test_bf16_sampling_stays_near_fp32_and_is_recorded(text_encoder):
     from conftest import randomize
     from reimagen import Cascade, JointGuidance, SamplerSettings, Stage
-    from reimagen.generate import CascadeGenerator
+    from reimagen.pipelines.generate import CascadeGenerator
 
     base, sr = randomize(make_model("tiny-16")), randomize(make_model("tiny-sr32", seed=1))
 
