@@ -164,3 +164,19 @@ def test_bf16_on_a_cpu_without_native_bf16_is_allowed_with_a_warning(monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert precision.check_precision("bf16", "cpu") == "bf16"
+
+
+def test_the_prepared_gpu_check_runs_on_a_cpu_at_a_tiny_size():
+    """benchmarks/gpu_check.sh is for a lent GPU; its --device cpu --tiny path keeps it from rotting."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--tiny",
+                          "--no-compile", "--repeats", "1", "--steps", "2", "--batch", "2", "--train-batch", "2"],
+                         capture_output=True, text=True, timeout=300, cwd=repo)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    names = [r.split("|")[1].strip() for r in rows]
+    assert {"guided step, fp32", "guided step, bf16", "cascade sample, fp32", "cascade sample, bf16",
+            "train step, bf16"} <= set(names), res.stdout
