@@ -106,12 +106,19 @@ def plot(results: list[dict], path: Path) -> None:
             ax = axes[row][col]
             ax.axhspan(ref[k]["ci_lo"], ref[k]["ci_hi"], color="0.85",
                        label=f"{ref['sampler']} {ref['steps']}/{ref['sr_steps']}, 95% CI")
-            for sampler in sorted({r["sampler"] for r in results[1:]}):
-                rs = [r for r in results[1:] if r["sampler"] == sampler and r[xkey] is not None]
-                ax.errorbar([r[xkey] for r in rs], [r[k]["mean"] for r in rs],
+            if ref[xkey] is not None:
+                ax.plot([ref[xkey]], [ref[k]["mean"]], "kx", label="reference")
+            for j, sampler in enumerate(sorted({r["sampler"] for r in results[1:]})):
+                rs = sorted((r for r in results[1:] if r["sampler"] == sampler and r[xkey] is not None),
+                            key=lambda r: r[xkey])
+                jitter = 1 + 0.02 * (j - 1) if xkey == "nfe" else 1  # samplers at one NFE side by side
+                ax.errorbar([r[xkey] * jitter for r in rs], [r[k]["mean"] for r in rs],
                             yerr=[[r[k]["mean"] - r[k]["ci_lo"] for r in rs], [r[k]["ci_hi"] - r[k]["mean"] for r in rs]],
                             marker="o", capsize=2, label=sampler)
             ax.set_xscale("log")
+            ticks = sorted({round(r[xkey]) for r in results if r[xkey] is not None})
+            ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+            ax.minorticks_off()
             ax.set_xlabel("network evaluations per image (base + SR)" if xkey == "nfe" else "seconds per run")
             ax.set_title(k, fontsize=9)
         axes[0][0].legend(fontsize=7)
