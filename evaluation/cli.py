@@ -177,6 +177,10 @@ def _report(sweep, result: dict, out: Path) -> None:
                 f"Label {sweep.label}: database {sweep.db.name} is "
                 f"{'in-domain' if sweep.db.in_domain else 'not in-domain'}.")
     notes = list(result["notes"])
+    if c.sampler in ("ddpm", "ddim") and c.steps > 20:
+        notes.append(f"Sampler {c.sampler} with {c.steps} steps: a library solver (--sampler dpmpp-2m or unipc) at "
+                     f"20 steps takes {c.steps / 20:.0f}x fewer network evaluations; whether it keeps these numbers "
+                     "is a measurement to make (docs/fid.md).")
     if sweep.backend.extractor_name() != "inception":
         notes.append(f"Feature extractor {sweep.backend.extractor_name()} is not Inception: these numbers do not "
                      "compare with published FIDs.")
