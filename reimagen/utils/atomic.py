@@ -135,4 +135,5 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     return Path(path)
 
 
-__all__ = ["DiskFullError", "disk_full_names", "is_disk_full", "replacing_path", "write_bytes", "write_text", "write_json", "write_jsonl", "save_npz"]
+__all__ = ["DiskFullError", "disk_full_names", "is_disk_full", "replacing_path", "write_bytes", "write_text", "write_json",
+           "write_jsonl", "save_npz"]
