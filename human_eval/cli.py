@@ -80,7 +80,7 @@ def serve_command(port: int) -> list[str]:
     """`streamlit run human_eval/app.py` on 127.0.0.1 (the study and rater list travel in the environment)."""
     return [sys.executable, "-m", "streamlit", "run", str(APP_FILE), "--server.headless", "true",
             "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none"]
+            "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal"]  # no Deploy menu for raters
 
 
 @rate_app.command("serve")

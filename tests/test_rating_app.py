@@ -172,6 +172,9 @@ def test_browser_login_rate_and_screenshot(server, chromium, tmp_path):
             box.fill(TOKEN)
             box.press("Enter")  # keyboard: Enter submits the sign-in form
             page.get_by_text("Faithful", exact=True).wait_for(timeout=30000)
+            # the developer menu is not for raters (`rate serve` runs streamlit with client.toolbarMode minimal)
+            assert page.locator('[data-testid="stAppDeployButton"]').count() == 0
+            assert page.get_by_role("button", name="Deploy").count() == 0
             html = page.content()
             i = html.find("secretmodel")
             assert i < 0, html[max(0, i - 300):i + 100]
