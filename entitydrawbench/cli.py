@@ -484,6 +484,10 @@ def entitydraw_score(
               highlight=False)
 
 
+#: A model name is folded onto more lines, never cut to "entitydra…", when the terminal is narrow (80 columns).
+_NAME_COLUMN = {"overflow": "fold", "min_width": 10}
+
+
 def _print_world_summary(summary: dict) -> None:
     from .world import GROUP_TITLES, GROUPS, find
 
@@ -491,7 +495,7 @@ def _print_world_summary(summary: dict) -> None:
     groups = [g for g in GROUPS if any(r["split"] == g and r["n"] for r in recs)]
     table = Table(title="EntityDrawBench on the toy world - judged rates ± s.e. (n)")
     for col in ["model", "metric", *[GROUP_TITLES[g] for g in groups]]:
-        table.add_column(col)
+        table.add_column(col, **_NAME_COLUMN if col == "model" else {})
 
     def short(rec):
         if not rec or rec["mean"] is None:
@@ -516,7 +520,7 @@ def _print_summary(summary: dict) -> None:
     cats = [c for c in CATEGORIES if any(r["group_by"] == "category" and r["group"] == c and r["n"] for r in recs)]
     table = Table(title="EntityDrawBench - automatic proxy scores (best of N), NOT human ratings")
     for col in ["model", "metric", *[CATEGORY_TITLES[c] for c in cats], "All", "Frequent", "Infrequent"]:
-        table.add_column(col)
+        table.add_column(col, **_NAME_COLUMN if col == "model" else {})
     def cell(model, metric, group_by, group):
         r = next((x for x in recs if x["model"] == model and x["metric"] == metric and x["group_by"] == group_by
                   and x["group"] == group), None)

@@ -8,6 +8,7 @@ randomly initialised open-clip model: the images and scores mean nothing, the te
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -428,3 +429,21 @@ def test_mean_sem_is_cluster_robust_by_prompt():
     # missing values are dropped with their cluster labels; one cluster: undefined
     assert _mean_sem([1.0, None, 0.0, float("nan")], [0, 1, 2, 3])[2] == 2
     assert _mean_sem([1.0, 0.0], ["p", "p"])[1] is None
+
+
+def test_summary_tables_keep_long_model_names_whole_at_80_columns(monkeypatch):
+    """rich cut "entitydraw-retrieval" to "entitydra…" at 80 columns; the name column folds instead."""
+    from rich.console import Console
+
+    import entitydrawbench.cli as cli
+
+    console = Console(width=80, record=True, file=io.StringIO())
+    monkeypatch.setattr(cli, "out_console", console)
+    recs = [{"model": m, "selection": sel, "metric": met, "split": g, "mean": 0.5, "sem": 0.1, "n": 4}
+            for m in ("entitydraw-retrieval", "entitydraw-text-only") for sel in ("best_of_n", "per_image")
+            for met in ("faithful", "look_ok", "scene_ok") for g in ("frequent", "infrequent", "unseen", "all")]
+    cli._print_world_summary({"records": recs, "models": ["entitydraw-retrieval", "entitydraw-text-only"]})
+    first = [line.split("│")[1].strip() for line in console.export_text().splitlines() if line.count("│") > 2]
+    names = "".join(first)  # the model column, its folded lines joined
+    assert "entitydraw-retrieval" in names and "entitydraw-text-only" in names, first
+    assert not any("…" in cell for cell in first)
