@@ -1,6 +1,6 @@
 """EntityDrawBench runs end to end (entitydrawbench/run.py, scoring.py, ablation.py, cli.py) on tiny random models.
 
-A tiny-16 base stage (+ a tiny-sr32 super-resolution stage) saved with ``reimagen.training.train.save_checkpoint``, a
+A tiny-16 base stage (+ a tiny-sr32 super-resolution stage) saved with ``reimagen.models.checkpoint.save_checkpoint``, a
 folder of reference images the test generates (one entity left without one), 2 sampling steps, and a tiny
 randomly initialised open-clip model: the images and scores mean nothing, the tests check the machinery
 (files, metadata, resume, shards, refusals, best-of-N, summaries).
