@@ -156,12 +156,11 @@ def sample_stage(
     aug_rep = aug_t[rep] if aug_t is not None else None
 
     # 3. The denoising loop: one guided evaluation per step.
-    def denoise(x: Tensor, t: Tensor, lt: Tensor) -> tuple[Tensor, Tensor]:
-        """(thresholded x0, the eps consistent with it) at time t."""
+    def denoise(x: Tensor, t: Tensor, lt: Tensor) -> Tensor:
+        """The dynamically thresholded x0 at time t."""
         codes = guidance.plan(rand_rows(guidance_gens, device))  # (nb, B): a fresh R per row and step (Eq. 6)
         eps = guided_eps(model, x, t, lt, text_rep, nbr_rep, guidance, codes, low_rep, aug_rep)
-        x0 = dynamic_threshold(eps_to_x0(x, eps, lt), settings.threshold)
-        return x0, x0_to_eps(x, x0, lt)
+        return dynamic_threshold(eps_to_x0(x, eps, lt), settings.threshold)
 
     loop = _library_loop if settings.sampler in LIBRARY_SOLVERS else _native_loop
     return loop(x, denoise, log_snr, settings, noise_gens, stage_name, callback)
@@ -182,12 +181,13 @@ def _native_loop(x, denoise, log_snr, settings, noise_gens, stage_name, callback
     for i in range(settings.steps):
         t, s = times[i].expand(b), times[i + 1].expand(b)
         lt, ls = log_snr(t), log_snr(s)
-        x0, eps_thr = denoise(x, t, lt)
+        x0 = denoise(x, t, lt)
         if i == settings.steps - 1:
             x = x0  # the last step lands on t = 0: the (thresholded) x0 estimate is the sample
         elif settings.sampler == "ddpm":
             x = ddpm_step(x, x0, lt, ls, randn_rows(noise_gens, shape, device))  # Eq. 4
         else:
+            eps_thr = x0_to_eps(x, x0, lt)  # eps consistent with the thresholded x0
             noise = randn_rows(noise_gens, shape, device) if settings.ddim_eta > 0 else None
             x = ddim_step(x, x0, eps_thr, lt, ls, noise, settings.ddim_eta)
         _check_finite(x, stage_name, i, settings.steps, float(times[i]))
@@ -202,8 +202,7 @@ def _library_loop(x, denoise, log_snr, settings, noise_gens, stage_name, callbac
     b = x.shape[0]
     for i in range(settings.steps):
         t = solver.times[i].expand(b)
-        x0, _ = denoise(x, t, log_snr(t))
-        x = solver.step(x0, i, x)
+        x = solver.step(denoise(x, t, log_snr(t)), i, x)
         _check_finite(x, stage_name, i, settings.steps, float(solver.times[i]))
         if callback is not None:
             callback(i + 1, settings.steps)

@@ -199,8 +199,7 @@ class Trainer(StepMixin, CheckpointMixin):
 
     def _stop_requested(self, guard: PreemptionGuard) -> bool:
         """Whether any rank got a pre-emption signal (one all-reduce of a flag per step on several ranks)."""
-        flag = guard.signame is not None
-        return self.dist.sum_int(int(flag)) > 0 if self.dist.active else flag
+        return self.dist.sum_int(int(guard.signame is not None)) > 0  # (no collective on one process)
 
     def _log_note(self, note: str) -> None:
         from rich.console import Console
