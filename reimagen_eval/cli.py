@@ -6,6 +6,7 @@
     fid, fid-table                  the FID sweeps and their combined tables (evaluation.cli)
     rate ...                        the human evaluation (human_eval.cli)
     toy ...                         the synthetic long-tail world (toyworld.cli)
+    report                          a static HTML report of runs, side by side (reimagen_eval.report)
     demo, toy demo                  the main job on the embedded default (reimagen_eval.demo)
 """
 
@@ -23,6 +24,7 @@ from reimagen.retrieval.cli import index_app, retrieve, triples
 from toyworld.cli import toy_app
 
 from .demo import demo
+from .report.cli import report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Re-Imagen: retrieval-augmented text-to-image diffusion, benchmarks and evaluation.")
@@ -37,6 +39,7 @@ for _cmd in ENTITYDRAW_COMMANDS:
 app.command()(fid)
 app.command("fid-table")(fid_table)
 app.add_typer(rate_app, name="rate")
+app.command()(report)
 toy_app.command("demo")(demo)
 app.add_typer(toy_app, name="toy")
 

@@ -49,6 +49,8 @@ def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 50, per
         ["rate", "tasks", *runs, "--study", f"{o}/study", "--mode", "rate-all", "--controls", "4", "--repeats", "4"],
         ["rate", "simulate", "--study", f"{o}/study", "--world", f"{o}/world"],
         ["rate", "report", "--study", f"{o}/study", "--out", f"{o}/rating-report"],
+        ["report", *runs, f"fid-retrieval={o}/fid-retrieval", f"fid-text-only={o}/fid-text-only",
+         f"rating={o}/rating-report", "--title", "reimagen main job: the toy world", "--out", f"{o}/report"],
     ]
 
 
@@ -70,7 +72,8 @@ def demo(ctx: typer.Context,
     comparison with and without retrieval (`reimagen-eval fid --dataset
     synthetic`); an EntityDrawBench run with (k = 2, eta = 0.5) and without retrieval, judged per frequency split
     (`reimagen-eval entitydraw --world`); a blind rating study of both runs, rated by SIMULATED raters (the judge)
-    so the Table 2 / Figure 5 report is filled; and a rater list so that `reimagen-eval rate serve` opens it.
+    so the Table 2 / Figure 5 report is filled; an HTML report of all of it (`reimagen-eval report`); and a
+    rater list so that `reimagen-eval rate serve` opens it.
     """
     import time
 
@@ -98,5 +101,6 @@ def demo(ctx: typer.Context,
                   f"  FID tables/plots     {out}/fid-retrieval, {out}/fid-text-only, {out}/fid-table (both)\n"
                   f"  EntityDrawBench      {out}/entitydraw-summary.md (.csv, .png)\n"
                   f"  rating report        {out}/rating-report (SIMULATED raters)\n"
+                  f"  look at the images   {out}/report/index.html (open it in a browser)\n"
                   f"  rate it yourself     reimagen-eval rate serve {out}/entitydraw-retrieval "
                   f"{out}/entitydraw-text-only --study {out}/study --raters {raters}", highlight=False)
