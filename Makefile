@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@echo "installing into $(VENV) (pinned by constraints.txt; log: $(VENV)/pip.log)"
 	@$(PY) -m pip install -c constraints.txt torch==2.13.0 > $(VENV)/pip.log 2>&1 || (cat $(VENV)/pip.log; exit 1)
 	@$(PY) -m pip install -c constraints.txt -e ".[dev]" >> $(VENV)/pip.log 2>&1 || (cat $(VENV)/pip.log; exit 1)
+	@# the registry's torchvision for torch 2.13 is a CUDA build: a start-up guard lets any script of the venv
+	@# import torchvision / transformers / diffusers (reimagen/utils/compat.py; `reimagen-eval doctor` checks it)
+	@$(PY) -m reimagen.utils.compat --install-hook >> $(VENV)/pip.log 2>&1 || (cat $(VENV)/pip.log; exit 1)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -7,6 +7,7 @@
     rate ...                        the human evaluation (human_eval.cli)
     toy ...                         the synthetic long-tail world (toyworld.cli)
     report                          a static HTML report of runs, side by side (reimagen_eval.report)
+    doctor                          checks the environment (a mixed torch / torchvision install)
     demo, toy demo                  the main job on the embedded default (reimagen_eval.demo)
 """
 
@@ -24,12 +25,14 @@ from reimagen.retrieval.cli import index_app, retrieve, triples
 from toyworld.cli import toy_app
 
 from .demo import demo
+from .doctor import doctor
 from .report.cli import report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Re-Imagen: retrieval-augmented text-to-image diffusion, benchmarks and evaluation.")
 
 app.command()(demo)
+app.command()(doctor)
 app.registered_commands += model_cli.app.registered_commands
 app.add_typer(index_app, name="index")
 app.command()(retrieve)

@@ -55,6 +55,50 @@ def patch_torchvision_if_broken() -> bool:
     return True
 
 
+# The same workaround for every interpreter of the project's venv, so that a user's own script can
+# ``import diffusers`` without importing reimagen first: ``make install`` (and ``reimagen-eval doctor --fix``)
+# writes this hook as a .pth file into site-packages. It costs nothing at start-up: it only answers for the two
+# registration modules, and only when torchvision's compiled ops did not load.
+HOOK_FILE = "reimagen-torchvision-guard.pth"
+_HOOK = (
+    "import sys, types, importlib.machinery\n"
+    "class _ReimagenTorchvisionGuard:\n"
+    "    names = %r\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        ext = sys.modules.get('torchvision.extension')\n"
+    "        if name not in self.names or ext is None or ext._has_ops():\n"
+    "            return None\n"
+    "        return importlib.machinery.ModuleSpec(name, self)\n"
+    "    def create_module(self, spec):\n"
+    "        return types.ModuleType(spec.name)\n"
+    "    def exec_module(self, module):\n"
+    "        pass\n"
+    "sys.meta_path.insert(0, _ReimagenTorchvisionGuard())\n"
+) % (_PLACEHOLDERS,)
+
+
+def install_torchvision_hook(site_dir: str | None = None) -> str:
+    """Write the hook into ``site_dir`` (default: this interpreter's site-packages); returns the file's path."""
+    import os
+    import sysconfig
+
+    site_dir = site_dir or sysconfig.get_paths()["purelib"]
+    path = os.path.join(site_dir, HOOK_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        # a .pth line that starts with "import" is run at start-up; the hook gets its own globals
+        f.write("import sys; exec(%r, {'__name__': 'reimagen_torchvision_guard'})\n" % _HOOK)
+    os.replace(tmp, path)
+    return path
+
+
+def torchvision_hook_installed() -> bool:
+    import os
+    import sysconfig
+
+    return os.path.isfile(os.path.join(sysconfig.get_paths()["purelib"], HOOK_FILE))
+
+
 # reimagen 0.1's flat modules -> their rooms (0.2). Removed in 0.3.
 MOVED_MODULES = {
     "atomic": "utils.atomic", "_compat": "utils.compat", "precision": "utils.precision", "cliutil": "utils.cliutil",
@@ -95,3 +139,10 @@ def install_module_aliases() -> None:
     """Let ``import reimagen.unet`` (0.1's layout) import ``reimagen.models.unet``, with a FutureWarning."""
     if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
         sys.meta_path.append(_AliasFinder())
+
+
+if __name__ == "__main__":  # make install: python -m reimagen.utils.compat --install-hook
+    if sys.argv[1:] == ["--install-hook"]:
+        print(f"torchvision guard: {install_torchvision_hook()}")
+    else:
+        raise SystemExit("usage: python -m reimagen.utils.compat --install-hook")
