@@ -47,11 +47,14 @@ err = Console(stderr=True)
 out_console = Console()
 
 # Options shared by `entitydraw` and `entitydraw-sweep` (the same definitions, so the two agree).
-_MODEL = typer.Option([], "--model", help="Re-Imagen stage checkpoint folder, base stage first (repeat the option "
-                      "for super-resolution stages).")
-_DIFFUSERS = typer.Option(None, "--diffusers", help="Text-only baseline: a diffusers pipeline id or local folder.")
-_IMAGES_FROM = typer.Option(None, "--images-from", help="Images made elsewhere: a folder with <prompt_id>__<i>.png "
-                            "(see `entitydraw-prompts` for the ids). Refused if any image is missing.")
+_MODEL = typer.Option([], "--model", help="The model, KIND:TARGET: reimagen:CHECKPOINT (repeat for the "
+                      "super-resolution stages, base first; a bare checkpoint path works too), diffusers:ID_OR_PATH, "
+                      "folder:PATH (<prompt_id>__<i>.png, ids from `entitydraw-prompts`; refused if any is missing) "
+                      "or python:MODULE:FUNCTION (generate(prompts, seeds, **kwargs) -> PIL images).")
+_MODEL_ARG = typer.Option([], "--model-arg", help="KEY=VALUE for a diffusers model (steps, guidance, size, "
+                          "scheduler, dtype), a folder (size) or a python function (any keyword argument).")
+_DIFFUSERS = typer.Option(None, "--diffusers", hidden=True, help="Deprecated: --model diffusers:ID.")
+_IMAGES_FROM = typer.Option(None, "--images-from", hidden=True, help="Deprecated: --model folder:PATH.")
 _REFERENCES = typer.Option(None, "--references", help="Reference folder (from entitydraw-fetch, or images named "
                            "<entity id>.jpg). Required for retrieval; recorded for baselines (CLIP-I).")
 _K = typer.Option(2, "--k", "-k", min=1, help="Neighbours per prompt (Table 2: K = 2).")
@@ -103,9 +106,9 @@ _BATCH = typer.Option(8, "--batch-size", help="Images per generation batch.")
 _DEVICE = typer.Option("cpu", "--device", help="torch device, e.g. cuda.")
 _PRECISION = typer.Option("fp32", "--precision", help="Sampling precision of a Re-Imagen cascade: fp32, or bf16 / "
                           "fp16 autocast on a GPU (bf16 also runs on a CPU).")
-_SIZE = typer.Option(None, "--size", help="Baselines: output size in px (diffusers height/width; folder resize).")
-_DIFF_STEPS = typer.Option(50, "--diffusers-steps", help="Baseline: inference steps of the diffusers pipeline.")
-_DIFF_GUIDANCE = typer.Option(7.5, "--diffusers-guidance", help="Baseline: guidance scale of the diffusers pipeline.")
+_SIZE = typer.Option(None, "--size", hidden=True, help="Deprecated: --model-arg size=N.")
+_DIFF_STEPS = typer.Option(None, "--diffusers-steps", hidden=True, help="Deprecated: --model-arg steps=N.")
+_DIFF_GUIDANCE = typer.Option(None, "--diffusers-guidance", hidden=True, help="Deprecated: --model-arg guidance=W.")
 _WAIT = typer.Option(False, "--wait", help="If another process writes the run folder, wait for it instead of refusing "
                      "(the refusal names its host, pid and start time).")
 _CLIP_MODEL = typer.Option("ViT-B-32", "--clip-model", help="open-clip architecture (e.g. ViT-L-14), hf-hub:/"
@@ -122,9 +125,10 @@ class DrawOptions:
     """The options of `entitydraw` (and the shared part of `entitydraw-sweep`) as given on the command line; the
     sampling ones are None until ``with_defaults`` fills in the paper's (Sec. 4.2) or the toy world's."""
 
-    model: list[Path]  # Re-Imagen stage checkpoints, base first
-    diffusers: Optional[str]  # or a text-only diffusers baseline
-    images_from: Optional[Path]  # or images made elsewhere
+    model: list[str]  # KIND:TARGET (reimagen:, diffusers:, folder:, python:); Re-Imagen stages base first
+    model_arg: list[str]  # KEY=VALUE for a non-Re-Imagen model
+    diffusers: Optional[str]  # deprecated: diffusers:ID
+    images_from: Optional[Path]  # deprecated: folder:PATH
     references: Optional[Path]  # the entities' reference pairs (retrieval; CLIP-I)
     world: Optional[Path]  # a built toy world instead of the open benchmark
     per_split: Optional[str]  # with --world: first N entities per frequency split ("4,unseen=16")
@@ -157,9 +161,9 @@ class DrawOptions:
     batch_size: int  # images per generation block
     device: str  # torch device
     precision: str  # fp32 | bf16 | fp16
-    size: Optional[int]  # baselines: output size
-    diffusers_steps: int  # baseline: inference steps
-    diffusers_guidance: float  # baseline: guidance scale
+    size: Optional[int]  # deprecated: --model-arg size=N
+    diffusers_steps: Optional[int]  # deprecated: --model-arg steps=N
+    diffusers_guidance: Optional[float]  # deprecated: --model-arg guidance=W
 
     @classmethod
     def of(cls, values: dict) -> "DrawOptions":
@@ -180,8 +184,7 @@ class DrawOptions:
             bad = [opt for opt, on in (("--references", self.references is not None),
                                        ("--categories", self.categories != "all"),
                                        ("--per-category", self.per_category is not None),
-                                       ("--frequency-source", self.frequency_source != "wordfreq"),
-                                       ("--diffusers", self.diffusers is not None)) if on]
+                                       ("--frequency-source", self.frequency_source != "wordfreq")) if on]
             if bad:
                 raise ValueError(f"{', '.join(bad)} cannot be used with --world: the world's prompts, references "
                                  "and frequency splits are used (--per-split N for quick runs)")
@@ -254,31 +257,57 @@ def _config(opts: DrawOptions):
     cfg.check()
     if o.references is not None and not Path(o.references).is_dir():
         raise FileNotFoundError(f"reference folder {o.references} does not exist")
-    sources = [bool(o.model), o.diffusers is not None, o.images_from is not None]
-    if sum(sources) != 1:
-        raise ValueError("give exactly one model: --model CHECKPOINT (Re-Imagen), --diffusers PIPELINE (text-only "
-                         "baseline) or --images-from FOLDER (images made elsewhere)")
-    if o.images_from is not None and not Path(o.images_from).is_dir():
-        raise FileNotFoundError(f"image folder {o.images_from} does not exist")
     return cfg
 
 
-def _generator_factory(opts: DrawOptions):
-    """cfg -> generator for the chosen model source."""
+# options of a Re-Imagen cascade that no other kind of model has (refused by name, never ignored)
+_CASCADE_ONLY = ("w_text", "w_neighbours", "steps", "sr_guidance", "sr_steps", "sampler")
+
+
+def model_specs(opts: DrawOptions) -> list:
+    """The ``--model`` specs (one per Re-Imagen stage, else one), the deprecated spellings mapped to the grammar
+    with a warning; options that do not apply to the kind are refused by name."""
+    from reimagen.pipelines.plugins import parse_model
+    from reimagen.utils.cliutil import warn_renamed
+
+    specs, args = list(opts.model), list(opts.model_arg)
+    for old, value, new in (("--diffusers", opts.diffusers, f"diffusers:{opts.diffusers}"),
+                            ("--images-from", opts.images_from, f"folder:{opts.images_from}")):
+        if value is not None:
+            warn_renamed(old, f"--model {new}")
+            specs.append(new)
+    for old, value, key in (("--size", opts.size, "size"), ("--diffusers-steps", opts.diffusers_steps, "steps"),
+                            ("--diffusers-guidance", opts.diffusers_guidance, "guidance")):
+        if value is not None:
+            warn_renamed(old, f"--model-arg {key}={value}")
+            args.append(f"{key}={value}")
+    if not specs:
+        raise ValueError("give the model: --model reimagen:CHECKPOINT (repeat per stage, base first), "
+                         "diffusers:ID_OR_PATH, folder:PATH or python:MODULE:FUNCTION")
+    parsed = [parse_model(s, args) for s in specs]
+    if len(parsed) > 1 and any(p.kind != "reimagen" for p in parsed):
+        raise ValueError(f"--model given {len(parsed)} times: only Re-Imagen takes several (its stages); "
+                         f"{', '.join(p.label for p in parsed)}")
+    if parsed[0].kind != "reimagen":
+        given = [f"--{k.replace('_', '-')}" for k in _CASCADE_ONLY if getattr(opts, k) is not None]
+        given += ["--precision"] * (opts.precision != "fp32") + ["--no-retrieval"] * opts.no_retrieval
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to a Re-Imagen cascade, not to {parsed[0].label} "
+                             "(its own settings: --model-arg KEY=VALUE)")
+    return parsed
+
+
+def _generator_factory(specs: list):
+    """cfg -> generator for the chosen model."""
 
     def make(cfg):
-        if opts.model:
+        if specs[0].kind == "reimagen":
             from .run import cascade_generator
 
-            return cascade_generator([str(p) for p in opts.model], cfg)
-        if opts.diffusers is not None:
-            from reimagen.pipelines.generate import DiffusersGenerator
+            return cascade_generator([s.target for s in specs], cfg)
+        from reimagen.pipelines.plugins import build_generator
 
-            return DiffusersGenerator(opts.diffusers, device=cfg.device, num_inference_steps=opts.diffusers_steps,
-                                      guidance_scale=opts.diffusers_guidance, size=opts.size)
-        from reimagen.pipelines.generate import FolderGenerator
-
-        return FolderGenerator(opts.images_from, size=opts.size)
+        return build_generator(specs[0], device=cfg.device)
 
     return make
 
@@ -288,7 +317,8 @@ def _log(msg: str) -> None:
 
 
 def entitydraw(
-    model: list[Path] = _MODEL, diffusers: Optional[str] = _DIFFUSERS, images_from: Optional[Path] = _IMAGES_FROM,
+    model: list[str] = _MODEL, model_arg: list[str] = _MODEL_ARG, diffusers: Optional[str] = _DIFFUSERS,
+    images_from: Optional[Path] = _IMAGES_FROM,
     references: Optional[Path] = _REFERENCES, world: Optional[Path] = _WORLD,
     per_split: Optional[str] = _PER_SPLIT, judge: Optional[Path] = _JUDGE,
     out: Path = typer.Option(Path("runs/entitydraw"), "--out", help="Run folder (rerun to resume; RANK/WORLD_SIZE "
@@ -301,7 +331,8 @@ def entitydraw(
     prompt_seed: int = _PROMPT_SEED, categories: str = _CATEGORIES, per_category: Optional[int] = _PER_CATEGORY,
     strict: bool = _STRICT, frequency_source: str = _FREQ, caption_column: Optional[str] = _CAPTION_COLUMN,
     batch_size: int = _BATCH, device: str = _DEVICE, precision: str = _PRECISION, size: Optional[int] = _SIZE,
-    diffusers_steps: int = _DIFF_STEPS, diffusers_guidance: float = _DIFF_GUIDANCE, wait: bool = _WAIT,
+    diffusers_steps: Optional[int] = _DIFF_STEPS, diffusers_guidance: Optional[float] = _DIFF_GUIDANCE,
+    wait: bool = _WAIT,
 ) -> None:
     """EntityDrawBench (Sec. 4.2): 4 images per prompt, paper settings, resumable run folder with metadata."""
     _entitydraw(DrawOptions.of(locals()))
@@ -316,14 +347,15 @@ def _entitydraw(opts: DrawOptions) -> None:
     from .run import run_entitydraw
 
     wait_for_locks(opts.wait)
+    specs = model_specs(opts)
     cfg = _config(opts)
     bench = None
     if opts.world is not None:
         from .world import WorldBench, check_world_config
 
         bench = WorldBench.open(opts.world)  # fails fast, before any model is loaded
-        check_world_config(cfg, bench, cfg.retrieval and bool(opts.model))
-    gen = _generator_factory(opts)(cfg)
+        check_world_config(cfg, bench, cfg.retrieval and specs[0].kind == "reimagen")
+    gen = _generator_factory(specs)(cfg)
     t0 = time.perf_counter()
     if bench is not None:
         from .world import run_world
@@ -378,21 +410,50 @@ def entitydraw_prompts(
     frequency_source: str = _FREQ, caption_column: Optional[str] = _CAPTION_COLUMN,
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="Another entity manifest (.jsonl) instead of "
                                             "the packaged one."),
+    world: Optional[Path] = _WORLD, per_split: Optional[str] = _PER_SPLIT,
+    samples_per_prompt: int = typer.Option(4, "--samples-per-prompt", min=1, help="Images per prompt: the file "
+                                           "names and seeds listed per prompt."),
+    image_seed: int = typer.Option(0, "--image-seed", help="The run's --seed: each image's seed is "
+                                   "sample_seed(image seed, prompt id, sample index), what a python: model gets."),
 ) -> None:
-    """Export the 250 + 20 prompts (JSONL / CSV) with ids and the frequent / infrequent split (Figure 5)."""
+    """Export the prompts a model must draw (JSONL / CSV): ids, texts, the frequency split (Figure 5), and per
+    prompt the image file names (<prompt id>__<i>.png, what --model folder:PATH must hold) and image seeds.
+    The open benchmark's 250 + 20 prompts, or with --world a toy world's (the same --per-split as the run)."""
+    from reimagen.utils.seeding import sample_seed
+
+    from .prompts import PROMPT_COLUMNS, export_prompts
+
+    rows = _prompt_rows(seed, categories, per_category, frequency_source, caption_column, manifest, world, per_split)
+    for r in rows:
+        r["files"] = [f"{r['prompt_id']}__{i}.png" for i in range(samples_per_prompt)]
+        r["seeds"] = [sample_seed(image_seed, r["prompt_id"], i) for i in range(samples_per_prompt)]
+    extra = ("split", "count", "position", "background") if world is not None else ()
+    paths = export_prompts(rows, out, (*PROMPT_COLUMNS, *extra, "files", "seeds"))
+    n_freq = sum(bool(r["frequent"]) for r in rows)
+    err.print(f"{len(rows)} prompts ({n_freq} frequent, {len(rows) - n_freq} not, by "
+              f"{escape(rows[0]['frequency_source'])}) x {samples_per_prompt} images -> "
+              f"{escape(', '.join(map(str, paths)))}", highlight=False)
+
+
+def _prompt_rows(seed, categories, per_category, frequency_source, caption_column, manifest, world, per_split):
+    if world is not None:
+        from .world import WorldBench
+
+        if manifest is not None or categories != "all" or per_category is not None:
+            raise ValueError("--manifest, --categories and --per-category cannot be used with --world: the world's "
+                             "prompts are used (--per-split N)")
+        return WorldBench.open(world).prompt_table(parse_per_split(per_split), seed)
+    if per_split is not None:
+        raise ValueError("--per-split needs --world (a built toy world folder)")
     from .entities import load_entities, parse_categories, select
-    from .prompts import build_prompt_table, export_prompts
+    from .prompts import build_prompt_table
 
     cats = parse_categories(categories)
     everything = load_entities(manifest)
     chosen = {e.id for e in select(everything, cats, per_category)}
     # the frequency split is computed over the whole manifest, then the selection is taken
-    rows = [r for r in build_prompt_table(everything, seed=seed, frequency_source=frequency_source,
+    return [r for r in build_prompt_table(everything, seed=seed, frequency_source=frequency_source,
                                           caption_column=caption_column) if r["prompt_id"] in chosen]
-    paths = export_prompts(rows, out)
-    n_freq = sum(r["frequent"] for r in rows)
-    err.print(f"{len(rows)} prompts ({n_freq} frequent, {len(rows) - n_freq} infrequent by "
-              f"{escape(rows[0]['frequency_source'])}) -> {escape(', '.join(map(str, paths)))}", highlight=False)
 
 
 @friendly
@@ -567,7 +628,8 @@ def entitydraw_sweep(
                                "joint,weighted,interleaved."),
     out: Path = typer.Option(Path("runs/entitydraw_sweep"), "--out", help="Folder: one run per value, "
                              "sweep_<param>.csv/.md/.png."),
-    model: list[Path] = _MODEL, diffusers: Optional[str] = _DIFFUSERS, images_from: Optional[Path] = _IMAGES_FROM,
+    model: list[str] = _MODEL, model_arg: list[str] = _MODEL_ARG, diffusers: Optional[str] = _DIFFUSERS,
+    images_from: Optional[Path] = _IMAGES_FROM,
     references: Optional[Path] = _REFERENCES, world: Optional[Path] = _WORLD,
     per_split: Optional[str] = _PER_SPLIT, judge: Optional[Path] = _JUDGE,
     k: int = _K, eta: float = _ETA, guidance: str = _GUIDANCE, w_text: float = _W_TEXT,
@@ -578,7 +640,8 @@ def entitydraw_sweep(
     prompt_seed: int = _PROMPT_SEED, categories: str = _CATEGORIES, per_category: Optional[int] = _PER_CATEGORY,
     strict: bool = _STRICT, frequency_source: str = _FREQ, caption_column: Optional[str] = _CAPTION_COLUMN,
     batch_size: int = _BATCH, device: str = _DEVICE, precision: str = _PRECISION, size: Optional[int] = _SIZE,
-    diffusers_steps: int = _DIFF_STEPS, diffusers_guidance: float = _DIFF_GUIDANCE, wait: bool = _WAIT,
+    diffusers_steps: Optional[int] = _DIFF_STEPS, diffusers_guidance: Optional[float] = _DIFF_GUIDANCE,
+    wait: bool = _WAIT,
     clip_model: str = _CLIP_MODEL, clip_pretrained: Optional[str] = _CLIP_PRETRAINED, select: str = _SELECT,
 ) -> None:
     """Ablation over K (Figure 7), eta (Figure 8) or the guidance (Figure 13): run + score per value (CLIP, or the
@@ -598,15 +661,16 @@ def _entitydraw_sweep(opts: DrawOptions, param: str, values: str, clip_model: st
     values = parse_values(param, values)
     if select not in SELECT_MODES:
         raise ValueError(f"unknown selection score {select!r}; choose {', '.join(SELECT_MODES)}")
+    specs = model_specs(opts)
     cfg = _config(opts)
-    if opts.images_from is not None or opts.diffusers is not None or not cfg.retrieval:
+    if specs[0].kind != "reimagen" or not cfg.retrieval:
         raise ValueError("k, eta and the guidance only matter for a Re-Imagen model with retrieval: pass --model "
-                         "and drop --no-retrieval")
+                         "reimagen:CHECKPOINT and drop --no-retrieval")
     if opts.world is not None:
-        return _world_sweep(opts, param, values, cfg)
+        return _world_sweep(opts, param, values, cfg, specs)
     clip = {"model": clip_model, "pretrained": clip_pretrained, "select": select,
             "device": opts.device}
-    table = sweep(param, values, cfg, _generator_factory(opts), opts.out, opts.references, clip, log=_log)
+    table = sweep(param, values, cfg, _generator_factory(specs), opts.out, opts.references, clip, log=_log)
     t = Table(title=f"sweep over {param} - automatic proxy scores (best of N), NOT human ratings")
     for col in (param, "prompts", "CLIP-I all", "CLIP-T all", "CLIP-I frequent", "CLIP-I infrequent"):
         t.add_column(col)
@@ -618,11 +682,11 @@ def _entitydraw_sweep(opts: DrawOptions, param: str, values: str, clip_model: st
     err.print(f"table and plot: {escape(str(opts.out))}/sweep_{escape(param)}.csv/.md/.png", highlight=False)
 
 
-def _world_sweep(opts: DrawOptions, param: str, values: list, cfg) -> None:
+def _world_sweep(opts: DrawOptions, param: str, values: list, cfg, specs: list) -> None:
     from .world import METRIC_TITLES, WorldBench, world_sweep
 
     bench = WorldBench.open(opts.world)
-    table = world_sweep(param, values, cfg, _generator_factory(opts), opts.out, bench, parse_per_split(opts.per_split),
+    table = world_sweep(param, values, cfg, _generator_factory(specs), opts.out, bench, parse_per_split(opts.per_split),
                         judge_path=opts.judge, log=_log)
     t = Table(title=f"toy-world sweep over {param} - judged (per image, all splits; faithful also best of N)")
     for col in (param, "prompts", *(METRIC_TITLES[m] for m in ("look_ok", "scene_ok", "faithful")),

@@ -91,8 +91,9 @@ def build_prompt_table(entities: Sequence[Entity], seed: int = 0, templates: dic
     return rows
 
 
-def export_prompts(rows: Sequence[dict], out: str | Path) -> list[Path]:
-    """Write the prompt table to ``out`` (.jsonl or .csv; any other name writes both OUT.jsonl and OUT.csv)."""
+def export_prompts(rows: Sequence[dict], out: str | Path, columns: Sequence[str] = PROMPT_COLUMNS) -> list[Path]:
+    """Write the prompt table to ``out`` (.jsonl or .csv; any other name writes both OUT.jsonl and OUT.csv);
+    ``columns`` are the CSV's (list values joined by spaces)."""
     out = Path(out)
     both = [out.with_suffix(".jsonl"), out.with_suffix(".csv")]
     targets = [out] if out.suffix.lower() in (".jsonl", ".csv") else both
@@ -101,9 +102,9 @@ def export_prompts(rows: Sequence[dict], out: str | Path) -> list[Path]:
             write_jsonl(t, rows)
         else:
             buf = io.StringIO()
-            w = csv.DictWriter(buf, fieldnames=list(PROMPT_COLUMNS), extrasaction="ignore", lineterminator="\n")
+            w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
             w.writeheader()
-            w.writerows(rows)
+            w.writerows({k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()} for r in rows)
             write_text(t, buf.getvalue())
     return targets
 

@@ -15,7 +15,7 @@ resumes, RANK / WORLD_SIZE shard it). This module adds
 
     prompts.jsonl   the prompt table of the run (prompt, template, frequency score / rank / split)
     images.jsonl    one row per image: image file, prompt id, sample index, entity, category, prompt,
-                    frequency split, reference image path(s) and text, the neighbours used (ids, texts);
+                    frequency split, reference image path(s) and text, the neighbours used (ids, texts, image paths);
                     ``entitydraw-score`` adds clip_t, clip_i and the best-of-N selection
     skipped.json    entities left out, with the reason (no reference image when retrieval is required)
     provenance.json where things came from (checkpoint, reference and knowledge-base paths); unlike run.json it
@@ -131,7 +131,8 @@ def cascade_generator(checkpoints: Sequence[str | Path], cfg: RunConfig):
     settings += [SamplerSettings(steps=cfg.sr_steps[i], sampler=cfg.sampler, aug_level=cfg.sr_aug_level)
                  for i in range(n_sr)]
     cascade = Cascade.from_checkpoints(checkpoints, guidance, settings, device=cfg.device, precision=cfg.precision)
-    gen = CascadeGenerator(cascade, settings={"checkpoints": [checkpoint_digest(p) for p in checkpoints]})
+    gen = CascadeGenerator(cascade, settings={"checkpoints": [checkpoint_digest(p) for p in checkpoints]},
+                           paths=checkpoints)
     gen.provenance = {"checkpoints": [str(Path(p).resolve()) for p in checkpoints]}  # not compared on resume
     return gen
 
@@ -345,6 +346,9 @@ def run_prompts(generator, out: str | Path, cfg: RunConfig, prompts: Sequence[di
         settings.update(k=cfg.k, neighbours=_plan_digest(plan), references=references_digest,
                         topup_query=cfg.topup_query if cfg.kb else None)
     rows = _image_rows(prompts, pairs, plan, cfg)
+    record = generator.record()
+    for r in rows:  # what made each image, on every row
+        r.update(generator=record["kind"], generator_model=record["model"])
     check_run_manifest(out, run_manifest(generator, cfg.seed, settings, cfg.batch_size))  # before writing anything
     provider = NeighbourProvider(plan, cfg.k, size) if needs_refs else None
     if provider is not None and prepare is None:  # (prepare writes the toy world's references: checked after it)
@@ -410,7 +414,8 @@ def _image_rows(prompts: Sequence[dict], pairs: dict[str, list[ReferencePair]], 
                 "reference_image": str(refs[0].path) if refs else None,
                 "reference_images": [str(r.path) for r in refs], "reference_text": p["reference_text"],
                 "neighbour_ids": [n["id"] for n in nb], "neighbour_texts": [n["text"] for n in nb],
-                "seed": cfg.seed, **{k: p[k] for k in EXTRA_FIELDS if k in p},
+                "neighbour_images": [n["image"] for n in nb], "seed": cfg.seed,
+                **{k: p[k] for k in EXTRA_FIELDS if k in p},
             })
     return rows
 

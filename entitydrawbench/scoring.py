@@ -228,6 +228,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {m} | {METRIC_TITLES[metric]} | {_cell(find(m, metric, 'split', 'frequent'))} | "
                          f"{_cell(find(m, metric, 'split', 'infrequent'))} |")
     lines.append("")
+    from .summary import generators_markdown
+
+    lines += generators_markdown(summary.get("generators", {}))
     return "\n".join(lines)
 
 
@@ -303,10 +306,13 @@ def summarize_runs(runs: dict[str, str | Path], out: str | Path, allow_different
         raise ValueError("toy-world runs (judged) and EntityDrawBench runs (CLIP proxies) cannot share a table")
     if kinds == {True}:
         return summarize_world_runs(runs, out, allow_different)
-    loaded, clips, protocols = {}, [], {}
+    from .summary import generator_of
+
+    loaded, clips, protocols, generators = {}, [], {}, {}
     for label, path in runs.items():
         path = Path(path)
         manifest, rows = read_run(path)
+        generators[label] = generator_of(manifest)
         if not (path / SCORES_FILE).is_file() or all(r.get("clip_t") is None for r in rows):
             raise ValueError(f"{path} is not scored yet: run `reimagen-eval entitydraw-score {path}` first")
         import json
@@ -317,6 +323,7 @@ def summarize_runs(runs: dict[str, str | Path], out: str | Path, allow_different
     notes = check_protocols(protocols, allow_different)
     summary = summarize(loaded, clips[0])
     summary["protocol_notes"] = notes
+    summary["generators"] = generators
     write_summary(summary, out)
     return summary
 

@@ -115,4 +115,35 @@ def wrap(text: str, width: int = 150) -> str:
     return "\n".join(textwrap.wrap(text, width))
 
 
-__all__ = ["SWEEPABLE", "FIGURE", "parse_values", "mean_sem", "savefig", "wrap"]
+def generator_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What made a run's images (run.json's model_record; derived for runs made before it existed)."""
+    if manifest.get("model_record"):
+        return manifest["model_record"]
+    gen = manifest.get("generator")
+    if gen == "cascade":
+        st = manifest.get("stages", [])
+        return {"kind": "reimagen", "model": " + ".join(s.get("name", "?") for s in st), "scheduler": None,
+                "steps": None, "guidance": None, "size": None}
+    return {"kind": gen, "model": manifest.get("pipeline") or manifest.get("folder") or manifest.get("function"),
+            "scheduler": "pre-generated" if gen == "folder" else manifest.get("scheduler"),
+            "steps": manifest.get("steps"), "guidance": manifest.get("guidance_scale"), "size": manifest.get("size")}
+
+
+def generators_markdown(generators: dict[str, dict[str, Any]]) -> list[str]:
+    """The summaries' "what made the images" table, one row per model; a table mixing kinds says so."""
+    if not generators:
+        return []
+    kinds = sorted({str(g.get("kind")) for g in generators.values()})
+    cols = ("kind", "model", "scheduler", "steps", "guidance", "size")
+    lines = ["## What made the images", ""]
+    if len(kinds) > 1:
+        lines += [f"> MIXED GENERATOR KINDS ({', '.join(kinds)}): the rows compare different kinds of model "
+                  "(sampler, steps, guidance and size differ by construction; see below).", ""]
+    lines += ["| Model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for label, g in generators.items():
+        lines.append(f"| {label} | " + " | ".join("-" if g.get(c) is None else str(g[c]) for c in cols) + " |")
+    return lines + [""]
+
+
+__all__ = ["SWEEPABLE", "FIGURE", "parse_values", "mean_sem", "savefig", "wrap", "generator_of",
+           "generators_markdown"]

@@ -270,10 +270,15 @@ def _load_images(paths: Sequence[Path]):
     import torch
     from PIL import Image
 
+    from toyworld.world import IMAGE_SIZE
+
     arrs = []
     for p in paths:
         with Image.open(p) as im:
-            arrs.append(np.asarray(im.convert("RGB")))
+            im = im.convert("RGB")
+            if im.size != (IMAGE_SIZE, IMAGE_SIZE):  # a baseline drawing at another size: judged at the world's
+                im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+            arrs.append(np.asarray(im))
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 255
 
 
@@ -346,6 +351,9 @@ def score_world_run(run: str | Path, judge_path: str | Path | None = None, judge
     select_by_judge(rows)
     write_jsonl(run / IMAGES_FILE, rows)
     summary = summarize_world({label or run.name: rows}, judge_info or {})
+    from .summary import generator_of
+
+    summary["generators"] = {label or run.name: generator_of(manifest)}
     write_json(run / SCORES_FILE, {"judge": judge_info or {}, "note": JUDGE_NOTE, "n_images": len(rows),
                                    "n_scored": len(rows) - len(lack), "summary": summary["records"]})
     write_world_summary(summary, run / "summary")
@@ -420,6 +428,9 @@ def world_markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {m} | {GROUP_TITLES[g]} | " + " | ".join(
                 "-" if not v or v["mean"] is None else f"{v['mean']:.2f}" for v in vals) + " |")
     lines.append("")
+    from .summary import generators_markdown
+
+    lines += generators_markdown(summary.get("generators", {}))
     return "\n".join(lines)
 
 
@@ -484,10 +495,13 @@ def plot_world_summary(summary: dict[str, Any], path: str | Path) -> Path:
 def summarize_world_runs(runs: dict[str, str | Path], out: str | Path, allow_different: bool = False) -> dict[str, Any]:
     """One per-split table and plot over several judged world runs (e.g. with and without retrieval); runs of
     different protocols (world, prompts, samples, seed, judge) are refused unless ``allow_different``."""
-    loaded, judges, protocols = {}, [], {}
+    from .summary import generator_of
+
+    loaded, judges, protocols, generators = {}, [], {}, {}
     for label, path in runs.items():
         path = Path(path)
         manifest, rows = read_run(path)
+        generators[label] = generator_of(manifest)
         scores = path / SCORES_FILE
         meta = json.loads(scores.read_text()) if scores.is_file() else {}
         if "judge" not in meta or all(r.get("faithful") is None for r in rows):
@@ -498,6 +512,7 @@ def summarize_world_runs(runs: dict[str, str | Path], out: str | Path, allow_dif
     notes = check_protocols(protocols, allow_different)
     summary = summarize_world(loaded, judges[0])
     summary["protocol_notes"] = notes
+    summary["generators"] = generators
     write_world_summary(summary, out)
     return summary
 

@@ -38,6 +38,7 @@ def _options(pairs: list[str]) -> dict[str, str]:
 
 @friendly
 def fid(
+    ctx: typer.Context,
     dataset: str = typer.Option("coco", "--dataset", help="coco (FID-30K), wikiimages (FID-20K), or synthetic "
                                 "(registered by the toy-world issue); any name added with evaluation.datasets."
                                 "register_dataset."),
@@ -62,9 +63,13 @@ def fid(
     retriever: Optional[str] = typer.Option(None, "--retriever", help="bm25 (the paper's; the default) or clip; "
                                             "with --index, the index's kind."),
     k: int = typer.Option(2, "--k", help="Neighbours per prompt (the paper: 2)."),
-    model: str = typer.Option(..., "--model", help="A Re-Imagen base-stage checkpoint folder; a diffusers "
-                              "text-to-image pipeline id or folder (text-only baseline; --guidance-64 is its "
-                              "guidance scale); or a folder of images made elsewhere, <prompt_id>__0.png."),
+    model: str = typer.Option(..., "--model", help="The model, KIND:TARGET: reimagen:CHECKPOINT (the base stage; a "
+                              "bare path works too), diffusers:ID_OR_PATH (a text-to-image pipeline; --guidance-64 "
+                              "are its guidance scales), folder:PATH (images made elsewhere, <prompt_id>__0.png) or "
+                              "python:MODULE:FUNCTION (generate(prompts, seeds, **kwargs) -> PIL images); "
+                              "docs/fid.md, 'Your model'."),
+    model_arg: list[str] = typer.Option([], "--model-arg", help="KEY=VALUE for a diffusers model (steps, guidance, "
+                                        "size, scheduler, dtype), a folder (size) or a python function (any)."),
     sr_model: Optional[str] = typer.Option(None, "--sr-model", help="The super-resolution checkpoint of the "
                                            "cascade (64 -> 256 in the paper)."),
     num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Prompts drawn with --seed from the "
@@ -140,10 +145,11 @@ def fid(
     wait_for_locks(wait)
     if no_kid:
         metrics = without_kid(metrics)
+    model, model_arg = _model(ctx, model, list(model_arg))
     cfg = SweepConfig(dataset=dataset, out=str(out), dataset_root=None if dataset_root is None else str(dataset_root),
                       dataset_options=_options(dataset_option), num_prompts=num_prompts, seed=seed, db=db,
                       db_root=db_root, index=None if index is None else str(index), retriever=retriever, k=k,
-                      model=model, sr_model=sr_model, guidance_64=guidance_64, guidance_sr=guidance_sr, steps=steps,
+                      model=model, model_args=tuple(model_arg), sr_model=sr_model, guidance_64=guidance_64, guidance_sr=guidance_sr, steps=steps,
                       sr_steps=sr_steps, sampler=sampler, batch_size=batch_size, device=device, precision=precision,
                       backend=backend,
                       mode=mode, feature_extractor=feature_extractor,
@@ -164,6 +170,43 @@ def fid(
         _report(sweep, result, out)
 
 
+# fid's options that only a Re-Imagen cascade has; guidance_64 and steps also drive a diffusers pipeline
+_CASCADE_OPTIONS = ("sr_model", "guidance_sr", "sr_steps", "sampler", "precision", "sr_aug_level")
+
+
+def _model(ctx, model: str, model_arg: list[str]) -> tuple[str, list[str]]:
+    """``--model`` in the one grammar (KIND:TARGET), checked before anything is read; options that do not apply
+    to its kind refused by name; diffusers' old --steps mapped to --model-arg steps (with a warning)."""
+    from reimagen.pipelines.plugins import parse_model
+    from reimagen.utils.cliutil import given_options, warn_renamed
+
+    spec = parse_model(model, model_arg)
+    if spec.kind == "reimagen":
+        return spec.label, model_arg
+    bad = given_options(ctx, _CASCADE_OPTIONS + (("guidance_64",) if spec.kind != "diffusers" else ())
+                        + (("steps",) if spec.kind != "diffusers" else ()))
+    if bad:
+        raise ValueError(f"{', '.join(bad)} only apply to a Re-Imagen cascade, not to {spec.label} (its own "
+                         "settings: --model-arg KEY=VALUE)")
+    if spec.kind == "diffusers" and given_options(ctx, ("steps",)) and "steps" not in spec.args:
+        steps = ctx.params["steps"]
+        warn_renamed("--steps (of a diffusers model)", f"--model-arg steps={steps}")
+        model_arg = [*model_arg, f"steps={steps}"]
+    return spec.label, model_arg
+
+
+def _made_by(rec: dict) -> str:
+    """One sentence of results.md on what made the images."""
+    if rec["kind"] == "folder":
+        return f"Images: pre-generated, read from {rec['model']}."
+    if rec["kind"] == "reimagen":
+        return f"Images: Re-Imagen {rec['model']}, standard CFG, {rec['steps']} steps ({rec['scheduler']})."
+    size = f", {rec['size']} px" if rec.get("size") else ""
+    steps = f", {rec['steps']} steps" if rec.get("steps") else ""
+    return (f"Images: {rec['kind']} model {rec['model']} ({rec['scheduler']}{steps}, guidance "
+            f"{rec['guidance']}{size}).")
+
+
 def _report(sweep, result: dict, out: Path) -> None:
     """Rank 0: the results files (CSV, Markdown with the protocol and the paper's numbers, plot) and a table."""
     from .metric_set import COLUMN, METRICS, TITLE
@@ -173,11 +216,11 @@ def _report(sweep, result: dict, out: Path) -> None:
     protocol = (f"{len(sweep.jobs)} prompts drawn with seed {c.seed} from {ds.name} {ds.split}; reference: all "
                 f"{len(ds.reference)} {ds.split} images; real and generated images center-cropped and resized to "
                 f"{sweep.resolution}px (PIL bicubic), then {sweep.backend.name} ({sweep.backend.mode}) with "
-                f"{sweep.backend.extractor_name()} features. Standard CFG; {c.steps} steps ({c.sampler}). "
+                f"{sweep.backend.extractor_name()} features. {_made_by(sweep.generator_record())} "
                 f"Label {sweep.label}: database {sweep.db.name} is "
                 f"{'in-domain' if sweep.db.in_domain else 'not in-domain'}.")
     notes = list(result["notes"])
-    if c.sampler in ("ddpm", "ddim") and c.steps > 20:
+    if sweep.kind == "reimagen" and c.sampler in ("ddpm", "ddim") and c.steps > 20:
         notes.append(f"Sampler {c.sampler} with {c.steps} steps: a library solver (--sampler dpmpp-2m or unipc) at "
                      f"20 steps takes {c.steps / 20:.0f}x fewer network evaluations; whether it keeps these numbers "
                      "is a measurement to make (docs/fid.md).")

@@ -66,6 +66,7 @@ def protocol_manifest(sweep: Any, ref_stats: dict[str, Any]) -> dict[str, Any]:
                          "method": "scipy.stats.bootstrap, percentile interval centred on the estimate"}
     body["kid"] = {"subsets": c.kid_subsets, "subset_size": c.kid_subset_size, "seed": c.seed}
     body["versions"] = library_versions()
+    body["model"] = sweep.generator_record()  # recorded beside the id: models are compared under one protocol
     return body
 
 

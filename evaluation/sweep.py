@@ -123,7 +123,10 @@ class FidSweep:
         if not c.model:
             raise ValueError("--model is required: a Re-Imagen checkpoint folder, a diffusers pipeline, or a "
                              "folder of images named by prompt id")
-        self.kind = model_kind(c.model)
+        from reimagen.pipelines.plugins import parse_model
+
+        self.spec = parse_model(c.model, c.model_args)  # the one model grammar; refuses unknown kinds, bad args
+        self.kind, self.model = self.spec.kind, self.spec.target
         self._validate_model()
 
         # The database.
@@ -132,7 +135,7 @@ class FidSweep:
             raise ValueError(f"--db {c.db}: a {self.kind} baseline uses no retrieval; pass --db none")
         if self.db.kb is not None and self.kind == "reimagen":
             if not self.base_cfg.neighbour_attention:
-                raise ValueError(f"{c.model} has no neighbour attention (a text-only stage); pass --db none")
+                raise ValueError(f"{self.model} has no neighbour attention (a text-only stage); pass --db none")
             if len(self.db.kb) == 0:
                 raise ValueError(f"database {c.db} is empty")
             if self.retriever_name == "clip" and c.index is None and not c.clip_pretrained:
@@ -184,9 +187,9 @@ class FidSweep:
             from reimagen.models.config import UNetConfig
             from reimagen.models.checkpoint import read_checkpoint_config
 
-            self.base_cfg = UNetConfig.from_dict(read_checkpoint_config(c.model)["unet"])
+            self.base_cfg = UNetConfig.from_dict(read_checkpoint_config(self.model)["unet"])
             if self.base_cfg.is_super_resolution:
-                raise ValueError(f"--model {c.model} is a super-resolution stage; give the base (64x64) stage as "
+                raise ValueError(f"--model {self.model} is a super-resolution stage; give the base (64x64) stage as "
                                  "--model and the super-resolution stage as --sr-model")
             if c.sr_model:
                 if model_kind(c.sr_model) != "reimagen":
@@ -203,21 +206,21 @@ class FidSweep:
             if self.kind == "folder":
                 from reimagen.pipelines.generate import FolderGenerator
 
-                self.folder_gen = FolderGenerator(c.model)
-                n_images = sum(1 for f in Path(c.model).iterdir()
+                self.folder_gen = FolderGenerator(self.model)
+                n_images = sum(1 for f in Path(self.model).iterdir()
                                if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
                 if n_images < len(self.jobs):
-                    raise ValueError(f"{c.model} holds {n_images} images, fewer than the {len(self.jobs)} prompts "
+                    raise ValueError(f"{self.model} holds {n_images} images, fewer than the {len(self.jobs)} prompts "
                                      "requested (--num-prompts)")
                 missing = self.folder_gen.missing(self.jobs)
                 if missing:
                     eg = ", ".join(image_name(j.prompt_id, 0) for j in missing[:3])
-                    raise ValueError(f"{c.model} has no image for {len(missing)} of the {len(self.jobs)} prompt ids "
+                    raise ValueError(f"{self.model} has no image for {len(missing)} of the {len(self.jobs)} prompt ids "
                                      f"(e.g. {eg}); images are named <prompt_id>__0.png (or <prompt_id>.png)")
-                bad = mt.unreadable_images([str(self.folder_gen.path_of(j)) for j in self.jobs], label=str(c.model))
+                bad = mt.unreadable_images([str(self.folder_gen.path_of(j)) for j in self.jobs], label=str(self.model))
                 if bad:
                     eg = _examples(bad)
-                    raise ValueError(f"{len(bad)} images of {c.model} cannot be decoded (e.g. {eg}); every prompt "
+                    raise ValueError(f"{len(bad)} images of {self.model} cannot be decoded (e.g. {eg}); every prompt "
                                      "needs its image: regenerate or replace them")
 
     def _load_models(self) -> None:
@@ -225,14 +228,13 @@ class FidSweep:
         if self.kind == "reimagen":
             from reimagen.models.checkpoint import load_stage
 
-            self.base_model, self.base_encoder = load_stage(c.model, device=self.device)
+            self.base_model, self.base_encoder = load_stage(self.model, device=self.device)
             if c.sr_model:
                 self.sr, self.sr_encoder = load_stage(c.sr_model, device=self.device)
-        elif self.kind == "diffusers":
-            from reimagen.pipelines.generate import DiffusersGenerator
+        else:  # diffusers or python: one loaded model, one run folder per guidance point
+            from reimagen.pipelines.plugins import build_generator
 
-            self.diffusers = DiffusersGenerator(c.model, device=self.device, num_inference_steps=c.steps,
-                                                guidance_scale=self.grid_64[0])
+            self.diffusers = build_generator(self.spec, device=self.device)
 
     def _open_database(self) -> Database:
         from reimagen.retrieval.readers import open_knowledge_base
@@ -301,11 +303,12 @@ class FidSweep:
         c, ds = self.cfg, self.dataset
         model: dict[str, Any] = {"kind": self.kind}
         if self.kind == "reimagen":
-            model["base"] = checkpoint_identity(c.model)
+            model["base"] = checkpoint_identity(self.model)
             model["sr"] = checkpoint_identity(c.sr_model) if c.sr_model else None
         else:
-            model["path"] = c.model if self.kind == "diffusers" and not Path(c.model).exists() \
-                else str(Path(c.model).resolve())
+            model["path"] = self.model if self.kind in ("diffusers", "python") and not Path(self.model).exists() \
+                else str(Path(self.model).resolve())
+            model.update({k: v for k, v in sorted(self.spec.args.items())})
         uses_db = self.db.kb is not None and self.kind == "reimagen"
         return {"format_version": 1, "dataset": ds.name, "split": ds.split,
                 "dataset_options": {k: str(v) for k, v in sorted(dict(c.dataset_options).items())},
@@ -314,16 +317,33 @@ class FidSweep:
                 "db": self.db.name, "db_source": self.db.source,
                 "retriever": self.retriever_name if uses_db else None, "k": c.k if uses_db else None,
                 "index": str(Path(c.index).resolve()) if (uses_db and c.index) else None,
-                "model": model, "steps": c.steps if self.kind != "folder" else None,
+                "model": model, "steps": c.steps if self.kind == "reimagen" else self.spec.args.get("steps"),
                 "sr_steps": (c.sr_steps or c.steps) if self.sr_cfg is not None else None,
                 "sampler": c.sampler if self.kind == "reimagen" else None,
                 "sr_aug_level": c.sr_aug_level if self.sr_cfg is not None else None}
+
+    def generator_record(self) -> dict[str, Any]:
+        """What made the images (protocol.json, results.md): kind, model, scheduler, steps, guidance, size."""
+        c = self.cfg
+        if self.kind == "reimagen":
+            sr = self.sr_cfg is not None
+            return {"kind": "reimagen", "model": self.model + (f" + {c.sr_model}" if sr else ""),
+                    "scheduler": c.sampler, "steps": f"{c.steps} / {c.sr_steps or c.steps}" if sr else c.steps,
+                    "guidance": "standard CFG, the sweep's weights", "size": (self.sr_cfg or self.base_cfg).image_size}
+        gen = self.folder_gen if self.kind == "folder" else self.diffusers
+        rec = gen.record()
+        if self.kind == "diffusers" and "guidance" not in self.spec.args:
+            rec["guidance"] = "the sweep's --guidance-64 weights"
+        return rec
 
     def _plan(self) -> list[Point]:
         if self.kind == "folder":
             return [Point("folder", None, None, Path(self.cfg.model))]
         if self.kind == "diffusers":
-            return [Point(f"cfg_{fmt_w(w)}", w, None, self.out / "images" / f"cfg_{fmt_w(w)}") for w in self.grid_64]
+            grid = [self.spec.args["guidance"]] if "guidance" in self.spec.args else self.grid_64
+            return [Point(f"cfg_{fmt_w(w)}", w, None, self.out / "images" / f"cfg_{fmt_w(w)}") for w in grid]
+        if self.kind == "python":
+            return [Point("python", None, None, self.out / "images" / "python")]
         pts = []
         for w in self.grid_64:
             base = self.out / "base" / f"w64_{fmt_w(w)}"
@@ -447,10 +467,11 @@ class FidSweep:
         c = self.cfg
         shard = (self.rank, self.world)
         common = {"sweep": {k: self.manifest[k] for k in ("dataset", "split", "prompts_sha", "db", "retriever", "k")}}
-        if self.kind == "diffusers":
+        if self.kind in ("diffusers", "python"):
             gen = self.diffusers
             for p in self.points:
-                gen.guidance_scale = p.w_64  # one loaded pipeline, one run folder per guidance scale
+                if p.w_64 is not None:
+                    gen.guidance_scale = p.w_64  # one loaded pipeline, one run folder per guidance scale
                 self.log(f"{p.name}: generating")
                 generate_run(gen, self.jobs, p.folder, c.seed, None, c.batch_size, common, shard, c.progress)
             return
@@ -520,10 +541,10 @@ class FidSweep:
     def _row(self, p: Point, m: dict[str, Any]) -> dict[str, Any]:
         c = self.cfg
         uses_db = self.db.kb is not None
-        if self.kind == "diffusers":
-            model = c.model
+        if self.kind in ("diffusers", "python"):
+            model = self.model
         else:
-            model = "/".join(Path(c.model).resolve().parts[-2:]) + ("+sr" if self.sr is not None else "")
+            model = "/".join(Path(self.model).resolve().parts[-2:]) + ("+sr" if self.sr is not None else "")
         return {"dataset": self.dataset.name, "split": self.dataset.split, "model": f"{self.kind}:{model}",
                 "db": self.db.name, "retriever": self.retriever_name if uses_db else "-", "k": c.k if uses_db else 0,
                 "w_64": p.w_64, "w_sr": p.w_sr, "metric": self.label,

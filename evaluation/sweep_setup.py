@@ -33,7 +33,8 @@ class SweepConfig:
     index: str | None = None                  # a saved retriever folder (reimagen-eval index build)
     retriever: str | None = None              # bm25 | clip (default: bm25, or the kind of --index)
     k: int = 2                                # neighbours per prompt (paper: 2)
-    model: str = ""                           # Re-Imagen checkpoint | diffusers pipeline id/path | image folder
+    model: str = ""                           # KIND:TARGET (reimagen:, diffusers:, folder:, python:) or a bare path
+    model_args: tuple[str, ...] = ()          # --model-arg KEY=VALUE of a non-Re-Imagen model
     sr_model: str | None = None               # super-resolution checkpoint (Re-Imagen cascades)
     guidance_64: Sequence[float] = PAPER_GRID_64
     guidance_sr: Sequence[float] = PAPER_GRID_SR
@@ -115,26 +116,10 @@ def _sha(obj: Any) -> str:
 # Models
 # ----------------------------------------------------------------------------------------------
 def model_kind(path: str) -> str:
-    """"reimagen" (a checkpoint folder with config.json), "folder" (images named by prompt id) or "diffusers"."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / "config.json").is_file():
-            from reimagen.models.checkpoint import read_config_json
+    """The kind of a bare ``--model PATH`` (``reimagen.pipelines.plugins.infer_kind``)."""
+    from reimagen.pipelines.plugins import infer_kind
 
-            meta = read_config_json(p / "config.json")  # names a damaged config.json
-            if isinstance(meta, dict) and meta.get("unet") is not None:
-                return "reimagen"
-        if (p / "model_index.json").is_file():
-            return "diffusers"
-        return "folder"
-    if p.exists():
-        raise ValueError(f"--model {path} is a file; give a checkpoint folder, an image folder or a diffusers "
-                         "pipeline id/folder")
-    parts = path.split("/")
-    if path.startswith((".", "/", "~")) or len(parts) != 2 or not all(parts):
-        raise FileNotFoundError(f"--model {path} does not exist (and is not a diffusers hub id such as "
-                                "stabilityai/stable-diffusion-2-1)")
-    return "diffusers"  # a hub id such as stabilityai/stable-diffusion-2-1
+    return infer_kind(path)
 
 
 def checkpoint_identity(path: str) -> dict[str, Any]:

@@ -141,7 +141,8 @@ def test_the_main_job_stops_at_a_failed_step(monkeypatch, tmp_path):
     import reimagen_eval.demo as demo_mod
 
     monkeypatch.setattr(demo_mod, "demo_commands", lambda out, **kw: [["presets", "--paper-only"],
-                                                                       ["fid", "--dataset", "cifar", "--model", "x"],
+                                                                       ["fid", "--dataset", "cifar", "--model",
+                                                                        f"folder:{tmp_path}"],
                                                                        ["presets"]])
     res = runner.invoke(app, ["demo", "--out", str(tmp_path / "job")])
     assert res.exit_code == 2, res.output

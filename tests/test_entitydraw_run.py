@@ -192,7 +192,7 @@ def test_missing_references_folder_and_two_models_are_refused(world, tmp_path):
     assert res.exit_code == 2 and "pass --references FOLDER" in res.output
     res = invoke(world, "entitydraw", "--model", world["root"] / "base", "--images-from", tmp_path,
                  "--out", tmp_path / "r", *FAST)
-    assert res.exit_code == 2 and "exactly one model" in res.output
+    assert res.exit_code == 2 and "only Re-Imagen takes several" in " ".join(res.output.split())
     assert not (tmp_path / "r").exists()
     # the same model sampled text-only needs no references, and keeps every entity
     res = invoke(world, "entitydraw", "--model", world["root"] / "base", "--no-retrieval", "--out", tmp_path / "r",
@@ -236,13 +236,13 @@ def test_image_folder_baseline_must_be_complete(world, full_run, tmp_path):
     partial.mkdir()
     for p in list(made.glob("*.png"))[:5]:
         (partial / p.name).write_bytes(p.read_bytes())
-    res = invoke(world, "entitydraw", "--images-from", partial, "--references", world["refs"],
-                 "--out", tmp_path / "base_run", *FAST)
-    assert res.exit_code == 2 and "lacks" in res.output and "nothing was written" in res.output
+    res = invoke(world, "entitydraw", "--model", f"folder:{partial}", "--references", world["refs"],
+                 "--out", tmp_path / "base_run", "--per-category", "1")
+    assert res.exit_code == 2 and "lacks" in res.output and "nothing was written" in " ".join(res.output.split())
     assert not (tmp_path / "base_run").exists()
     # a folder baseline runs text-free: the entity without a reference is kept (not skipped)
-    res = invoke(world, "entitydraw", "--images-from", made, "--references", world["refs"],
-                 "--out", tmp_path / "base_run", *FAST)
+    res = invoke(world, "entitydraw", "--model", f"folder:{made}", "--references", world["refs"],
+                 "--out", tmp_path / "base_run", "--per-category", "1")
     assert res.exit_code == 2 and world["missing"] in res.output  # ... so its images are required too
     complete = tmp_path / "complete"
     complete.mkdir()
@@ -250,8 +250,8 @@ def test_image_folder_baseline_must_be_complete(world, full_run, tmp_path):
         (complete / p.name).write_bytes(p.read_bytes())
     for i in range(4):
         Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(complete / f"{world['missing']}__{i}.png")
-    res = invoke(world, "entitydraw", "--images-from", complete, "--references", world["refs"],
-                 "--out", tmp_path / "base_run", *FAST)
+    res = invoke(world, "entitydraw", "--model", f"folder:{complete}", "--references", world["refs"],
+                 "--out", tmp_path / "base_run", "--per-category", "1")
     assert res.exit_code == 0, res.output
     assert len(pixels(tmp_path / "base_run")) == 4 * len(world["chosen"])
 

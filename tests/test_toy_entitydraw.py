@@ -180,9 +180,13 @@ def test_judge_scoring_adds_fields_and_the_per_split_tables_add_up(tw, run, tmp_
                                    if a in r["judge_match"])
         assert r["scene_ok"] == all(r["judge_match"][a] for a in ("background", "count", "position"))
         assert r["attributes_ok"] == f"{sum(r['judge_match'].values())}/{len(r['judge_match'])}"
-    # independently: the judge on one image
+    # independently: the judge on one image, read at the world's size as the scorer reads it (this tiny cascade
+    # draws 32 px; the world's images are 64 px)
+    from toyworld.world import IMAGE_SIZE
+
     r = rows[3]
-    x = torch.from_numpy(np.array(Image.open(out / r["image"]).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+    im = Image.open(out / r["image"]).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+    x = torch.from_numpy(np.array(im)).permute(2, 0, 1)[None].float() / 255
     v = verdicts(load_judge(tw["judge"]), tw["world"], x, [Scene(r["entity_id"], r["count"], r["position"],
                                                                   r["background"])])[0]
     assert (v.look_ok, v.scene_ok, v.faithful) == (r["look_ok"], r["scene_ok"], r["faithful"])

@@ -25,9 +25,22 @@ class GuidanceName(str, Enum):
 SamplerName = Enum("SamplerName", [(n.replace("-", "_"), n) for n in SAMPLERS], type=str)
 
 
+# sample's options that only a Re-Imagen cascade has (another kind of model refuses them by name)
+_CASCADE_OPTIONS = ("index", "kb", "k", "no_retrieval", "neighbour_image", "neighbour_text", "guidance", "w_p", "w_n",
+                    "eta", "sr_guidance", "steps", "sr_steps", "sampler", "precision", "save_pipeline")
+
+
 @friendly
 def sample(
-    checkpoint: list[Path] = typer.Option([], help="Stage checkpoint folders, base stage first (repeat the option)."),
+    ctx: typer.Context,
+    model: list[str] = typer.Option([], "--model", help="The model, KIND:TARGET: reimagen:CHECKPOINT (repeat per "
+                                    "stage, base first) or reimagen:PIPELINE_FOLDER, diffusers:ID_OR_PATH, "
+                                    "folder:PATH (images <prompt id>__<i>.png) or python:MODULE:FUNCTION "
+                                    "(generate(prompts, seeds, **kwargs) -> PIL images); docs/fid.md, 'Your model'."),
+    model_arg: list[str] = typer.Option([], "--model-arg", help="KEY=VALUE for a diffusers model (steps, guidance, "
+                                        "size, scheduler, dtype), a folder (size) or a python function (any)."),
+    checkpoint: list[Path] = typer.Option([], help="Stage checkpoint folders, base stage first (repeat the option); "
+                                          "the same as --model reimagen:PATH."),
     pipeline: Optional[Path] = typer.Option(None, "--pipeline", help="A pipeline folder (or Hub id) with the stages, "
                                             "their guidance and sampler settings and an index, instead of "
                                             "--checkpoint and --index (ReImagenPipeline.save_pretrained); the "
@@ -84,6 +97,18 @@ def sample(
 
     # 1. Every argument and input file is checked before a model is loaded or a file written.
     ids, texts, queries = prompt_table(prompt, prompts)
+    if model:
+        if checkpoint or pipeline is not None:
+            raise ValueError("give the model once: --model, or --checkpoint / --pipeline")
+        specs = _model_specs(model, model_arg)
+        if specs[0].kind != "reimagen":
+            return _sample_plugin(ctx, specs[0], ids, texts, num_samples, out, seed, batch_size, device, wait)
+        if len(specs) == 1 and (Path(specs[0].target) / "pipeline.json").is_file():
+            pipeline = Path(specs[0].target)
+        else:
+            checkpoint = [Path(sp.target) for sp in specs]
+    elif model_arg:
+        raise ValueError("--model-arg applies to --model diffusers:, folder: or python: models")
     picked = _check_sources(checkpoint, pipeline, index, no_retrieval, neighbour_image, neighbour_text, precision,
                             device)
     if pipeline is not None:
@@ -121,6 +146,41 @@ def sample(
         pipe.save_pretrained(save_pipeline)
     console.print(f"made {counts['made']}, skipped {counts['skipped']} (existing) of {counts['total']} images in "
                   f"{out}; contact sheets in {out / 'sheets'}")
+
+
+def _model_specs(model: list[str], model_arg: list[str]) -> list:
+    from .plugins import parse_model
+
+    specs = [parse_model(m, model_arg) for m in model]
+    if len(specs) > 1 and any(sp.kind != "reimagen" for sp in specs):
+        raise ValueError(f"--model given {len(specs)} times: only Re-Imagen takes several (its stages); "
+                         f"{', '.join(sp.label for sp in specs)}")
+    return specs
+
+
+def _sample_plugin(ctx, spec, ids, texts, num_samples, out, seed, batch_size, device, wait) -> None:
+    """A diffusers, folder or python model: text only, no neighbours; the same run folder and contact sheets."""
+    from ..retrieval.base import load_image
+    from ..utils.cliutil import given_options
+    from .plugins import build_generator
+    from .sample_run import run_sample
+
+    bad = given_options(ctx, _CASCADE_OPTIONS)
+    if bad:
+        raise ValueError(f"{', '.join(bad)} only apply to a Re-Imagen cascade, not to {spec.label} (its own "
+                         "settings: --model-arg KEY=VALUE)")
+    gen = build_generator(spec, device=device)
+    if hasattr(gen, "missing"):
+        from .generate import Job
+
+        lack = gen.missing([Job(p, t, i) for p, t in zip(ids, texts) for i in range(num_samples)])
+        if lack:
+            raise ValueError(f"{spec.label} lacks {len(lack)} images (e.g. {lack[0].prompt_id}__"
+                             f"{lack[0].sample_index}.png); nothing was written")
+    counts = run_sample(gen, ids, texts, num_samples, out, seed, batch_size, None, None,
+                        lambda n: load_image(n["image"]), [spec.label], wait=wait)
+    console.print(f"made {counts['made']}, skipped {counts['skipped']} (existing) of {counts['total']} images in "
+                  f"{out} with {spec.label}; contact sheets in {out / 'sheets'}")
 
 
 def _check_sources(checkpoint, pipeline, index, no_retrieval, neighbour_image, neighbour_text, precision, device):

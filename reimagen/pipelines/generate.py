@@ -67,6 +67,12 @@ class ImageGenerator(abc.ABC):
         """Settings recorded in the run manifest."""
         return {"generator": type(self).__name__}
 
+    def record(self) -> dict[str, Any]:
+        """What made the images, for the records (run.json, images.jsonl, protocol.json, the tables): kind,
+        model, scheduler, steps, guidance, size."""
+        return {"kind": type(self).__name__, "model": None, "scheduler": None, "steps": None, "guidance": None,
+                "size": None}
+
 
 def _precision(precision: str) -> dict[str, str]:
     """{"precision": ...} unless fp32, so that run folders made before the option existed still resume."""
@@ -76,9 +82,10 @@ def _precision(precision: str) -> dict[str, str]:
 class CascadeGenerator(ImageGenerator):
     """A Re-Imagen cascade (``reimagen.Cascade``); image = f(prompt id, sample index, seed)."""
 
-    def __init__(self, cascade: Cascade, settings: dict[str, Any] | None = None):
+    def __init__(self, cascade: Cascade, settings: dict[str, Any] | None = None, paths: Sequence[str] = ()):
         self.cascade = cascade
         self.settings = settings or {}
+        self.paths = [str(p) for p in paths]  # the stage checkpoints, for the records
         self.uses_neighbours = any(st.guidance.needs_neighbours for st in cascade.stages)
 
     def generate(self, jobs: Sequence[Job], neighbours: Neighbours | None, seed: int) -> Tensor:
@@ -92,23 +99,40 @@ class CascadeGenerator(ImageGenerator):
         return {"generator": "cascade", "stages": stages, "text_encoder": self.cascade.text_encoder.spec(),
                 **self.settings}
 
+    def record(self) -> dict[str, Any]:
+        st = self.cascade.stages
+        return {"kind": "reimagen", "model": " + ".join(self.paths) or " + ".join(s.name for s in st),
+                "scheduler": " / ".join(s.settings.sampler for s in st),
+                "steps": " / ".join(str(s.settings.steps) for s in st),
+                "guidance": " / ".join(repr(s.guidance) for s in st), "size": st[-1].model.cfg.image_size}
+
 
 class DiffusersGenerator(ImageGenerator):
     """A text-only ``diffusers`` pipeline as a baseline; the generator of each image is seeded from
     (seed, prompt id, sample index), so it too is independent of batching."""
 
     def __init__(self, pipeline_id: str, device: str = "cpu", num_inference_steps: int = 50,
-                 guidance_scale: float = 7.5, size: int | None = None, dtype: torch.dtype = torch.float32):
+                 guidance_scale: float = 7.5, size: int | None = None, dtype: torch.dtype = torch.float32,
+                 scheduler: str | None = None):
         from ..utils.compat import patch_torchvision_if_broken
 
         patch_torchvision_if_broken()
         try:
             from diffusers import DiffusionPipeline
 
-            self.pipe = DiffusionPipeline.from_pretrained(pipeline_id, torch_dtype=dtype).to(device)
+            self.pipe = DiffusionPipeline.from_pretrained(pipeline_id, dtype=dtype).to(device)
         except (OSError, ValueError) as err:
             raise RuntimeError(f"could not load the diffusers pipeline {pipeline_id!r} ({err}); on a machine with "
                                f"internet run `huggingface-cli download {pipeline_id} --local-dir PATH` and pass PATH") from None
+        self.scheduler = scheduler
+        if scheduler:  # another scheduler class of diffusers, from the pipeline's scheduler config
+            import diffusers
+
+            cls = getattr(diffusers, scheduler, None)
+            if cls is None or not hasattr(cls, "from_config"):
+                raise ValueError(f"--model-arg scheduler={scheduler}: diffusers has no scheduler class of that name "
+                                 "(e.g. DPMSolverMultistepScheduler, EulerDiscreteScheduler, DDIMScheduler)")
+            self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config)
         self.pipeline_id, self.device = pipeline_id, device
         self.steps, self.guidance_scale, self.size = num_inference_steps, guidance_scale, size
 
@@ -124,7 +148,16 @@ class DiffusersGenerator(ImageGenerator):
 
     def describe(self) -> dict[str, Any]:
         return {"generator": "diffusers", "pipeline": self.pipeline_id, "steps": self.steps,
-                "guidance_scale": self.guidance_scale, "size": self.size}
+                "guidance_scale": self.guidance_scale, "size": self.size,
+                **({"scheduler": self.scheduler} if self.scheduler else {})}
+
+    def record(self) -> dict[str, Any]:
+        size = self.size
+        unet, vae_scale = getattr(self.pipe, "unet", None), getattr(self.pipe, "vae_scale_factor", None)
+        if size is None and unet is not None and vae_scale:
+            size = int(unet.config.sample_size) * int(vae_scale)  # the pipeline's default height / width
+        return {"kind": "diffusers", "model": self.pipeline_id, "scheduler": type(self.pipe.scheduler).__name__,
+                "steps": self.steps, "guidance": self.guidance_scale, "size": size}
 
 
 class FolderGenerator(ImageGenerator):
@@ -168,10 +201,17 @@ class FolderGenerator(ImageGenerator):
     def describe(self) -> dict[str, Any]:
         return {"generator": "folder", "folder": str(self.folder.resolve())}
 
+    def record(self) -> dict[str, Any]:
+        return {"kind": "folder", "model": str(self.folder.resolve()), "scheduler": "pre-generated", "steps": None,
+                "guidance": None, "size": self.size}
+
 
 # ----------------------------------------------------------------------------------------------
 # The run folder
 # ----------------------------------------------------------------------------------------------
+RECORD_ONLY = ("model_record",)
+
+
 def check_run_manifest(out: str | Path, manifest: dict[str, Any]) -> bool:
     """Refuse (ValueError naming the differing settings) a run folder made with other settings; True if
     ``out`` already holds a run with exactly these settings. Writes nothing, so callers can check before
@@ -180,6 +220,9 @@ def check_run_manifest(out: str | Path, manifest: dict[str, Any]) -> bool:
     if not path.is_file():
         return False
     old, new = json.loads(path.read_text()), json.loads(json.dumps(manifest, default=str))
+    for key in RECORD_ONLY:  # recorded, not compared: folders made before it existed still resume
+        old.pop(key, None)
+        new.pop(key, None)
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise ValueError(f"{out} holds a run with other settings (differing: {', '.join(diff)}); "
@@ -189,7 +232,8 @@ def check_run_manifest(out: str | Path, manifest: dict[str, Any]) -> bool:
 
 def run_manifest(generator: ImageGenerator, seed: int, settings: dict[str, Any] | None, batch_size: int) -> dict[str, Any]:
     """What ``run.json`` holds: the seed, the generator's description, the caller's settings and the block size."""
-    return {"seed": seed, **generator.describe(), **(settings or {}), "block_size": batch_size}
+    return {"seed": seed, **generator.describe(), **(settings or {}), "block_size": batch_size,
+            "model_record": generator.record()}
 
 
 def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ under ``torchrun``) with the same behaviour as under ``reimagen-eval``."""
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import typer
 from rich.console import Console
@@ -34,6 +34,23 @@ def warn_deprecated(spelling: str) -> None:
     new, until = DEPRECATED_OPTIONS[spelling]
     err_console.print(f"[yellow]warning:[/] {spelling} is deprecated and stops working in {until}; use {new}",
                       soft_wrap=True, highlight=False)
+
+
+def warn_renamed(old: str, new: str, until: str = "0.3") -> None:
+    """The warning of a renamed option as the user wrote it (``old``), with the new spelling, on stderr."""
+    err_console.print(f"[yellow]warning:[/] {old} is deprecated and stops working in {until}; use {new}",
+                      soft_wrap=True, highlight=False)
+
+
+def given_options(ctx: Any, names: Sequence[str]) -> list[str]:
+    """The options among ``names`` (parameter names) that the user set (command line or environment), spelled as
+    flags: what a model kind that has no use for them refuses by name."""
+    given = []
+    for name in names:
+        src = ctx.get_parameter_source(name)  # by name: typer may carry its own copy of click's enum
+        if getattr(src, "name", None) in ("COMMANDLINE", "ENVIRONMENT", "PROMPT"):
+            given.append("--" + name.replace("_", "-"))
+    return given
 
 
 def friendly(fn: Callable) -> Callable:
