@@ -103,3 +103,18 @@ def text_encoder():
 @pytest.fixture
 def tiny_data():
     return make_triples(8, 16, 2)
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Headless Chromium for the browser tests (installed when missing and possible); skipped where it cannot be
+    had, except on CI, where that fails."""
+    from human_eval.testing import ensure_chromium, ensure_playwright, on_ci
+
+    try:
+        ensure_playwright()
+        return ensure_chromium()
+    except (RuntimeError, ImportError) as err:
+        if on_ci():
+            pytest.fail(str(err))
+        pytest.skip(str(err))

@@ -11,8 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from human_eval.store import read_rows
 from human_eval.tasks import build_study
-from human_eval.testing import (CHROMIUM_ARGS, REPO, ensure_chromium, ensure_playwright, free_port, make_run, on_ci,
-                                stop, wait_http)
+from human_eval.testing import CHROMIUM_ARGS, REPO, free_port, make_run, stop, wait_http
 
 APP = str(REPO / "human_eval" / "app.py")
 TOKEN = "alice-token-0001"
@@ -129,17 +128,6 @@ def test_all_done_message(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- browser
-
-@pytest.fixture(scope="session")
-def chromium():
-    try:
-        ensure_playwright()
-        return ensure_chromium()
-    except (RuntimeError, ImportError) as err:
-        if on_ci():
-            pytest.fail(str(err))
-        pytest.skip(str(err))
-
 
 @pytest.fixture
 def server(tmp_path, chromium):

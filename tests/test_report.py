@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from human_eval.testing import CHROMIUM_ARGS, ensure_chromium, ensure_playwright, make_run, on_ci
+from human_eval.testing import CHROMIUM_ARGS, make_run
 from reimagen_eval.cli import app
 from reimagen_eval.report import ReportError, build_report
 from test_fid_cli import write_coco, write_models
@@ -168,17 +168,6 @@ def test_bad_input_names_the_folder_and_writes_nothing(runs, tmp_path, case):
 
 # ---------------------------------------------------------------------------------------------- browser
 
-@pytest.fixture(scope="module")
-def chromium():
-    try:
-        ensure_playwright()
-        return ensure_chromium()
-    except (RuntimeError, ImportError) as err:
-        if on_ci():
-            pytest.fail(str(err))
-        pytest.skip(str(err))
-
-
 def test_report_in_a_browser_filters_and_every_image_loads(site, chromium, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -198,7 +187,8 @@ def test_report_in_a_browser_filters_and_every_image_loads(site, chromium, tmp_p
             assert page.locator("[data-testid=rows-entitydraw] img").count() == 2 * (1 + 2 * 4)
             assert page.locator("[data-testid=rows-entitydraw] .neighbour .missing").count() == 2 * 2
             page.select_option("[data-testid=filter-split]", "frequent")
-            assert rows.count() == 1 and page.locator("[data-testid=count-entitydraw]").get_attribute("data-rows") == "1"
+            count = page.locator("[data-testid=count-entitydraw]")
+            assert rows.count() == 1 and count.get_attribute("data-rows") == "1"
             page.select_option("[data-testid=filter-model]", "beta")
             assert page.locator("[data-testid=rows-entitydraw] .model-line").count() == 1
             page.select_option("[data-testid=filter-point]", index=1)

@@ -156,17 +156,23 @@ def _entitydraw_section(runs: list[Run], site: Path, thumbs: Thumbs) -> dict[str
     splits = sorted({r["split"] for r in data["rows"] if r["split"]})
     cats = sorted({r["category"] for r in data["rows"] if r["category"]})
     return {"id": "entitydraw", "kind": "rows", "title": "EntityDrawBench", "figure": figure, "summary_md": summary_md,
-            "note": note, "downloads": [f"files/entitydraw-summary{x}" for x in (".csv", ".md") if summary_md], "models": data["models"], "unshared": {k: v for k, v in data["unshared"].items() if v},
+            "note": note, "downloads": [f"files/entitydraw-summary{x}" for x in (".csv", ".md") if summary_md],
+            "models": data["models"], "unshared": {k: v for k, v in data["unshared"].items() if v},
             "n_rows": len(data["rows"]), "n_images": n, "splits": splits, "categories": cats,
             "runs": [{"name": r.name, "path": str(r.path), "generator": _generator(r.manifest)} for r in runs],
             "data": {"kind": "rows", "models": data["models"], "rows": data["rows"]}}
 
 
 def _generator(manifest: dict) -> str:
-    gen = manifest.get("generator", "")
-    if isinstance(gen, dict):
-        return ", ".join(f"{k}={v}" for k, v in gen.items() if not isinstance(v, (dict, list)))
-    return str(gen)
+    """What made a run's images, in a few words (run.json's model_record)."""
+    from entitydrawbench.summary import generator_of
+
+    if not manifest.get("generator") and not manifest.get("model_record"):
+        return ""
+    g = generator_of(manifest)
+    parts = [f"{g.get('kind')}: {g.get('model')}" if g.get("model") else str(g.get("kind"))]
+    parts += [f"{k} {g[k]}" for k in ("scheduler", "steps", "size") if g.get(k) not in (None, "")]
+    return "; ".join(parts)
 
 
 def _entitydraw_summary(runs: list[Run], site: Path) -> tuple[Optional[str], Optional[str], Optional[str]]:

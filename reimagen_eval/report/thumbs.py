@@ -3,23 +3,16 @@ or a sample shown in two models' columns, is one file; a rebuild reuses the prev
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
+from evaluation.features import file_digest
+
 THUMB_DIR = "thumbs"
 MAX_SIDE = 256  # larger images (1024 px SR output, contact sheets) are downscaled; smaller ones copied as they are
 SHEET_SIDE = 1600  # contact sheets: wide, kept readable
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:20]
 
 
 class Thumbs:
@@ -47,7 +40,7 @@ class Thumbs:
         if not path.is_file():
             self.missing[str(path)] = "missing"
             return None
-        digest = f"{file_digest(path)}-{max_side}"
+        digest = f"{file_digest(path, 20)}-{max_side}"
         for ext in (".png", ".jpg"):
             rel = f"{THUMB_DIR}/{digest}{ext}"
             if (self.site / rel).exists():
@@ -82,4 +75,4 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-__all__ = ["Thumbs", "THUMB_DIR", "MAX_SIDE", "SHEET_SIDE", "file_digest"]
+__all__ = ["Thumbs", "THUMB_DIR", "MAX_SIDE", "SHEET_SIDE"]
