@@ -103,6 +103,23 @@ def test_tiny_model_overfits_four_images():
     assert last * 5 <= first, f"loss only went from {first:.4f} to {last:.4f}"
 
 
+def test_channels_last_trains_the_same_function_in_another_memory_layout():
+    """--channels-last changes where the convolutions' tensors live, not the maths: the same losses (to float
+    rounding: other kernels) over a few steps, each computed by the weights the previous steps left, and the
+    model's convolution weights are NHWC. (Weights are not compared one by one: Adam's normalised update turns
+    rounding-level gradient differences on near-zero gradients into lr-sized ones.)"""
+    runs = []
+    for channels_last in (False, True):
+        cfg = TrainConfig(steps=4, batch_size=8, lr=3e-3, ckpt_every=10**9, seed=0, channels_last=channels_last)
+        tr = Trainer(make_model("tiny-16", seed=0), TinyTextEncoder(dim=32, seed=0), make_triples(8, 16, 2, seed=1),
+                     cfg)
+        runs.append(([tr.train_step() for _ in range(4)], tr))
+    (plain, _), (nhwc, b) = runs
+    conv = next(m for m in b.model.modules() if isinstance(m, torch.nn.Conv2d)).weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert nhwc == pytest.approx(plain, rel=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------

@@ -76,6 +76,9 @@ def train(
     grad_checkpointing: bool = typer.Option(False, help="Recompute block activations in the backward pass: less "
                                             "memory, ~30% more compute."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the stage network."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="NHWC memory layout for the convolutions: "
+                                       "the same maths, other kernels (on a 2-core AVX2 CPU: no gain for toy-32; "
+                                       "benchmarks/README.md). Try it on your hardware."),
     fsdp: bool = typer.Option(False, help="With torchrun: shard parameters, gradients and optimiser state (FSDP2) "
                               "instead of replicating them (DDP), for stages that do not fit one GPU."),
     workers: int = typer.Option(0, min=0, help="DataLoader worker processes per rank (decoding, crops, noise)."),

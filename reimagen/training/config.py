@@ -33,6 +33,7 @@ class TrainConfig:
     precision: str = "fp32"           # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
     grad_checkpointing: bool = False  # recompute each block's activations in the backward pass
     compile: bool = False             # torch.compile the stage network
+    channels_last: bool = False       # NHWC memory layout for the convolutions (same maths, other kernels)
     fsdp: bool = False                # FSDP2 instead of DDP (with torchrun)
     workers: int = 0                  # DataLoader worker processes (decoding, crops, noise)
     random_crop: bool = False         # random square crops of the training images (Imagen's SR recipe)

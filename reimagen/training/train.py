@@ -63,6 +63,8 @@ class Trainer(StepMixin, CheckpointMixin):
         if dim is not None and dim != model.cfg.text_dim:
             raise ValueError(f"text encoder gives {dim}-d embeddings, the stage expects {model.cfg.text_dim}")
         self.model, self.text_encoder, self.cfg = model.to(self.device), text_encoder, cfg
+        if cfg.channels_last:  # the same weights and maths, NHWC tensors for the convolutions
+            self.model.to(memory_format=torch.channels_last)
         self.out_dir = Path(out_dir) if out_dir else None
         self.slicing = Slicing(cfg.batch_size, self.dist.world_size, self.dist.rank, cfg.grad_accum)
         self.data, self.dataset = data, self._dataset(data, text_store)
@@ -78,7 +80,9 @@ class Trainer(StepMixin, CheckpointMixin):
             torch.backends.cudnn.allow_tf32 = True
         loss = StageLoss(self.model, text_encoder if self.trainable_text else None, cfg)  # type: ignore[arg-type]
         self.module = wrap_model(loss, self.dist, self.device, fsdp=cfg.fsdp, param_dtype=PRECISIONS[cfg.precision])
-        self.loss_fn = torch.compile(self.module) if cfg.compile else self.module
+        if cfg.compile:  # the U-Net only: the loss around it may tokenize text (Python strings), a graph that
+            self.model.compile()  # recompiled on every batch's captions (measured 0.08x; benchmarks/README.md)
+        self.loss_fn = self.module
         params = [p for p in self.module.parameters() if p.requires_grad]
         opt_cls = torch.optim.Adafactor if cfg.optimizer == "adafactor" else torch.optim.AdamW
         self.opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
