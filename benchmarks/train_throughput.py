@@ -14,6 +14,11 @@
 * ddp           steps/s of ``torchrun`` with 2 processes (gloo, 1 thread each) against 1 process with 2
                 threads, the same global batch (the train loop's own clock, from log.jsonl).
 * gpu           bf16 vs fp32 step time, and FSDP memory: printed only when CUDA is available.
+* variants      ([toy-v4]) one training step of ``--variant-preset`` (default toy-32, the toy base stage) at
+                ``--batch`` under fp32 eager, bf16 autocast, channels-last and ``torch.compile`` (compile time apart),
+                as ratios against fp32 eager; then each variant's loss curve over ``--curve-steps`` steps of
+                ``--curve-preset`` on the same data and seeds, compared with fp32's (``--only variants`` runs this
+                section alone).
 
 Run: ``.venv/bin/python benchmarks/train_throughput.py [--batch 32 --size 64 --small 2000 --large 20000]
 [--json out.json]``.
@@ -199,6 +204,77 @@ def bench_ddp(root: Path, args) -> dict:
     return out
 
 
+VARIANTS = {"fp32": {}, "bf16": {"precision": "bf16"}, "fp32-channels-last": {"channels_last": True},
+            "fp32-compiled": {"compile": True}}
+
+
+def _variant_trainer(preset: str, batch: int, variant: str, n: int = 256):
+    """A Trainer of ``preset`` on n structured pairs (a coloured square on a coloured ground, its text naming
+    both), K = 2, the same data, weights and noise for every variant."""
+    from reimagen.models.config import get_preset
+    from reimagen.models.text import TinyTextEncoder
+    from reimagen.models.unet import ReImagenUNet
+    from reimagen.training.data import TripleData
+    from reimagen.training.train import TrainConfig, Trainer
+
+    opts = dict(VARIANTS[variant])
+    cfg = get_preset(preset, text_dim=64)
+    s, rng = cfg.image_size, np.random.default_rng(0)
+    colours = rng.integers(0, 256, (8, 3))
+    images, texts = np.empty((n, s, s, 3), np.uint8), []
+    for i in range(n):
+        bg, fg = rng.integers(0, 8, 2)
+        images[i] = colours[bg]
+        y, x = rng.integers(0, s - s // 3, 2)
+        images[i, y:y + s // 3, x:x + s // 3] = colours[fg]
+        texts.append(f"square {fg} on ground {bg}")
+    data = TripleData.from_arrays(images, texts, np.stack([(np.arange(n) + j) % n for j in (1, 2)], 1))
+    torch.manual_seed(0)
+    model = ReImagenUNet(cfg)
+    return Trainer(model, TinyTextEncoder(dim=64), data, TrainConfig(steps=10 ** 6, batch_size=batch, lr=8e-4,
+                                                                     warmup_steps=50, seed=0, **opts))
+
+
+def bench_variants(args) -> dict:
+    out: dict = {"timing": {}, "curves": {}}
+    variants = args.variants.split(",")
+    trainers, warm, times = {}, {}, {v: [] for v in variants}
+    for v in variants:
+        trainers[v] = _variant_trainer(args.variant_preset, args.batch, v)
+        t0 = time.perf_counter()
+        trainers[v].train_step()  # warm-up (compiled: the compilation)
+        trainers[v].train_step()
+        warm[v] = time.perf_counter() - t0
+    # interleaved rounds (A B C A B C ...): a machine that speeds up or slows down touches every variant alike
+    for _ in range(args.variant_steps):
+        for v in variants:
+            t0 = time.perf_counter()
+            trainers[v].train_step()
+            times[v].append(time.perf_counter() - t0)
+    for v in variants:
+        step = float(np.median(times[v]))
+        out["timing"][v] = {"step_s": step, "first_steps_s": warm[v]}
+        print(f"  {args.variant_preset} batch {args.batch} {v:20s} {step * 1e3:8.0f} ms/step "
+              f"({out['timing'][variants[0]]['step_s'] / step:.2f}x {variants[0]}; first two steps {warm[v]:.1f} s; "
+              f"median of {args.variant_steps} interleaved)", flush=True)
+    del trainers
+    for v in variants if args.curve_steps else []:
+        tr = _variant_trainer(args.curve_preset, 16, v)
+        out["curves"][v] = [tr.train_step() for _ in range(args.curve_steps)]
+    if not args.curve_steps:
+        return out
+    base = np.asarray(out["curves"][variants[0]])
+    w = max(1, args.curve_steps // 10)
+    smooth = lambda c: np.convolve(np.asarray(c), np.ones(w) / w, mode="valid")  # noqa: E731
+    for v, curve in out["curves"].items():
+        c = np.asarray(curve)
+        rel = float(np.max(np.abs(smooth(c) - smooth(base)) / smooth(base)))
+        out["curves"][v] = {"first": float(c[:w].mean()), "last": float(c[-w:].mean()), "max_rel_gap": rel}
+        print(f"  loss, {args.curve_preset} batch 16, {args.curve_steps} steps, {v:20s} first {c[:w].mean():.4f} "
+              f"last {c[-w:].mean():.4f}; {w}-step means at most {rel * 100:.1f}% from fp32's", flush=True)
+    return out
+
+
 def bench_gpu(args) -> dict:
     if not torch.cuda.is_available():
         return {"gpu": "no CUDA device: bf16 vs fp32 and FSDP memory not measured"}
@@ -238,8 +314,21 @@ def main() -> None:
     p.add_argument("--e2e-steps", type=int, default=8, help="timed training steps of the end-to-end comparison")
     p.add_argument("--work", type=Path, default=None, help="folder for the shards (kept; default a temp dir)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--only", choices=["variants"], default=None, help="run one section")
+    p.add_argument("--variant-preset", default="toy-32")
+    p.add_argument("--variant-steps", type=int, default=10, help="timed steps per variant (interleaved rounds)")
+    p.add_argument("--curve-preset", default="tiny-16")
+    p.add_argument("--curve-steps", type=int, default=1000)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, fp32 first, from "
+                   + ", ".join(VARIANTS))
     args = p.parse_args()
     torch.set_num_threads(2)
+    if args.only == "variants":
+        print(f"training variants ({torch.get_num_threads()} threads):")
+        res = {"variants": bench_variants(args)}
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
+        return
     root = args.work or Path(tempfile.mkdtemp(prefix="train-bench-"))
     res = {"loader": bench_loader(root, args)}
     lo = res["loader"]

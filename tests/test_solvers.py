@@ -180,3 +180,19 @@ def test_the_prepared_gpu_check_runs_on_a_cpu_at_a_tiny_size():
     names = [r.split("|")[1].strip() for r in rows]
     assert {"guided step, fp32", "guided step, bf16", "cascade sample, fp32", "cascade sample, bf16",
             "train step, bf16"} <= set(names), res.stdout
+
+
+def test_the_sampling_speed_benchmark_runs_its_variants_against_fp32_eager():
+    """benchmarks/sampling_speed.py at one step and one prompt: every variant but compilation (minutes on a CPU)
+    runs on the shipped cascade, fp32 eager is the 1.00x baseline, and fp32 channels-last draws fp32's images."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sampling_speed
+
+    rows = sampling_speed.main(["--batch", "1", "--steps", "1", "--sr-steps", "1", "--repeats", "1",
+                                "--variants", "fp32,fp32-channels-last,bf16"])
+    assert [r["variant"] for r in rows] == ["fp32", "fp32-channels-last", "bf16"]
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert float((rows[1]["images"] - rows[0]["images"]).abs().max()) < 2e-3  # the same maths, another layout
