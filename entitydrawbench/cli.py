@@ -267,7 +267,7 @@ _CASCADE_ONLY = ("w_text", "w_neighbours", "steps", "sr_guidance", "sr_steps", "
 def model_specs(opts: DrawOptions) -> list:
     """The ``--model`` specs (one per Re-Imagen stage, else one), the deprecated spellings mapped to the grammar
     with a warning; options that do not apply to the kind are refused by name."""
-    from reimagen.pipelines.plugins import parse_model
+    from reimagen.pipelines.plugins import parse_models, refuse_cascade_options
     from reimagen.utils.cliutil import warn_renamed
 
     specs, args = list(opts.model), list(opts.model_arg)
@@ -284,16 +284,10 @@ def model_specs(opts: DrawOptions) -> list:
     if not specs:
         raise ValueError("give the model: --model reimagen:CHECKPOINT (repeat per stage, base first), "
                          "diffusers:ID_OR_PATH, folder:PATH or python:MODULE:FUNCTION")
-    parsed = [parse_model(s, args) for s in specs]
-    if len(parsed) > 1 and any(p.kind != "reimagen" for p in parsed):
-        raise ValueError(f"--model given {len(parsed)} times: only Re-Imagen takes several (its stages); "
-                         f"{', '.join(p.label for p in parsed)}")
-    if parsed[0].kind != "reimagen":
-        given = [f"--{k.replace('_', '-')}" for k in _CASCADE_ONLY if getattr(opts, k) is not None]
-        given += ["--precision"] * (opts.precision != "fp32") + ["--no-retrieval"] * opts.no_retrieval
-        if given:
-            raise ValueError(f"{', '.join(given)} only apply to a Re-Imagen cascade, not to {parsed[0].label} "
-                             "(its own settings: --model-arg KEY=VALUE)")
+    parsed = parse_models(specs, args)
+    given = [f"--{k.replace('_', '-')}" for k in _CASCADE_ONLY if getattr(opts, k) is not None]
+    refuse_cascade_options(given + ["--precision"] * (opts.precision != "fp32")
+                           + ["--no-retrieval"] * opts.no_retrieval, parsed[0])
     return parsed
 
 

@@ -177,17 +177,14 @@ _CASCADE_OPTIONS = ("sr_model", "guidance_sr", "sr_steps", "sampler", "precision
 def _model(ctx, model: str, model_arg: list[str]) -> tuple[str, list[str]]:
     """``--model`` in the one grammar (KIND:TARGET), checked before anything is read; options that do not apply
     to its kind refused by name; diffusers' old --steps mapped to --model-arg steps (with a warning)."""
-    from reimagen.pipelines.plugins import parse_model
+    from reimagen.pipelines.plugins import parse_model, refuse_cascade_options
     from reimagen.utils.cliutil import given_options, warn_renamed
 
     spec = parse_model(model, model_arg)
     if spec.kind == "reimagen":
         return spec.label, model_arg
-    bad = given_options(ctx, _CASCADE_OPTIONS + (("guidance_64",) if spec.kind != "diffusers" else ())
-                        + (("steps",) if spec.kind != "diffusers" else ()))
-    if bad:
-        raise ValueError(f"{', '.join(bad)} only apply to a Re-Imagen cascade, not to {spec.label} (its own "
-                         "settings: --model-arg KEY=VALUE)")
+    also = () if spec.kind == "diffusers" else ("guidance_64", "steps")  # a pipeline's guidance scales and steps
+    refuse_cascade_options(given_options(ctx, _CASCADE_OPTIONS + also), spec)
     if spec.kind == "diffusers" and given_options(ctx, ("steps",)) and "steps" not in spec.args:
         steps = ctx.params["steps"]
         warn_renamed("--steps (of a diffusers model)", f"--model-arg steps={steps}")

@@ -100,7 +100,9 @@ def sample(
     if model:
         if checkpoint or pipeline is not None:
             raise ValueError("give the model once: --model, or --checkpoint / --pipeline")
-        specs = _model_specs(model, model_arg)
+        from .plugins import parse_models
+
+        specs = parse_models(model, model_arg)
         if specs[0].kind != "reimagen":
             return _sample_plugin(ctx, specs[0], ids, texts, num_samples, out, seed, batch_size, device, wait)
         if len(specs) == 1 and (Path(specs[0].target) / "pipeline.json").is_file():
@@ -148,27 +150,14 @@ def sample(
                   f"{out}; contact sheets in {out / 'sheets'}")
 
 
-def _model_specs(model: list[str], model_arg: list[str]) -> list:
-    from .plugins import parse_model
-
-    specs = [parse_model(m, model_arg) for m in model]
-    if len(specs) > 1 and any(sp.kind != "reimagen" for sp in specs):
-        raise ValueError(f"--model given {len(specs)} times: only Re-Imagen takes several (its stages); "
-                         f"{', '.join(sp.label for sp in specs)}")
-    return specs
-
-
 def _sample_plugin(ctx, spec, ids, texts, num_samples, out, seed, batch_size, device, wait) -> None:
     """A diffusers, folder or python model: text only, no neighbours; the same run folder and contact sheets."""
     from ..retrieval.base import load_image
     from ..utils.cliutil import given_options
-    from .plugins import build_generator
+    from .plugins import build_generator, refuse_cascade_options
     from .sample_run import run_sample
 
-    bad = given_options(ctx, _CASCADE_OPTIONS)
-    if bad:
-        raise ValueError(f"{', '.join(bad)} only apply to a Re-Imagen cascade, not to {spec.label} (its own "
-                         "settings: --model-arg KEY=VALUE)")
+    refuse_cascade_options(given_options(ctx, _CASCADE_OPTIONS), spec)
     gen = build_generator(spec, device=device)
     if hasattr(gen, "missing"):
         from .generate import Job

@@ -92,6 +92,22 @@ def parse_model(spec: str, model_args: Sequence[str] = (), warn: bool = True) ->
     return ModelSpec(kind, target, parse_model_args(model_args, kind, f"{kind}:{target}"))
 
 
+def parse_models(specs: Sequence[str], model_args: Sequence[str] = ()) -> list[ModelSpec]:
+    """Every ``--model`` of a command: several only for a Re-Imagen cascade's stages (base first)."""
+    parsed = [parse_model(s, model_args) for s in specs]
+    if len(parsed) > 1 and any(p.kind != "reimagen" for p in parsed):
+        raise ValueError(f"--model given {len(parsed)} times: only Re-Imagen takes several (its stages); "
+                         f"{', '.join(p.label for p in parsed)}")
+    return parsed
+
+
+def refuse_cascade_options(given: Sequence[str], spec: ModelSpec) -> None:
+    """Options the user set that only a Re-Imagen cascade has, refused by name for another kind of model."""
+    if given and spec.kind != "reimagen":
+        raise ValueError(f"{', '.join(given)} only apply to a Re-Imagen cascade, not to {spec.label} (its own "
+                         "settings: --model-arg KEY=VALUE)")
+
+
 def parse_model_args(items: Sequence[str], kind: str, label: str) -> dict[str, Any]:
     args: dict[str, Any] = {}
     allowed = MODEL_ARGS.get(kind)
@@ -198,5 +214,5 @@ class PythonGenerator(ImageGenerator):
                 "steps": self.kwargs.get("steps"), "guidance": self.kwargs.get("guidance"), "size": self.size}
 
 
-__all__ = ["KINDS", "MODEL_ARGS", "ModelSpec", "infer_kind", "parse_model", "parse_model_args", "build_generator",
-           "PythonGenerator"]
+__all__ = ["KINDS", "MODEL_ARGS", "ModelSpec", "infer_kind", "parse_model", "parse_models", "parse_model_args",
+           "refuse_cascade_options", "build_generator", "PythonGenerator"]
