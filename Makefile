@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(PY) -m pip install -c constraints.txt -e ".[dev]" >> $(VENV)/pip.log 2>&1 || (cat $(VENV)/pip.log; exit 1)
 	@# the registry's torchvision for torch 2.13 is a CUDA build: a start-up guard lets any script of the venv
 	@# import torchvision / transformers / diffusers (reimagen/utils/compat.py; `reimagen-eval doctor` checks it)
-	@$(PY) -m reimagen.utils.compat --install-hook >> $(VENV)/pip.log 2>&1 || (cat $(VENV)/pip.log; exit 1)
+	@$(PY) -c "from reimagen.utils.compat import install_torchvision_hook as h; print(h())" >> $(VENV)/pip.log 2>&1 \
+		|| (cat $(VENV)/pip.log; exit 1)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -139,10 +139,3 @@ def install_module_aliases() -> None:
     """Let ``import reimagen.unet`` (0.1's layout) import ``reimagen.models.unet``, with a FutureWarning."""
     if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
         sys.meta_path.append(_AliasFinder())
-
-
-if __name__ == "__main__":  # make install: python -m reimagen.utils.compat --install-hook
-    if sys.argv[1:] == ["--install-hook"]:
-        print(f"torchvision guard: {install_torchvision_hook()}")
-    else:
-        raise SystemExit("usage: python -m reimagen.utils.compat --install-hook")
