@@ -270,6 +270,10 @@ def fid_table(
         with open(run / "results.csv") as fh:
             rows += [dict(r, run=str(run)) for r in csv.DictReader(fh) if r["source"] == "measured"]
     problems, notes = compare(manifests)
+    kinds = {name: (m.get("model") or {}).get("kind") for name, m in manifests}
+    if len({k for k in kinds.values() if k}) > 1:  # recorded since 0.2; older runs have no model record
+        notes.append("MIXED GENERATOR KINDS: " + ", ".join(f"{n} is {k}" for n, k in kinds.items() if k)
+                     + " (scheduler, steps, guidance and size differ by construction: see each run's protocol.json)")
     if problems and not allow_different:
         raise ValueError("the runs were measured under different protocols, so their numbers do not compare: "
                          + " | ".join(problems) + " (pass --allow-different to tabulate them anyway, marked)")
