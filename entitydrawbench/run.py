@@ -346,10 +346,10 @@ def run_prompts(generator, out: str | Path, cfg: RunConfig, prompts: Sequence[di
         settings.update(k=cfg.k, neighbours=_plan_digest(plan), references=references_digest,
                         topup_query=cfg.topup_query if cfg.kb else None)
     rows = _image_rows(prompts, pairs, plan, cfg)
-    record = generator.record()
+    manifest = run_manifest(generator, cfg.seed, settings, cfg.batch_size)
     for r in rows:  # what made each image, on every row
-        r.update(generator=record["kind"], generator_model=record["model"])
-    check_run_manifest(out, run_manifest(generator, cfg.seed, settings, cfg.batch_size))  # before writing anything
+        r.update(generator=manifest["model_record"]["kind"], generator_model=manifest["model_record"]["model"])
+    check_run_manifest(out, manifest)  # before writing anything
     provider = NeighbourProvider(plan, cfg.k, size) if needs_refs else None
     if provider is not None and prepare is None:  # (prepare writes the toy world's references: checked after it)
         provider.check()

@@ -149,7 +149,8 @@ def fid(
     cfg = SweepConfig(dataset=dataset, out=str(out), dataset_root=None if dataset_root is None else str(dataset_root),
                       dataset_options=_options(dataset_option), num_prompts=num_prompts, seed=seed, db=db,
                       db_root=db_root, index=None if index is None else str(index), retriever=retriever, k=k,
-                      model=model, model_args=tuple(model_arg), sr_model=sr_model, guidance_64=guidance_64, guidance_sr=guidance_sr, steps=steps,
+                      model=model, model_args=tuple(model_arg), sr_model=sr_model, guidance_64=guidance_64,
+                      guidance_sr=guidance_sr, steps=steps,
                       sr_steps=sr_steps, sampler=sampler, batch_size=batch_size, device=device, precision=precision,
                       backend=backend,
                       mode=mode, feature_extractor=feature_extractor,
@@ -185,6 +186,9 @@ def _model(ctx, model: str, model_arg: list[str]) -> tuple[str, list[str]]:
         return spec.label, model_arg
     also = () if spec.kind == "diffusers" else ("guidance_64", "steps")  # a pipeline's guidance scales and steps
     refuse_cascade_options(given_options(ctx, _CASCADE_OPTIONS + also), spec)
+    if spec.kind == "folder" and "size" in spec.args:  # the metrics read the files themselves
+        raise ValueError(f"--model-arg size does not apply to fid's {spec.label}: every image is resized to "
+                         "--resolution before the features")
     if spec.kind == "diffusers" and given_options(ctx, ("steps",)) and "steps" not in spec.args:
         steps = ctx.params["steps"]
         warn_renamed("--steps (of a diffusers model)", f"--model-arg steps={steps}")

@@ -32,6 +32,7 @@ from typing import Any, Callable
 from reimagen.diffusion.solvers import check_sampler
 from reimagen.utils.atomic import write_json, write_jsonl
 from reimagen.pipelines.generate import Job, image_name
+from reimagen.pipelines.plugins import build_generator, infer_kind, parse_model
 
 from . import metric_set as ms
 from . import metrics as mt
@@ -40,7 +41,7 @@ from .protocol_manifest import protocol_manifest
 from .datasets import FidDataset, default_resolution, open_dataset
 from .protocol import FID, ZS_FID
 from .sweep_setup import (NAMED_DBS, PAPER_GRID_64, PAPER_GRID_SR, Database, Point,  # noqa: F401  (re-exported)
-                          SuperResolutionGenerator, SweepConfig, _sha, checkpoint_identity, fmt_w, model_kind,
+                          SuperResolutionGenerator, SweepConfig, _sha, checkpoint_identity, fmt_w,
                           parse_grid)
 
 MANIFEST = "fid.json"
@@ -123,8 +124,6 @@ class FidSweep:
         if not c.model:
             raise ValueError("--model is required: a Re-Imagen checkpoint folder, a diffusers pipeline, or a "
                              "folder of images named by prompt id")
-        from reimagen.pipelines.plugins import parse_model
-
         self.spec = parse_model(c.model, c.model_args)  # the one model grammar; refuses unknown kinds, bad args
         self.kind, self.model = self.spec.kind, self.spec.target
         self._validate_model()
@@ -192,7 +191,7 @@ class FidSweep:
                 raise ValueError(f"--model {self.model} is a super-resolution stage; give the base (64x64) stage as "
                                  "--model and the super-resolution stage as --sr-model")
             if c.sr_model:
-                if model_kind(c.sr_model) != "reimagen":
+                if infer_kind(c.sr_model) != "reimagen":
                     raise ValueError(f"--sr-model {c.sr_model} is not a Re-Imagen checkpoint folder")
                 self.sr_cfg = UNetConfig.from_dict(read_checkpoint_config(c.sr_model)["unet"])
                 if not self.sr_cfg.is_super_resolution:
@@ -232,9 +231,7 @@ class FidSweep:
             if c.sr_model:
                 self.sr, self.sr_encoder = load_stage(c.sr_model, device=self.device)
         else:  # diffusers or python: one loaded model, one run folder per guidance point
-            from reimagen.pipelines.plugins import build_generator
-
-            self.diffusers = build_generator(self.spec, device=self.device)
+            self.generator = build_generator(self.spec, device=self.device)
 
     def _open_database(self) -> Database:
         from reimagen.retrieval.readers import open_knowledge_base
@@ -330,7 +327,7 @@ class FidSweep:
             return {"kind": "reimagen", "model": self.model + (f" + {c.sr_model}" if sr else ""),
                     "scheduler": c.sampler, "steps": f"{c.steps} / {c.sr_steps or c.steps}" if sr else c.steps,
                     "guidance": "standard CFG, the sweep's weights", "size": (self.sr_cfg or self.base_cfg).image_size}
-        gen = self.folder_gen if self.kind == "folder" else self.diffusers
+        gen = self.folder_gen if self.kind == "folder" else self.generator
         rec = gen.record()
         if self.kind == "diffusers" and "guidance" not in self.spec.args:
             rec["guidance"] = "the sweep's --guidance-64 weights"
@@ -468,7 +465,7 @@ class FidSweep:
         shard = (self.rank, self.world)
         common = {"sweep": {k: self.manifest[k] for k in ("dataset", "split", "prompts_sha", "db", "retriever", "k")}}
         if self.kind in ("diffusers", "python"):
-            gen = self.diffusers
+            gen = self.generator
             for p in self.points:
                 if p.w_64 is not None:
                     gen.guidance_scale = p.w_64  # one loaded pipeline, one run folder per guidance scale
@@ -555,6 +552,8 @@ class FidSweep:
                 "feature_extractor": self.backend.extractor_name(), "resolution": self.resolution,
                 "point": p.name, "source": "measured", "protocol_id": self.protocol["id"]}
 
+
+model_kind = infer_kind  # the kind of a bare --model path, by its name before the model grammar
 
 __all__ = ["SweepConfig", "Point", "Database", "FidSweep", "SuperResolutionGenerator", "parse_grid", "fmt_w",
            "model_kind", "checkpoint_identity", "PAPER_GRID_64", "PAPER_GRID_SR", "NAMED_DBS"]

@@ -115,13 +115,6 @@ def _sha(obj: Any) -> str:
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
-def model_kind(path: str) -> str:
-    """The kind of a bare ``--model PATH`` (``reimagen.pipelines.plugins.infer_kind``)."""
-    from reimagen.pipelines.plugins import infer_kind
-
-    return infer_kind(path)
-
-
 def checkpoint_identity(path: str) -> dict[str, Any]:
     from reimagen.models.checkpoint import read_checkpoint_config
 

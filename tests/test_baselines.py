@@ -213,7 +213,10 @@ def test_fid_and_sample_take_a_python_plugin(kit, tmp_path):
     protocol = json.loads((tmp_path / "fid-py" / "protocol.json").read_text())
     assert protocol["model"]["kind"] == "python" and protocol["model"]["size"] == 32
     assert "python model python:plugin_models:solid" in (tmp_path / "fid-py" / "results.md").read_text()
-    res = _fid(kit, tmp_path / "fid-folder", "--model", f"folder:{tmp_path / 'fid-py' / 'images' / 'python'}")
+    folder = f"folder:{tmp_path / 'fid-py' / 'images' / 'python'}"
+    res = _fid(kit, tmp_path / "fid-folder", "--model", folder, "--model-arg", "size=32")
+    assert res.exit_code != 0 and "size does not apply to fid's folder:" in " ".join(res.output.split())
+    res = _fid(kit, tmp_path / "fid-folder", "--model", folder)
     assert res.exit_code == 0, res.output
     res = runner.invoke(main_app, ["fid-table", str(tmp_path / "fid-py"), str(tmp_path / "fid-folder"), "--out",
                                    str(tmp_path / "table")])

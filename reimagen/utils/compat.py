@@ -77,13 +77,18 @@ _HOOK = (
 ) % (_PLACEHOLDERS,)
 
 
-def install_torchvision_hook(site_dir: str | None = None) -> str:
-    """Write the hook into ``site_dir`` (default: this interpreter's site-packages); returns the file's path."""
+def _hook_path(site_dir: str | None = None) -> str:
     import os
     import sysconfig
 
-    site_dir = site_dir or sysconfig.get_paths()["purelib"]
-    path = os.path.join(site_dir, HOOK_FILE)
+    return os.path.join(site_dir or sysconfig.get_paths()["purelib"], HOOK_FILE)
+
+
+def install_torchvision_hook(site_dir: str | None = None) -> str:
+    """Write the hook into ``site_dir`` (default: this interpreter's site-packages); returns the file's path."""
+    import os
+
+    path = _hook_path(site_dir)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         # a .pth line that starts with "import" is run at start-up; the hook gets its own globals
@@ -94,9 +99,8 @@ def install_torchvision_hook(site_dir: str | None = None) -> str:
 
 def torchvision_hook_installed() -> bool:
     import os
-    import sysconfig
 
-    return os.path.isfile(os.path.join(sysconfig.get_paths()["purelib"], HOOK_FILE))
+    return os.path.isfile(_hook_path())
 
 
 # reimagen 0.1's flat modules -> their rooms (0.2). Removed in 0.3.

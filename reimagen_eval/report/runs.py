@@ -9,10 +9,13 @@ become thumbnails in ``site.py``.
 
 from __future__ import annotations
 
+import glob
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from human_eval.ids import read_jsonl  # names the file and line of a row that is not JSON
 
 KINDS = ("entitydraw", "fid", "sample", "rating")
 # per-image fields shown as scores (booleans as marks, numbers rounded); the judge's attributes come separately
@@ -72,18 +75,6 @@ def _read_json(path: Path) -> Any:
         raise ReportError(f"{path} cannot be read: {err}") from None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    try:
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    rows.append(json.loads(line))
-    except json.JSONDecodeError as err:
-        raise ReportError(f"{path} line {n} is not JSON: {err}") from None
-    return rows
-
-
 # ----------------------------------------------------------------------------------------------
 # EntityDrawBench: one row per prompt, the runs side by side on their shared prompts
 # ----------------------------------------------------------------------------------------------
@@ -103,11 +94,16 @@ def _neighbours(row: dict) -> list[dict]:
     return out
 
 
-def _image(row: dict, folder: Path) -> dict:
+def _sample(path: Path, index: int, row: dict | None = None) -> dict:
+    """One image of a row: its path, sample index, best-of-N mark, scores and the judge's readings (if scored)."""
+    row = row or {}
     scores = {k: row[k] for k in SCORE_FIELDS if isinstance(row.get(k), (bool, int, float))}
-    return {"image": str(folder / row["image"]), "index": row.get("sample_index", 0),
-            "best": bool(row.get("selected")), "scores": scores, "judge": row.get("judge_match") or {},
-            "read": row.get("judge") or {}}
+    return {"image": str(path), "index": index, "best": bool(row.get("selected")), "scores": scores,
+            "judge": row.get("judge_match") or {}, "read": row.get("judge") or {}}
+
+
+def _image(row: dict, folder: Path) -> dict:
+    return _sample(folder / row["image"], row.get("sample_index", 0), row)
 
 
 def _best_value(images: list[dict]) -> float | None:
@@ -125,7 +121,7 @@ def entitydraw_rows(runs: list[Run]) -> dict[str, Any]:
     meta: dict[str, dict] = {}
     for run in runs:
         by_prompt: dict[str, list[dict]] = {}
-        for row in _read_jsonl(run.path / "images.jsonl"):
+        for row in read_jsonl(run.path / "images.jsonl"):
             by_prompt.setdefault(row["prompt_id"], []).append(row)
             meta.setdefault(row["prompt_id"], row)
         per_run[run.name] = by_prompt
@@ -157,7 +153,7 @@ def entitydraw_rows(runs: list[Run]) -> dict[str, Any]:
 def fid_points(run: Run) -> dict[str, Any]:
     prompts = {}
     if (run.path / "prompts.jsonl").is_file():
-        prompts = {r["prompt_id"]: r.get("text", r.get("prompt", "")) for r in _read_jsonl(run.path / "prompts.jsonl")}
+        prompts = {r["prompt_id"]: r.get("text", r.get("prompt", "")) for r in read_jsonl(run.path / "prompts.jsonl")}
     points = {}
     images = run.path / "images"  # the final images (after SR); a one-stage sweep has only base/
     if not images.is_dir():
@@ -172,16 +168,13 @@ def fid_points(run: Run) -> dict[str, Any]:
 def sample_rows(run: Run) -> dict[str, Any]:
     prompts = _read_json(run.path / "prompts.json")
     nbrs = _read_json(run.path / "neighbours.json") if (run.path / "neighbours.json").is_file() else {}
-    n = int(run.manifest.get("settings", run.manifest).get("samples_per_prompt", 0) or 0)
+    n = int(run.manifest.get("samples_per_prompt") or 0)
     rows = []
     for p in prompts:
         pid = p["prompt_id"]
-        files = sorted(run.path.glob(f"{_glob_escape(pid)}__*.png"), key=lambda f: int(f.stem.rpartition("__")[2]))
-        images = [{"image": str(f), "index": int(f.stem.rpartition("__")[2]), "best": False, "scores": {},
-                   "judge": {}, "read": {}} for f in files]
-        for i in range(len(images), n):
-            images.append({"image": str(run.path / f"{pid}__{i}.png"), "index": i, "best": False, "scores": {},
-                           "judge": {}, "read": {}})
+        made = {int(f.stem.rpartition("__")[2]) for f in run.path.glob(f"{glob.escape(pid)}__*.png")}
+        # every sample the run asked for (one still missing is listed as such) and any beyond
+        images = [_sample(run.path / f"{pid}__{i}.png", i) for i in sorted(made | set(range(n)))]
         sheet = run.path / "sheets" / f"{pid}.png"
         rows.append({"pid": pid, "prompt": p["prompt"], "entity": "", "split": "", "category": "",
                      "reference_text": "", "references": [], "disagreement": 0.0,
@@ -190,12 +183,6 @@ def sample_rows(run: Run) -> dict[str, Any]:
                                                            "image": x.get("image"), "score": x.get("score")}
                                                           for x in nbrs.get(pid, [])], "images": images}}})
     return {"rows": rows, "models": [run.name], "unshared": {}}
-
-
-def _glob_escape(text: str) -> str:
-    import glob
-
-    return glob.escape(text)
 
 
 __all__ = ["KINDS", "Run", "ReportError", "detect_kind", "open_runs", "entitydraw_rows", "fid_points", "sample_rows"]

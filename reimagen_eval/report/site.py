@@ -142,11 +142,16 @@ def _thumb_rows(rows: list[dict], thumbs: Thumbs) -> int:
         for cell in row["cells"].values():
             for nb in cell["neighbours"]:
                 nb["src"] = thumbs.add(nb.pop("image"))
-            for im in cell["images"]:
-                path = im.pop("image")
-                im["src"], im["path"] = thumbs.add(path), path
-                n += 1
+            n += _thumb_images(cell["images"], thumbs)
     return n
+
+
+def _thumb_images(images: list[dict], thumbs: Thumbs) -> int:
+    """Each image's path becomes its thumbnail (``src``, None when missing) and stays as ``path``."""
+    for im in images:
+        path = im.pop("image")
+        im["src"], im["path"] = thumbs.add(path), path
+    return len(images)
 
 
 def _entitydraw_section(runs: list[Run], site: Path, thumbs: Thumbs) -> dict[str, Any]:
@@ -197,12 +202,7 @@ def _markdown(text: str) -> str:
 
 def _fid_section(run: Run, site: Path, thumbs: Thumbs) -> dict[str, Any]:
     data = fid_points(run)
-    n = 0
-    for images in data["points"].values():
-        for im in images:
-            path = im.pop("image")
-            im["src"], im["path"] = thumbs.add(path), path
-            n += 1
+    n = sum(_thumb_images(images, thumbs) for images in data["points"].values())
     protocol = run.path / "protocol.json"
     return {"id": f"fid-{_slug(run.name)}", "kind": "grid", "title": f"FID: {run.name}",
             "figure": _copy(run.path / "fid_vs_guidance.png", site, _slug(run.name)),
