@@ -34,6 +34,29 @@ def test_other_seed_other_world():
     assert [e.name for e in a.entities] != [e.name for e in c.entities]
 
 
+def test_drawing_in_windows_gives_the_bytes_of_drawing_on_the_whole_image(monkeypatch):
+    """Stars, craters and objects are drawn in small windows (toyworld.world._window); the same scenes drawn with
+    every window the whole image give the same bytes (every background, shape, pattern, count and scale)."""
+    import toyworld.world as W
+
+    world = World(SMALL)
+    looks = {e.id: e.look for e in world.entities}
+    scenes = world.corpus[:150]
+    assert {s.background for s in scenes} == set(W.BACKGROUNDS) and {s.count for s in scenes} == set(W.COUNTS)
+    assert {looks[s.entity].shape for s in scenes} == set(SHAPES)
+    assert {looks[s.entity].pattern for s in scenes} == set(PATTERNS)
+
+    def draw_all(scale):
+        return [(W.render_scene(looks[s.entity], s, W._rng(3, "render", "t", i), scale),
+                 W.render_mask(looks[s.entity], s, W._rng(3, "render", "t", i), scale)) for i, s in enumerate(scenes)]
+
+    windowed = {scale: draw_all(scale) for scale in (1.0, 1.4)}
+    monkeypatch.setattr(W, "_window", lambda cy, cx, rad: (slice(None), slice(None)))
+    for scale, images in windowed.items():
+        for (img, mask), (img_full, mask_full) in zip(images, draw_all(scale)):
+            assert np.array_equal(img, img_full) and np.array_equal(mask, mask_full)
+
+
 def test_object_scale_draws_larger_copies_on_their_side_and_keeps_the_earlier_worlds():
     from dataclasses import asdict
 

@@ -317,6 +317,15 @@ def _grid(n: int) -> tuple[np.ndarray, np.ndarray]:
 _YY, _XX = _grid(IMAGE_SIZE * SUPERSAMPLE)
 
 
+def _window(cy: float, cx: float, rad: float) -> tuple[slice, slice]:
+    """The supersampled rows and columns within ``rad`` (64px units, plus a pixel) of (cy, cx). Element-wise
+    operations on this window give the same values as on the whole image: drawing a small thing in its window
+    is the same bytes, ~3x faster than masking all 256 x 256 pixels for every star and object."""
+    n, s = IMAGE_SIZE * SUPERSAMPLE, SUPERSAMPLE
+    return (slice(max(0, int((cy - rad) * s) - 1), min(n, int((cy + rad) * s) + 2)),
+            slice(max(0, int((cx - rad) * s) - 1), min(n, int((cx + rad) * s) + 2)))
+
+
 def _background(name: str, rng: np.random.Generator) -> np.ndarray:
     """Float HWC image of a background, with jittered horizon and details."""
     n = IMAGE_SIZE * SUPERSAMPLE
@@ -325,8 +334,17 @@ def _background(name: str, rng: np.random.Generator) -> np.ndarray:
     horizon = rng.uniform(14, 22)
     shade = rng.uniform(0.9, 1.1)
 
-    def fill(mask, colour):
-        img[mask] = np.clip(np.array(colour, dtype=np.float32) * shade, 0, 255)
+    def fill(mask, colour, win=(slice(None), slice(None))):
+        # copyto(where=) assigns the same values as img[mask] = ..., without gathering the masked pixels
+        np.copyto(img[win], np.clip(np.array(colour, dtype=np.float32) * shade, 0, 255), where=mask[..., None])
+
+    def dot(cy, cx, rad, inside, colour, sky_only=None):
+        """A small thing (star, crater, snowflake) drawn in its window: ``inside(y, x)`` on the window's grid."""
+        w = _window(cy, cx, rad)
+        m = inside(yy[w], xx[w])
+        if sky_only is not None:
+            m &= sky[w] if sky_only else ~sky[w]
+        fill(m, colour, w)
 
     sky = yy < horizon
     if name == "grass":
@@ -339,10 +357,10 @@ def _background(name: str, rng: np.random.Generator) -> np.ndarray:
         fill(~sky, (140, 140, 145))
         for _ in range(int(rng.integers(3, 6))):
             cy, cx, r = rng.uniform(horizon + 4, 62), rng.uniform(2, 62), rng.uniform(2, 5)
-            fill(((yy - cy) ** 2 / 0.4 + (xx - cx) ** 2 <= r * r) & ~sky, (105, 105, 110))
+            dot(cy, cx, r, lambda y, x: (y - cy) ** 2 / 0.4 + (x - cx) ** 2 <= r * r, (105, 105, 110), False)
         for _ in range(int(rng.integers(4, 9))):
             sy, sx = rng.uniform(1, horizon - 1), rng.uniform(1, 63)
-            fill((np.abs(yy - sy) < 0.5) & (np.abs(xx - sx) < 0.5), (230, 230, 230))
+            dot(sy, sx, 0.5, lambda y, x: (np.abs(y - sy) < 0.5) & (np.abs(x - sx) < 0.5), (230, 230, 230))
     elif name == "beach":
         sea = yy < horizon + rng.uniform(6, 10)
         fill(sky, (160, 210, 250))
@@ -353,17 +371,17 @@ def _background(name: str, rng: np.random.Generator) -> np.ndarray:
         fill(~sky, (242, 245, 250))
         for _ in range(int(rng.integers(8, 16))):
             sy, sx = rng.uniform(1, 63), rng.uniform(1, 63)
-            fill((yy - sy) ** 2 + (xx - sx) ** 2 < 0.5, (255, 255, 255))
+            dot(sy, sx, 1.0, lambda y, x: (y - sy) ** 2 + (x - sx) ** 2 < 0.5, (255, 255, 255))
         drift = (yy > horizon + 6 + 3 * np.sin(xx / 9 + rng.uniform(0, 6)))
-        img[drift] *= 0.96
+        np.multiply(img, 0.96, out=img, where=drift[..., None])
     elif name == "night":
         fill(sky, (12, 18, 55))
         fill(~sky, (25, 35, 40))
         for _ in range(int(rng.integers(8, 14))):
             sy, sx = rng.uniform(1, horizon - 1), rng.uniform(1, 63)
-            fill((np.abs(yy - sy) < 0.5) & (np.abs(xx - sx) < 0.5), (250, 240, 180))
+            dot(sy, sx, 0.5, lambda y, x: (np.abs(y - sy) < 0.5) & (np.abs(x - sx) < 0.5), (250, 240, 180))
         my, mx = rng.uniform(4, max(5, horizon - 5)), rng.uniform(6, 58)
-        fill(((yy - my) ** 2 + (xx - mx) ** 2 < 9) & sky, (245, 240, 200))
+        dot(my, mx, 3.0, lambda y, x: (y - my) ** 2 + (x - mx) ** 2 < 9, (245, 240, 200), True)
     else:
         raise ValueError(f"unknown background {name!r}; choose one of {BACKGROUNDS}")
     return img
@@ -420,14 +438,16 @@ def _draw(look: Look, scene: Scene, rng: np.random.Generator, scale: float = 1.0
     body = np.array(PALETTE[look.body], dtype=np.float32)
     pc = np.array(PALETTE[look.pattern_colour], dtype=np.float32) if look.pattern_colour else body
     for cy, cx, r in _layout(scene, rng, scale):
-        dy, dx = _YY - cy, _XX - cx
+        w = _window(cy + 0.6, cx + 0.6, 1.1 * r + 0.6)  # the silhouette (|dy|, |dx| <= 1.1 r) and its shadow
+        dy, dx = _YY[w] - cy, _XX[w] - cx
         sil = _silhouette(look.shape, dy, dx, r)
         # a soft shadow under the object, then the object
         shadow = _silhouette(look.shape, dy - 1.2, dx - 1.2, r) & ~sil
-        img[shadow] *= 0.7
-        img[sil] = body
-        img[sil & _pattern(look.pattern, dy, dx, r)] = pc
-        mask |= sil
+        view = img[w]
+        np.multiply(view, 0.7, out=view, where=shadow[..., None])
+        np.copyto(view, body, where=sil[..., None])
+        np.copyto(view, pc, where=(sil & _pattern(look.pattern, dy, dx, r))[..., None])
+        mask[w] |= sil
     return img, mask
 
 
