@@ -223,7 +223,7 @@ def _report(sweep, result: dict, out: Path) -> None:
     notes = list(result["notes"])
     if sweep.kind == "reimagen" and c.sampler in ("ddpm", "ddim") and c.steps > 20:
         notes.append(f"Sampler {c.sampler} with {c.steps} steps: a library solver (--sampler dpmpp-2m or unipc) at "
-                     f"20 steps takes {c.steps / 20:.0f}x fewer network evaluations; whether it keeps these numbers "
+                     f"20 steps takes {c.steps / 20:.1f}x fewer network evaluations; whether it keeps these numbers "
                      "is a measurement to make (docs/fid.md).")
     if sweep.backend.extractor_name() != "inception":
         notes.append(f"Feature extractor {sweep.backend.extractor_name()} is not Inception: these numbers do not "

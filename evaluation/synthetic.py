@@ -6,7 +6,7 @@ same protocol, registered as a plugin of :mod:`evaluation.datasets`::
 
     reimagen-eval fid --dataset synthetic --dataset-root runs/toyworld --db synthetic-train \
         --model runs/toy-train/base/last --sr-model runs/toy-train/sr/last --num-prompts 64 \
-        --guidance-64 1.0,3.0 --guidance-sr 1 --steps 25 --sampler ddim \
+        --guidance-64 1.0,3.0 --guidance-sr 1 --steps 16 --sr-steps 8 --sampler dpmpp-2m \
         --feature-extractor judge --metrics fid --out runs/fid-toy
 
 * **Prompts**: ``--num-prompts`` (default 500: this runs on a CPU) captions drawn with ``--seed`` from the

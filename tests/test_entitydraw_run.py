@@ -447,3 +447,19 @@ def test_summary_tables_keep_long_model_names_whole_at_80_columns(monkeypatch):
     names = "".join(first)  # the model column, its folded lines joined
     assert "entitydraw-retrieval" in names and "entitydraw-text-only" in names, first
     assert not any("…" in cell for cell in first)
+
+
+def test_summaries_say_what_the_fast_sampler_would_save_only_for_ddpm_cascades():
+    from entitydrawbench.summary import generators_markdown
+
+    gens = {"paper": {"kind": "reimagen", "model": "a + b + c", "scheduler": "ddpm / ddpm / ddpm",
+                      "steps": "256 / 128 / 32", "guidance": "-", "size": 1024},
+            "fast": {"kind": "reimagen", "model": "a + b", "scheduler": "dpmpp-2m / dpmpp-2m", "steps": "16 / 8",
+                     "guidance": "-", "size": 256},
+            "sd": {"kind": "diffusers", "model": "sd", "scheduler": "DDPMScheduler", "steps": 1000, "guidance": 7.5,
+                   "size": 512}}
+    text = "\n".join(generators_markdown(gens))
+    notes = [line for line in text.splitlines() if line.startswith("- ")]
+    assert len(notes) == 1 and notes[0].startswith("- paper: DDPM, 416 network evaluations")
+    assert "24, 17x fewer" in notes[0]
+    assert "A faster sampler" not in "\n".join(generators_markdown({"fast": gens["fast"], "sd": gens["sd"]}))

@@ -150,7 +150,8 @@ def test_sample_index_gives_entitydraws_images_for_the_same_prompts_and_neighbou
     res = runner.invoke(app, ["sample", "--checkpoint", str(tmp_path / "base"), "--checkpoint", str(tmp_path / "sr"),
                               "--index", str(tmp_path / "idx"), "-k", "1", "--prompts", str(tmp_path / "p.jsonl"),
                               "--num-samples", "4", "--steps", "2", "--sr-steps", "2", "--w-p", "3", "--w-n", "3",
-                              "--eta", "0.5", "--sr-guidance", "5", "--out", str(tmp_path / "sample")])
+                              "--eta", "0.5", "--sr-guidance", "5", "--sampler", "ddpm",  # entitydraw's default
+                              "--out", str(tmp_path / "sample")])
     assert res.exit_code == 0, res.output
     table = json.loads((tmp_path / "sample" / "neighbours.json").read_text())
     assert {pid: row[0]["id"] for pid, row in table.items()} == {pid: pid for pid in first}  # its own reference

@@ -357,7 +357,7 @@ def test_sdedit_one_step_is_the_x0_prediction_from_the_init_noised_by_eq1(base, 
         return sample_stage(base, tc, None, g, settings, make_generators(3, pids, idx, 0, "noise"),
                             make_generators(3, pids, idx, 0, "guidance"), init=init)
 
-    out = run(SamplerSettings(steps=1, threshold=0.9, start_t=0.3), init)
+    out = run(SamplerSettings(steps=1, sampler="ddpm", threshold=0.9, start_t=0.3), init)
     z = torch.stack([torch.randn(3, 16, 16, generator=gen) for gen in make_generators(3, pids, idx, 0, "noise")])
     t = torch.full((3,), 0.3)
     lt = get_schedule(base.cfg.schedule)(t)

@@ -101,7 +101,31 @@ def test_second_order_solvers_reach_the_ode_solution_in_few_steps(name):
     assert err[20] < 0.3 * err[10]  # about 2nd order: halving the step cuts the error 4x (DDIM: 2x)
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp-2m", "unipc"])
+def test_the_sde_solver_samples_the_data_distribution_and_its_noise_is_the_samples_own():
+    """DPM-Solver++ (2M SDE) on the exact denoiser of x0 ~ N(mu, 0.3^2): 30 steps from pure noise give samples
+    with the data's mean and standard deviation (the ODE solvers too, but only the SDE needs fresh noise: same
+    noise, same samples; other noise, other samples; no noise is refused)."""
+    log_snr = get_schedule("cosine")
+    x1, eps_exact = _gaussian_case(n=4000, seed=2)
+
+    def run(noise_seed):
+        g, x = torch.Generator().manual_seed(noise_seed), x1.clone()
+        solver = LibrarySolver("dpmpp-2m-sde", log_snr, 30)
+        for i in range(30):
+            lt = log_snr(solver.times[i].expand(len(x)))
+            x = solver.step(eps_to_x0(x, eps_exact(x, lt), lt), i, x, torch.randn(x.shape, generator=g))
+        return x
+
+    a, b = run(0), run(1)
+    mu = _native_ddim(x1.clone(), eps_exact, log_snr, 200).mean(0)  # the ODE keeps the mean: E[x0] = mu
+    assert (a.mean(0) - mu).abs().max() < 0.03  # 4,000 samples: standard error 0.3 / 63 = 0.005
+    assert abs(float(a.std(0).mean()) - 0.3) < 0.015
+    assert torch.equal(run(0), a) and (a - b).abs().mean() > 0.05
+    with pytest.raises(ValueError, match="stochastic"):
+        LibrarySolver("dpmpp-2m-sde", log_snr, 5).step(x1, 0, x1)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp-2m", "unipc", "dpmpp-2m-sde"])
 def test_a_sample_does_not_depend_on_the_rest_of_its_batch(sampler):
     model = randomize(make_model("tiny-16", seed=0), std=0.05, seed=1)
     full = _run(model, sampler, 6)

@@ -108,7 +108,9 @@ def test_world_run_folder_prompts_per_split_and_metadata(tw, run):
     assert manifest["benchmark"] == "entitydrawbench-toyworld-v1" and manifest["world"] == tw["world"].fingerprint()
     assert manifest["k"] == 2 and manifest["n_prompts"] == 5 and manifest["samples_per_prompt"] == 2
     assert "InterleavedGuidance(w_p=3.0, w_n=3.0, eta=0.5)" in manifest["stages"][0]["guidance"]  # world defaults
-    assert "sampler='ddim'" in manifest["stages"][0]["settings"]
+    from entitydrawbench.world import WORLD_DEFAULTS
+
+    assert f"sampler='{WORLD_DEFAULTS['sampler']}'" in manifest["stages"][0]["settings"]
     imgs = pixels(out)
     assert len(imgs) == 10 and all(a.shape == (32, 32, 3) for a in imgs.values())
     rows = rows_of(out)

@@ -22,7 +22,7 @@ import torch
 from ..diffusion.gaussian import (ddim_step, ddpm_step, dynamic_threshold, eps_to_x0, get_schedule, q_sample,
                                   sampling_times, to_eps, x0_to_eps)
 from ..diffusion.guidance import GuidanceStrategy, branch_drop_masks
-from ..diffusion.solvers import LIBRARY_SOLVERS, LibrarySolver, check_sampler
+from ..diffusion.solvers import DEFAULT_SAMPLER, DEFAULT_STEPS, LIBRARY_SOLVERS, LibrarySolver, check_sampler
 from ..models.unet import NeighbourMemory, ReImagenUNet, TextCond
 from ..utils.seeding import sample_seed
 
@@ -55,10 +55,10 @@ def rand_rows(gens: Sequence[torch.Generator], device: torch.device | str = "cpu
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """How one stage samples. Paper defaults: DDPM, T = 1000 for FID; 256 / 128 / 32 steps on EntityDrawBench."""
+    """How one stage samples. The paper's: DDPM, T = 1000 for FID; 256 / 128 / 32 steps on EntityDrawBench."""
 
-    steps: int = 256
-    sampler: SamplerName = "ddpm"  # ddpm (Eq. 4), ddim, or a library solver: dpmpp-2m, unipc (diffusion.solvers)
+    steps: int = DEFAULT_STEPS
+    sampler: SamplerName = DEFAULT_SAMPLER  # ddpm (Eq. 4), ddim, or a library solver (diffusion.solvers)
     threshold: float = 0.995  # dynamic thresholding percentile p (>= 1: static clipping to [-1, 1])
     aug_level: float = 0.0  # super-resolution stages: noise level of the low-res conditioning at sampling
     ddim_eta: float = 0.0
@@ -197,12 +197,14 @@ def _native_loop(x, denoise, log_snr, settings, noise_gens, stage_name, callback
 
 
 def _library_loop(x, denoise, log_snr, settings, noise_gens, stage_name, callback) -> Tensor:
-    """A diffusers solver (``diffusion.solvers``) fed the thresholded x0; deterministic."""
+    """A diffusers solver (``diffusion.solvers``) fed the thresholded x0; a stochastic one gets each sample's
+    noise from the sample's own generator, as DDPM."""
     solver = LibrarySolver(settings.sampler, log_snr, settings.steps, x.device)
-    b = x.shape[0]
+    b, shape = x.shape[0], x.shape[1:]
     for i in range(settings.steps):
         t = solver.times[i].expand(b)
-        x = solver.step(denoise(x, t, log_snr(t)), i, x)
+        noise = randn_rows(noise_gens, shape, x.device) if solver.stochastic else None
+        x = solver.step(denoise(x, t, log_snr(t)), i, x, noise)
         _check_finite(x, stage_name, i, settings.steps, float(solver.times[i]))
         if callback is not None:
             callback(i + 1, settings.steps)
