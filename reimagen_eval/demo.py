@@ -15,14 +15,16 @@ from toyworld import WEIGHTS
 console = Console(stderr=True)
 
 
-def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 50, per_split: str = "4,unseen=16",
+def demo_commands(out: Path, weights: Path = WEIGHTS, fid_prompts: int = 50, per_split: str = "16",
                   samples: int = 4, train_rows: int = 1000, train_steps: int = 10) -> list[list[str]]:
     """The main job as the `reimagen-eval` command lines it runs (printed as they run, so it can be redone by hand)."""
+    from reimagen.diffusion.solvers import DEFAULT_SAMPLER, DEFAULT_SR_STEPS, DEFAULT_STEPS
+
     o, w = str(out), str(weights)
     model = ["--model", f"{w}/base"]
     fid = ["fid", "--dataset", "synthetic", "--dataset-root", f"{o}/world", *model, "--sr-model", f"{w}/sr",
-           "--num-prompts", str(fid_prompts), "--guidance-64", "3", "--guidance-sr", "1", "--steps", "25",
-           "--sr-steps", "10", "--sampler", "ddim", "--feature-extractor", "judge",
+           "--num-prompts", str(fid_prompts), "--guidance-64", "3", "--guidance-sr", "1", "--steps", str(DEFAULT_STEPS),
+           "--sr-steps", str(DEFAULT_SR_STEPS), "--sampler", DEFAULT_SAMPLER, "--feature-extractor", "judge",
            "--metrics", "fid,kid", "--kid-subset-size", str(min(50, fid_prompts))]
     draw = ["entitydraw", "--world", f"{o}/world", *model, "--model", f"{w}/sr", "--per-split", str(per_split),
             "--samples-per-prompt", str(samples)]
@@ -59,9 +61,8 @@ def demo(ctx: typer.Context,
          out: Path = typer.Option(Path("runs/toy"), help="Output folder (rerun to resume: every step resumes)."),
          fid_prompts: int = typer.Option(50, min=10, help="Prompts of each FID run (judge-feature FID; the "
                                          "sample-size floor is ~500 at n = 64 and ~66 at n = 500)."),
-         per_split: str = typer.Option("4,unseen=16", help="EntityDrawBench entities per frequency split (N, or "
-                                       "N,SPLIT=N: more unseen entities, so that their intervals separate "
-                                       "with retrieval from text only)."),
+         per_split: str = typer.Option("16", help="EntityDrawBench entities per frequency split (N, or N,SPLIT=N, "
+                                       "e.g. 16,frequent=36 for the whole frequent split)."),
          samples: int = typer.Option(4, min=1, help="Images per prompt (the paper rates the best of 4)."),
          train_steps: int = typer.Option(10, min=0, help="Steps of the training trial on shards of the world's first "
                                          "1,000 pairs (0 skips it).")) -> None:
