@@ -74,9 +74,9 @@ _SR_STEPS = typer.Option(None, "--sr-steps", help="Sampling steps per super-reso
                          "128,32; 8 with --world).")
 _SR_AUG = typer.Option(0.0, "--sr-aug-level", help="Noise-augmentation level of the low-res input at sampling.")
 _SAMPLER = typer.Option(None, "--sampler", help="ddpm (the paper's, the default), ddim, or a fast deterministic "
-                        "solver: dpmpp-2m (the default with --world), unipc. DPM-Solver++ at 16 / 8 steps kept the "
-                        "paper setting's numbers on the toy world with 16x fewer network evaluations "
-                        "(docs/entitydrawbench.md).")
+                        "solver: dpmpp-2m (the default with --world), dpmpp-2m-sde, unipc. DPM-Solver++ at 16 / 8 "
+                        "steps kept the paper setting's numbers on the toy world with 16x fewer network evaluations "
+                        "(docs/sampling.md).")
 _WORLD = typer.Option(None, "--world", help="A built toy world folder (reimagen-eval toy build): its frequent / "
                       "infrequent / unseen entities, scene prompts and 3 reference pairs per entity replace the "
                       "open benchmark's; images are judged (faithfulness) instead of CLIP-scored.")

@@ -43,9 +43,8 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 
-from reimagen.diffusion.solvers import DEFAULT_SAMPLER, DEFAULT_SR_STEPS, DEFAULT_STEPS
-
 import toyworld as _toy
+from reimagen.diffusion.solvers import DEFAULT_SAMPLER, DEFAULT_SR_STEPS, DEFAULT_STEPS
 from reimagen.utils import atomic
 from toyworld.world import LOOK_ATTRIBUTES, SCENE_ATTRIBUTES
 

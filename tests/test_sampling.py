@@ -370,13 +370,13 @@ def test_sdedit_one_step_is_the_x0_prediction_from_the_init_noised_by_eq1(base, 
     assert (near - init).abs().mean() < 0.05
     assert (run(SamplerSettings(steps=2, sampler="ddim"), None) - init).abs().mean() > 0.3
     with pytest.raises(ValueError, match="init images exactly when start_t < 1"):
-        run(SamplerSettings(steps=2, start_t=0.5), None)
+        run(SamplerSettings(steps=2, sampler="ddim", start_t=0.5), None)
     with pytest.raises(ValueError, match="init images exactly when start_t < 1"):
         run(SamplerSettings(steps=2), init)
     with pytest.raises(ValueError, match="init images must be"):
-        run(SamplerSettings(steps=2, start_t=0.5), init[:, :, :8, :8])
+        run(SamplerSettings(steps=2, sampler="ddim", start_t=0.5), init[:, :, :8, :8])
     with pytest.raises(ValueError, match="start_t"):
-        SamplerSettings(start_t=0.0)
+        SamplerSettings(sampler="ddim", start_t=0.0)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])

@@ -70,7 +70,7 @@ def sample(
     sr_steps: Optional[int] = typer.Option(None, "--sr-steps", min=1, help="Sampling steps of the super-resolution "
                                            "stages (default: half of --steps)."),
     sampler: SamplerName = typer.Option(SamplerName(DEFAULT_SAMPLER), help="dpmpp-2m (DPM-Solver++ 2M, diffusers), "
-                                        "unipc, ddim, or ddpm (Eq. 4, the paper's; 256 steps on EntityDrawBench)."),
+                                        "dpmpp-2m-sde, unipc, ddim, or ddpm (Eq. 4, the paper's) (docs/sampling.md)."),
     num_samples: int = typer.Option(1, min=1, help="Samples per prompt (sample indices 0..N-1)."),
     batch_size: int = typer.Option(8, min=1, help="Images per sampling batch: jobs are cut into fixed blocks of this "
                                    "size (recorded in run.json; a resume must use the same)."),
@@ -208,10 +208,10 @@ def _neighbour_rows(pipe, ids, queries, k, picked, retrieve):
 def _pipeline_of(stage_dirs, base_g, sr_g, steps, sr_steps, sampler, index, kb, k, device, precision):
     """The pipeline of --checkpoint / --index / --kb; the index and its knowledge base are opened (and refused
     when missing) before the stages are loaded."""
+    from ..diffusion.solvers import default_sr_steps
     from ..retrieval.base import load_retriever
     from .cascade import Cascade
     from .pipeline import ReImagenPipeline, index_knowledge_base
-    from ..diffusion.solvers import default_sr_steps
     from .sampling import SamplerSettings
 
     retriever = knowledge = spec = None
