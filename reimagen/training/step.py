@@ -146,7 +146,7 @@ class StepMixin:
             self.skipped["unreadable samples"] += len(batch["skipped"])
             with self._sync(m == a - 1):
                 with autocast(self.cfg.precision, self.device):
-                    loss = self.loss_fn(batch)
+                    loss = self.module(batch)
                 if not torch.isfinite(loss) and self.scaler is None:
                     raise FloatingPointError(f"non-finite loss at step {self.step}; lower the learning rate")
                 scaled = loss / a

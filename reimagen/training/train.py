@@ -82,7 +82,6 @@ class Trainer(StepMixin, CheckpointMixin):
         self.module = wrap_model(loss, self.dist, self.device, fsdp=cfg.fsdp, param_dtype=PRECISIONS[cfg.precision])
         if cfg.compile:  # the U-Net only: the loss around it may tokenize text (Python strings), a graph that
             self.model.compile()  # recompiled on every batch's captions (measured 0.08x; benchmarks/README.md)
-        self.loss_fn = self.module
         params = [p for p in self.module.parameters() if p.requires_grad]
         opt_cls = torch.optim.Adafactor if cfg.optimizer == "adafactor" else torch.optim.AdamW
         self.opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
