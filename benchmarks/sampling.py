@@ -114,11 +114,16 @@ def within(res: dict, ref: dict, keys: list[str]) -> bool:
     return all(ref[k]["ci_lo"] <= res[k]["mean"] <= ref[k]["ci_hi"] for k in keys)
 
 
+def find(results: list[dict], cond: tuple[str, int, int]) -> dict | None:
+    return next((r for r in results if (r["sampler"], r["steps"], r["sr_steps"]) == cond), None)
+
+
 def per_prompt(run: str) -> dict[str, dict[str, float]]:
     """Each prompt's value of every judge metric: faithful best of N (1 if any sample is), the scene rate."""
+    from human_eval.ids import read_jsonl
+
     rows: dict[str, list[dict]] = {}
-    for line in (Path(run) / "images.jsonl").read_text().splitlines():
-        r = json.loads(line)
+    for r in read_jsonl(Path(run) / "images.jsonl"):
         rows.setdefault(r["prompt_id"], []).append(r)
     out = {}
     for pid, rs in rows.items():
@@ -134,13 +139,13 @@ def per_prompt(run: str) -> dict[str, dict[str, float]]:
 def paired(res: dict, ref: dict) -> dict[str, tuple[float, float, float]]:
     """Candidate minus reference on the same prompts (same scenes, references and seeds), per judge metric: the
     mean difference over prompts and its 95% interval (a prompt's samples are one cluster)."""
+    from entitydrawbench.summary import ci95, mean_sem
+
     a, b = per_prompt(ref["run"]), per_prompt(res["run"])
     out = {}
     for k in judge_keys(ref):
-        d = [b[p][k] - a[p][k] for p in a if k in a[p] and p in b]
-        m = sum(d) / len(d)
-        se = (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
-        out[k] = (m, m - 1.96 * se, m + 1.96 * se)
+        m, sem, _ = mean_sem([b[p][k] - a[p][k] for p in a if k in a[p] and p in b])  # one value per prompt
+        out[k] = (m, *ci95(m, sem))
     return out
 
 
@@ -170,10 +175,7 @@ def markdown(results: list[dict], ref: dict, keys: list[str]) -> str:
 
 
 def report(results: list[dict], reference: tuple, fid_reference: tuple) -> str:
-    def find(cond):
-        return next((r for r in results if (r["sampler"], r["steps"], r["sr_steps"]) == cond), None)
-
-    ref, fref = find(reference), find(fid_reference)
+    ref, fref = find(results, reference), find(results, fid_reference)
     text = f"Judge metrics against {'/'.join(map(str, reference))}:\n\n" + markdown(results, ref, judge_keys(ref))
     if fref is not None and fid_keys(fref):
         text += (f"\nFID / KID (judge features) against {'/'.join(map(str, fid_reference))}:\n\n"
@@ -260,9 +262,10 @@ def main(argv: list[str] | None = None) -> None:
         if (results[0]["sampler"], results[0]["steps"], results[0]["sr_steps"]) != reference:
             continue  # the table compares with the reference: wait for it
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
-        (args.out / "results.md").write_text(report(results, reference, fid_reference))
-        print(report(results, reference, fid_reference), flush=True)
-        fref = next((r for r in results if (r["sampler"], r["steps"], r["sr_steps"]) == fid_reference), None)
+        text = report(results, reference, fid_reference)
+        (args.out / "results.md").write_text(text)
+        print(text, flush=True)
+        fref = find(results, fid_reference)
         refs = {k: results[0] for k in judge_keys(results[0])}
         refs.update({k: fref for k in (fid_keys(fref) if fref is not None else [])})
         plot(results, refs, args.out / "quality_vs_compute.png")
