@@ -320,7 +320,7 @@ _YY, _XX = _grid(IMAGE_SIZE * SUPERSAMPLE)
 def _window(cy: float, cx: float, rad: float) -> tuple[slice, slice]:
     """The supersampled rows and columns within ``rad`` (64px units, plus a pixel) of (cy, cx). Element-wise
     operations on this window give the same values as on the whole image: drawing a small thing in its window
-    is the same bytes, ~3x faster than masking all 256 x 256 pixels for every star and object."""
+    is the same bytes as masking all 256 x 256 pixels for it (the world renders 1.6x faster)."""
     n, s = IMAGE_SIZE * SUPERSAMPLE, SUPERSAMPLE
     return (slice(max(0, int((cy - rad) * s) - 1), min(n, int((cy + rad) * s) + 2)),
             slice(max(0, int((cx - rad) * s) - 1), min(n, int((cx + rad) * s) + 2)))
@@ -338,12 +338,13 @@ def _background(name: str, rng: np.random.Generator) -> np.ndarray:
         # copyto(where=) assigns the same values as img[mask] = ..., without gathering the masked pixels
         np.copyto(img[win], np.clip(np.array(colour, dtype=np.float32) * shade, 0, 255), where=mask[..., None])
 
-    def dot(cy, cx, rad, inside, colour, sky_only=None):
-        """A small thing (star, crater, snowflake) drawn in its window: ``inside(y, x)`` on the window's grid."""
+    def dot(cy, cx, rad, inside, colour, within=None):
+        """A small thing (star, crater, snowflake) drawn in its window: ``inside(y, x)`` on the window's grid,
+        and only where the whole-image mask ``within`` is set."""
         w = _window(cy, cx, rad)
         m = inside(yy[w], xx[w])
-        if sky_only is not None:
-            m &= sky[w] if sky_only else ~sky[w]
+        if within is not None:
+            m &= within[w]
         fill(m, colour, w)
 
     sky = yy < horizon
@@ -353,11 +354,12 @@ def _background(name: str, rng: np.random.Generator) -> np.ndarray:
         blades = (np.sin(xx * rng.uniform(2.5, 3.5) + rng.uniform(0, 6)) > 0.6) & (yy > horizon + 4) & ((yy * 7).astype(int) % 5 == 0)
         fill(blades, (50, 120, 40))
     elif name == "moon":
+        ground = ~sky
         fill(sky, (8, 8, 14))
-        fill(~sky, (140, 140, 145))
+        fill(ground, (140, 140, 145))
         for _ in range(int(rng.integers(3, 6))):
             cy, cx, r = rng.uniform(horizon + 4, 62), rng.uniform(2, 62), rng.uniform(2, 5)
-            dot(cy, cx, r, lambda y, x: (y - cy) ** 2 / 0.4 + (x - cx) ** 2 <= r * r, (105, 105, 110), False)
+            dot(cy, cx, r, lambda y, x: (y - cy) ** 2 / 0.4 + (x - cx) ** 2 <= r * r, (105, 105, 110), ground)
         for _ in range(int(rng.integers(4, 9))):
             sy, sx = rng.uniform(1, horizon - 1), rng.uniform(1, 63)
             dot(sy, sx, 0.5, lambda y, x: (np.abs(y - sy) < 0.5) & (np.abs(x - sx) < 0.5), (230, 230, 230))
@@ -381,7 +383,7 @@ def _background(name: str, rng: np.random.Generator) -> np.ndarray:
             sy, sx = rng.uniform(1, horizon - 1), rng.uniform(1, 63)
             dot(sy, sx, 0.5, lambda y, x: (np.abs(y - sy) < 0.5) & (np.abs(x - sx) < 0.5), (250, 240, 180))
         my, mx = rng.uniform(4, max(5, horizon - 5)), rng.uniform(6, 58)
-        dot(my, mx, 3.0, lambda y, x: (y - my) ** 2 + (x - mx) ** 2 < 9, (245, 240, 200), True)
+        dot(my, mx, 3.0, lambda y, x: (y - my) ** 2 + (x - mx) ** 2 < 9, (245, 240, 200), sky)
     else:
         raise ValueError(f"unknown background {name!r}; choose one of {BACKGROUNDS}")
     return img
