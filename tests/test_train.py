@@ -474,3 +474,27 @@ def test_reduce_layout_rank_keeps_the_function_on_the_captions_span(text_encoder
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=0)
     _, kept = reduce_layout_rank(big, e.embeddings, e.mask, rank=2)
     assert kept < 0.999
+
+
+def test_train_continues_a_checkpoint_with_its_own_configuration(tmp_path):
+    """`train --preset CKPT --init-from CKPT`: a stage whose configuration is no preset (a shipped one, reduced
+    layout maps) trains on from its weights."""
+    from typer.testing import CliRunner
+
+    from reimagen.models.checkpoint import read_checkpoint_config, read_stage_weights
+    from reimagen_eval.cli import app
+
+    paths = _write_images(tmp_path, 4, size=16)
+    nbrs = [["p1", "p2"], ["p2", "p3"], ["p3", "p0"], ["p0", "p1"]]
+    pd.DataFrame({"id": [f"p{i}" for i in range(4)], "text": [f"caption {i}" for i in range(4)], "image": paths,
+                  "neighbor_ids": nbrs}).to_parquet(tmp_path / "triples.parquet")
+    old = randomize(make_model("tiny-16", text_layout=2, text_layout_rank=4), std=0.05, seed=3)
+    save_checkpoint(tmp_path / "ck", old, TinyTextEncoder(dim=32), ema=old)
+    args = ["train", "--triples", str(tmp_path / "triples.parquet"), "--preset", str(tmp_path / "ck"), "--init-from",
+            str(tmp_path / "ck"), "--steps", "1", "--batch-size", "2", "--lr", "1e-9", "--out", str(tmp_path / "run")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert UNetConfig.from_dict(read_checkpoint_config(tmp_path / "run" / "last")["unet"]) == old.cfg
+    new, start = read_stage_weights(tmp_path / "run" / "last", ema=False), old.state_dict()
+    assert set(new) == set(start)
+    assert max((new[k] - start[k]).abs().max().item() for k in new) < 1e-6  # one step at lr 1e-9 from its weights

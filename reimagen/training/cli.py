@@ -34,7 +34,9 @@ def train(
                                               "never loaded."),
     out: Path = typer.Option(..., help="Run folder: checkpoints in OUT/last, loss log in OUT/log.jsonl. "
                              "Rerunning with the same folder resumes."),
-    preset: str = typer.Option("small-32", help="Stage configuration (see `reimagen-eval presets`)."),
+    preset: str = typer.Option("small-32", help="Stage configuration: a preset (see `reimagen-eval presets`), or a "
+                               "stage checkpoint folder whose configuration to train (with --init-from it: continue "
+                               "a shipped stage, whose folder has no optimiser state to resume)."),
     prediction: Optional[str] = typer.Option(None, help="Override the preset's network output: eps, x0 or v "
                                              "(v weights the loss towards high noise levels, where an image's "
                                              "colours are decided). Default: the preset's."),
@@ -112,7 +114,6 @@ def run_train(opts: dict) -> None:
     import torch
 
     from ..models.checkpoint import init_from as start_from
-    from ..models.config import get_preset
     from ..models.unet import ReImagenUNet
     from ..utils.launch import shard_from_env
     from .config import TrainConfig
@@ -134,7 +135,7 @@ def run_train(opts: dict) -> None:
     enc, store = _train_text(text_encoder, opts["t5"], shards, opts["text_store"], opts["device"])
     dim = store.dim if store is not None else enc.dim
     overrides = {k: opts[k] for k in ("prediction", "schedule") if opts[k]}
-    cfg = get_preset(opts["preset"], text_dim=dim, **overrides)
+    cfg = _stage_config(opts["preset"], dim, overrides)
     if shards is not None:
         data = shards
     else:
@@ -159,6 +160,22 @@ def run_train(opts: dict) -> None:
     if hist and trainer.dist.is_main:
         console.print(f"loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f}; checkpoint: {out / 'last'}")
     shutdown_distributed()
+
+
+def _stage_config(preset: str, text_dim: int, overrides: dict):
+    """A preset's configuration, or a checkpoint folder's (``--preset runs/base/last``)."""
+    from ..models.checkpoint import read_checkpoint_config
+    from ..models.config import PRESETS, UNetConfig, get_preset
+
+    if preset in PRESETS or not Path(preset).is_dir():
+        return get_preset(preset, text_dim=text_dim, **overrides)
+    if not (Path(preset) / "config.json").is_file():
+        raise typer.BadParameter(f"--preset {preset} is a folder but not a stage checkpoint (no config.json)")
+    cfg = UNetConfig.from_dict({**read_checkpoint_config(preset)["unet"], **overrides})
+    if cfg.text_dim != text_dim:
+        raise typer.BadParameter(f"--preset {preset} reads {cfg.text_dim}-wide text embeddings, the text encoder "
+                                 f"gives {text_dim}")
+    return cfg
 
 
 def _check_init_from(path: Path, text_encoder: TextEncoderName) -> None:
