@@ -247,6 +247,31 @@ def test_build_world_files(tmp_path):
     mtime = paths["corpus"].stat().st_mtime_ns
     build_world_files(w, tmp_path / "w", progress=False)
     assert paths["corpus"].stat().st_mtime_ns == mtime
+    _check_repeat_factor_table(tmp_path / "w", t, ent)
+
+
+def _check_repeat_factor_table(root, triples, entity_of):
+    """Repeat factor sampling: every row stays, each entity's rows are repeated ~sqrt(threshold / n) times."""
+    import pandas as pd
+
+    from toyworld.build import repeat_factor_triples
+
+    sizes = repeat_factor_triples(root, root / "rfs.parquet", threshold=40, seed=1)
+    r = pd.read_parquet(root / "rfs.parquet")
+    assert r["id"].is_unique and len(r) == sizes["rows_repeated"] > len(triples)
+    original = r["id"].str.split("~").str[0]
+    assert sorted(set(original)) == sorted(triples["id"])
+    nbrs = dict(zip(triples["id"], triples["neighbor_ids"].map(list)))
+    assert all(list(n) == nbrs[i] for i, n in zip(original, r["neighbor_ids"]))  # a repeat keeps its neighbours
+    counts = pd.Series(list(entity_of.values())).value_counts()
+    reps = original.value_counts()
+    for pid in triples["id"]:
+        rate = max(1.0, (40 / counts[entity_of[pid]]) ** 0.5)
+        assert np.floor(rate) <= reps[pid] <= np.ceil(rate)
+    head = counts.index[0]  # the most frequent entity (>= 40 images) is never repeated
+    assert all(reps[p] == 1 for p in triples["id"] if entity_of[p] == head)
+    per_entity = reps.groupby(reps.index.map(entity_of)).sum()
+    assert per_entity.std() / per_entity.mean() < (counts.std() / counts.mean())  # a flatter tail
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@
     out/triples.parquet       the corpus's KNN-ImageText triples: top-k text BM25 neighbours (Sec. 3.2), built
                               by ``reimagen.retrieval.triples.build_triples`` exactly as for COCO or WebQA
 
+``repeat_factor_triples`` writes a training table that repeats the rows of rare entities (LVIS's repeat factor
+sampling), a training recipe of the toy cascade, not part of the world.
+
 The model never sees the world's ground truth: it gets captions, images and retrieved pairs, as the paper's does.
 """
 
@@ -133,3 +136,33 @@ def build_world_files(world: World, out: str | Path, k: int = 2, progress: bool 
     write_json(out / "world.json", manifest, indent=1)
     return {"corpus": out / "corpus.parquet", "references": out / "references.parquet",
             "validation": out / "validation.parquet", "kb": kb_path, "triples": triples, "world": out / "world.json"}
+
+
+def repeat_factor_triples(root: str | Path, out: str | Path, threshold: int = 100, seed: int = 0) -> dict[str, float]:
+    """``root``'s triples with each row of an entity seen n times in the corpus repeated r = max(1, sqrt(threshold /
+    n)) times on average (repeat factor sampling, Gupta et al., LVIS, CVPR 2019; the fraction of r by a seeded coin
+    per row). A repeat keeps the row's neighbours and gets the id ``<id>~<j>``; nothing retrieves it. The counts are
+    the corpus's, the ones the frequency splits use. Returns the table's sizes."""
+    import pandas as pd
+
+    from reimagen.retrieval.base import KnowledgeBase
+    from reimagen.utils.atomic import replacing_path
+
+    root = Path(root)
+    triples = pd.read_parquet(root / "triples.parquet")
+    entities = KnowledgeBase.from_parquet(root / "corpus.parquet").meta.get("entities")
+    if entities is None or len(entities) != len(triples):
+        raise ValueError(f"{root / 'corpus.parquet'} does not list one entity per row of {root / 'triples.parquet'}; "
+                         "rebuild the world with `reimagen-eval toy build`")
+    entity_of = dict(zip([f"c{i:05d}" for i in range(len(entities))], entities))
+    counts = pd.Series(entities).value_counts()
+    rate = np.sqrt(threshold / counts.loc[[entity_of[i] for i in triples["id"]]].to_numpy()).clip(min=1.0)
+    coin = np.random.default_rng(seed).random(len(rate))
+    repeats = (np.floor(rate) + (coin < rate - np.floor(rate))).astype(int)
+    rows = triples.loc[triples.index.repeat(repeats)].copy()
+    copy = rows.groupby("id").cumcount().to_numpy()
+    rows["id"] = [i if j == 0 else f"{i}~{j}" for i, j in zip(rows["id"], copy)]
+    with replacing_path(out) as tmp:
+        rows.reset_index(drop=True).to_parquet(tmp, index=False)
+    return {"rows": float(len(triples)), "rows_repeated": float(len(rows)), "mean_repeat": float(repeats.mean())}
+

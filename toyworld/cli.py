@@ -4,6 +4,7 @@ is the application's: ``reimagen_eval.demo``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -35,6 +36,25 @@ def build(out: Path = typer.Option(Path("runs/toyworld"), help="Folder for the w
     paths = build_world_files(World(WorldSpec(seed=seed, object_scale=object_scale)), out, k=k)
     for name, p in paths.items():
         console.print(f"{name:>10}: {p}")
+
+
+@toy_app.command("repeat-triples")
+@friendly
+def repeat_triples(world: Path = typer.Option(Path("runs/toyworld"), help="World folder (`toy build`)."),
+                   out: Optional[Path] = typer.Option(None, help="Table to write; default WORLD/triples-rfs.parquet."),
+                   threshold: int = typer.Option(100, min=1, help="Entities seen fewer times than this are "
+                                                 "repeated sqrt(threshold / n) times on average."),
+                   seed: int = typer.Option(0, help="Seed of the coins that round the repeat factors.")) -> None:
+    """Write the world's triples with rare entities' rows repeated (repeat factor sampling, LVIS): train on it
+    with `train --triples` to weigh the long tail up."""
+    from .build import repeat_factor_triples
+
+    if not (world / "triples.parquet").is_file():
+        raise typer.BadParameter(f"--world {world} has no triples.parquet (build it: toy build --out {world})")
+    out = out or world / "triples-rfs.parquet"
+    sizes = repeat_factor_triples(world, out, threshold=threshold, seed=seed)
+    console.print(f"{out}: {sizes['rows_repeated']:.0f} rows from {sizes['rows']:.0f} (mean repeat "
+                  f"{sizes['mean_repeat']:.2f})")
 
 
 @toy_app.command()
