@@ -19,14 +19,19 @@ from reimagen.utils.atomic import replacing_path
 
 REPRODUCE = {  # the documented commands; a shipped stage records the command that really ran (its time log)
     # the earlier base stage (toy-32), then the layout fine-tune from its shipped weights (commit f59fdce's
-    # toyworld/weights/base), then the reduction of its layout maps at shipping
+    # toyworld/weights/base), then the reduction of its layout maps at shipping, then (v4) more steps of the
+    # reduced stage from its shipped weights (commit 3c532db's toyworld/weights/base)
     "base": "reimagen-eval train --triples runs/toyworld/triples.parquet --preset toy-32 --text-encoder minilm "
             "--out runs/toy-train/base --steps 3750 --batch-size 32 --lr 8e-4 --warmup-steps 200 --ckpt-every 250 "
             "--seed 0 --min-snr-gamma 5\n"
             "reimagen-eval train --triples runs/toyworld/triples.parquet --preset toy-32-layout --text-encoder minilm "
             "--init-from EARLIER_SHIPPED_BASE --out runs/toy-train/layout-q4 --steps 1500 --batch-size 32 --lr 8e-4 "
             "--warmup-steps 50 --seed 1 --min-snr-gamma 5 --min-snr-plus-one --ckpt-every 250\n"
-            "reimagen-eval toy ship --base runs/toy-train/layout-q4/step-00001500 --layout-rank 128 --keep-sr",
+            "reimagen-eval toy ship --base runs/toy-train/layout-q4/step-00001500 --layout-rank 128 --keep-sr\n"
+            "reimagen-eval train --triples runs/toyworld/triples.parquet --preset V3_SHIPPED_BASE --init-from "
+            "V3_SHIPPED_BASE --text-encoder minilm --out runs/toy-train/v4 --steps 3250 --batch-size 32 --lr 8e-4 "
+            "--warmup-steps 50 --seed 2 --min-snr-gamma 5 --min-snr-plus-one --ckpt-every 250\n"
+            "reimagen-eval toy ship --base runs/toy-train/v4/last --keep-sr",
     "sr": "reimagen-eval train --triples runs/toyworld/triples.parquet --preset toy-sr64 --prediction v "
           "--max-aug-level 0.25 --text-encoder minilm --out runs/toy-train/sr --steps 2500 --batch-size 16 --lr 8e-4 "
           "--warmup-steps 100 --ckpt-every 250 --seed 0",
