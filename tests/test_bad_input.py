@@ -117,6 +117,8 @@ CASES = [
     ("triples-k", lambda i: ["triples", "--kb", i["kb"], "-k", "0"], ["k must be >= 1"], None),
     ("train-missing-table", lambda i: _train(i, "--triples", i["root"] / f"{M}.parquet"), [M, "does not exist"], None),
     ("train-unknown-preset", lambda i: _train(i, "--preset", "nope"), ["nope"], None),
+    ("toy-repeat-triples-missing-world", lambda i: ["toy", "repeat-triples", "--world", i["root"] / M],
+     [M, "no triples.parquet"], None),
     ("train-preset-folder-not-a-checkpoint", lambda i: _train(i, "--preset", i["refs"]),
      ["--preset", "not a stage checkpoint"], None),
     ("train-negative-gamma", lambda i: _train(i, "--min-snr-gamma", "-1"), ["--min-snr-gamma"], None),
