@@ -165,4 +165,3 @@ def repeat_factor_triples(root: str | Path, out: str | Path, threshold: int = 10
     with replacing_path(out) as tmp:
         rows.reset_index(drop=True).to_parquet(tmp, index=False)
     return {"rows": float(len(triples)), "rows_repeated": float(len(rows)), "mean_repeat": float(repeats.mean())}
-
