@@ -150,11 +150,12 @@ def repeat_factor_triples(root: str | Path, out: str | Path, threshold: int = 10
 
     root = Path(root)
     triples = pd.read_parquet(root / "triples.parquet")
-    entities = KnowledgeBase.from_parquet(root / "corpus.parquet").meta.get("entities")
+    corpus = KnowledgeBase.from_parquet(root / "corpus.parquet")
+    entities = corpus.meta.get("entities")
     if entities is None or len(entities) != len(triples):
         raise ValueError(f"{root / 'corpus.parquet'} does not list one entity per row of {root / 'triples.parquet'}; "
                          "rebuild the world with `reimagen-eval toy build`")
-    entity_of = dict(zip([f"c{i:05d}" for i in range(len(entities))], entities))
+    entity_of = dict(zip(corpus.ids, entities))
     counts = pd.Series(entities).value_counts()
     rate = np.sqrt(threshold / counts.loc[[entity_of[i] for i in triples["id"]]].to_numpy()).clip(min=1.0)
     coin = np.random.default_rng(seed).random(len(rate))
